@@ -1,0 +1,49 @@
+//! A validated task: what a deployment says one task is, in the form the
+//! runtimes consume. Only the manifest crate builds these from user input.
+
+use crate::{Limits, RuntimeKind, TaskName};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    Ro,
+    Rw,
+}
+
+/// A data resource the task's environment is provisioned with: a folder (or
+/// device file) on the hub, visible to the task at `path`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resource {
+    /// Absolute, existing path on the hub.
+    pub source: PathBuf,
+    /// Absolute path the task sees, without `..` or `.` components.
+    pub path: String,
+    pub access: Access,
+}
+
+/// The code a task runs, by runtime.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskCode {
+    /// A WebAssembly module (binary, or text already converted to binary),
+    /// stored content-addressed under the hub's data dir.
+    Wasm { sha256: String, path: PathBuf },
+    /// A worker process speaking the AWS Lambda Runtime API.
+    Process {
+        dir: PathBuf,
+        command: Vec<String>,
+        handler: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub name: TaskName,
+    pub runtime: RuntimeKind,
+    pub limits: Limits,
+    pub env: BTreeMap<String, String>,
+    pub resources: Vec<Resource>,
+    pub code: TaskCode,
+}

@@ -1,0 +1,269 @@
+//! The hub's store: everything the hub keeps across restarts, in one SQLite
+//! database under the data dir. This crate is the only code that writes SQL.
+//!
+//! Writes go through one writer thread that batches whatever is waiting
+//! into a single transaction (group commit): each caller's write is durable
+//! (WAL, `synchronous = FULL`) when its future resolves, but concurrent
+//! writers share one fsync. Reads use their own connection; WAL lets them
+//! run beside the writer.
+
+mod calls;
+mod deployments;
+
+pub use calls::{NewCall, StoredCall};
+pub use deployments::StoredDeployment;
+
+use parking_lot::Mutex;
+use rusqlite::Connection;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::oneshot;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("the store's writer has stopped (is the disk full or the hub shutting down?)")]
+    Closed,
+    #[error("the transaction could not be committed: {0}")]
+    Commit(String),
+    #[error("cannot open the store at {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+}
+
+/// Most writes merged into one transaction.
+const MAX_BATCH: usize = 512;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS deployments (
+    id          INTEGER PRIMARY KEY,
+    created_ms  INTEGER NOT NULL,
+    manifest    TEXT NOT NULL,
+    package_dir TEXT NOT NULL,
+    previous    INTEGER,
+    active      INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS calls (
+    id            TEXT PRIMARY KEY,
+    task          TEXT NOT NULL,
+    input         BLOB NOT NULL,
+    env           TEXT NOT NULL DEFAULT '[]',
+    status        TEXT NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    max_attempts  INTEGER NOT NULL,
+    next_at_ms    INTEGER NOT NULL DEFAULT 0,
+    error_code    TEXT,
+    error_message TEXT,
+    output        BLOB,
+    created_ms    INTEGER NOT NULL,
+    finished_ms   INTEGER
+);
+CREATE INDEX IF NOT EXISTS calls_by_status ON calls(status);
+CREATE INDEX IF NOT EXISTS calls_by_finish ON calls(finished_ms) WHERE finished_ms IS NOT NULL;
+";
+
+type Completion = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> Completion + Send>;
+
+pub struct Store {
+    path: PathBuf,
+    writer: Mutex<Option<mpsc::Sender<Job>>>,
+    reader: Mutex<Connection>,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn open_conn(path: &Path) -> Result<Connection, StoreError> {
+    let open = |path: &Path| -> rusqlite::Result<Connection> {
+        let c = Connection::open(path)?;
+        c.busy_timeout(std::time::Duration::from_secs(10))?;
+        c.pragma_update(None, "journal_mode", "WAL")?;
+        c.pragma_update(None, "synchronous", "FULL")?;
+        c.pragma_update(None, "foreign_keys", "ON")?;
+        Ok(c)
+    };
+    open(path).map_err(|source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let writer = open_conn(path)?;
+        writer.execute_batch(SCHEMA)?;
+        let reader = open_conn(path)?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let handle = std::thread::Builder::new()
+            .name("roost-store".into())
+            .spawn(move || writer_loop(writer, rx))
+            .expect("spawn the store writer thread");
+        Ok(Self {
+            path: path.to_owned(),
+            writer: Mutex::new(Some(tx)),
+            reader: Mutex::new(reader),
+            writer_thread: Mutex::new(Some(handle)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in the next group-committed transaction; resolves once it is
+    /// on disk.
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (tx, rx) = oneshot::channel::<Result<R, StoreError>>();
+        let job: Job = Box::new(move |conn| {
+            // A savepoint per write, so one failing write leaves the rest of
+            // the batch intact.
+            let result = conn
+                .execute_batch("SAVEPOINT w")
+                .and_then(|_| f(conn))
+                .and_then(|r| conn.execute_batch("RELEASE w").map(|_| r));
+            match result {
+                Ok(r) => Box::new(move |commit: Result<(), &StoreError>| {
+                    let _ = tx.send(match commit {
+                        Ok(()) => Ok(r),
+                        Err(e) => Err(StoreError::Commit(e.to_string())),
+                    });
+                }),
+                Err(e) => {
+                    let _ = conn.execute_batch("ROLLBACK TO w; RELEASE w");
+                    Box::new(move |_| {
+                        let _ = tx.send(Err(StoreError::Sqlite(e)));
+                    })
+                }
+            }
+        });
+        {
+            let w = self.writer.lock();
+            let Some(w) = w.as_ref() else {
+                return Err(StoreError::Closed);
+            };
+            w.send(job).map_err(|_| StoreError::Closed)?;
+        }
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> Result<R, StoreError> {
+        Ok(f(&self.reader.lock())?)
+    }
+
+    /// Stops the writer after the writes already sent are committed.
+    pub fn close(&self) {
+        self.writer.lock().take();
+        if let Some(h) = self.writer_thread.lock().take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let began = conn.execute_batch("BEGIN IMMEDIATE");
+        let mut completions = Vec::with_capacity(batch.len());
+        if let Err(e) = began {
+            let e = StoreError::Sqlite(e);
+            for job in batch {
+                // Not in a transaction: report the failure without running.
+                drop(job);
+                tracing::error!(error = %e, "store: cannot begin a transaction");
+            }
+            continue;
+        }
+        for job in batch {
+            completions.push(job(&conn));
+        }
+        match conn.execute_batch("COMMIT") {
+            Ok(()) => completions.into_iter().for_each(|c| c(Ok(()))),
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                let e = StoreError::Sqlite(e);
+                tracing::error!(error = %e, "store: commit failed");
+                completions.into_iter().for_each(|c| c(Err(&e)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn concurrent_writes_all_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(&dir.path().join("s.db")).unwrap());
+        let mut handles = Vec::new();
+        for i in 0..200 {
+            let s = store.clone();
+            handles.push(tokio::spawn(async move {
+                s.insert_call(NewCall {
+                    id: format!("{i:032x}"),
+                    task: "echo".into(),
+                    input: vec![1, 2, 3],
+                    env: vec![],
+                    max_attempts: 3,
+                })
+                .await
+                .unwrap();
+            }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+        assert_eq!(store.queued_calls().unwrap().len(), 200);
+        drop(store);
+        let reopened = Store::open(&dir.path().join("s.db")).unwrap();
+        assert_eq!(reopened.queued_calls().unwrap().len(), 200);
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_does_not_spoil_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(&dir.path().join("s.db")).unwrap());
+        let call = |id: &str| NewCall {
+            id: id.into(),
+            task: "t".into(),
+            input: vec![],
+            env: vec![],
+            max_attempts: 1,
+        };
+        let (a, b, c) = tokio::join!(
+            store.insert_call(call("a")),
+            store.insert_call(call("a")), // duplicate id: fails alone
+            store.insert_call(call("c")),
+        );
+        assert!(a.is_ok() && c.is_ok());
+        assert!(b.is_err());
+        assert_eq!(store.queued_calls().unwrap().len(), 2);
+    }
+}
