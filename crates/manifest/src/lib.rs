@@ -1,1 +1,497 @@
-//! placeholder
+//! The deployment manifest: TOML in, a validated [`Manifest`] out.
+//!
+//! Validation looks at the whole document and reports every problem at
+//! once (a [`Problem`] names the field, the value and why), so a user fixes
+//! a manifest in one round. Paths are checked against the package folder the
+//! manifest came in: `code` and `dir` may not leave it, not even through a
+//! symlink; a resource's `source` must be an absolute path that exists on
+//! the hub.
+
+use roost_model::{Access, Limits, Resource, RuntimeKind, TaskCode, TaskName, TaskSpec};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Component, Path, PathBuf};
+use toml::Value;
+
+/// One thing wrong with a manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub field: String,
+    pub value: String,
+    pub why: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.value.is_empty() {
+            write!(f, "{}: {}", self.field, self.why)
+        } else {
+            write!(f, "{} = {}: {}", self.field, self.value, self.why)
+        }
+    }
+}
+
+/// A manifest that passed validation.
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    pub tasks: Vec<TaskSpec>,
+}
+
+pub const DEFAULT_MEMORY_MB: u32 = 64;
+pub const DEFAULT_TIMEOUT_MS: u64 = 3000;
+pub const DEFAULT_CONCURRENCY: u32 = 8;
+
+const TASK_KEYS: &[&str] = &[
+    "name", "runtime", "code", "memory_mb", "timeout_ms", "concurrency", "priority", "env",
+    "resource", "dir", "command", "handler", "min_warm", "max_workers", "code_group", "allow",
+];
+
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn problem(&mut self, field: impl Into<String>, value: impl Into<String>, why: impl Into<String>) {
+        self.problems.push(Problem {
+            field: field.into(),
+            value: value.into(),
+            why: why.into(),
+        });
+    }
+}
+
+fn show(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 80 {
+        format!("{}…", &s[..s.char_indices().nth(77).map(|(i, _)| i).unwrap_or(s.len())])
+    } else {
+        s
+    }
+}
+
+/// Parses and validates a manifest whose files were unpacked under `root`.
+pub fn parse(text: &str, root: &Path) -> Result<Manifest, Vec<Problem>> {
+    let doc: toml::Table = match text.parse() {
+        Ok(d) => d,
+        Err(e) => {
+            return Err(vec![Problem {
+                field: "manifest".into(),
+                value: String::new(),
+                why: format!("not valid TOML: {}", e.to_string().trim()),
+            }])
+        }
+    };
+    let mut c = Checker { problems: Vec::new() };
+    let root = match root.canonicalize() {
+        Ok(r) => r,
+        Err(e) => {
+            c.problem("manifest", root.display().to_string(), format!("package folder unreadable: {e}"));
+            return Err(c.problems);
+        }
+    };
+    let mut tasks = Vec::new();
+    for (key, value) in &doc {
+        match key.as_str() {
+            "task" => {
+                let Some(list) = value.as_array() else {
+                    c.problem("task", show(value), "write tasks as [[task]] tables");
+                    continue;
+                };
+                let mut names = HashSet::new();
+                for (i, t) in list.iter().enumerate() {
+                    let field = format!("task[{i}]");
+                    let Some(t) = t.as_table() else {
+                        c.problem(field, show(t), "each [[task]] must be a table");
+                        continue;
+                    };
+                    if let Some(spec) = task(&mut c, &field, t, &root) {
+                        if !names.insert(spec.name.clone()) {
+                            c.problem(format!("{field}.name"), spec.name.to_string(), "another task already has this name");
+                        }
+                        tasks.push(spec);
+                    }
+                }
+            }
+            "device" | "route" | "secret" => c.problem(
+                key.clone(),
+                String::new(),
+                format!("[[{key}]] is not supported by this hub yet; remove it to deploy the tasks"),
+            ),
+            other => c.problem(other, String::new(), "unknown section; expected [[task]]"),
+        }
+    }
+    if c.problems.is_empty() {
+        Ok(Manifest { tasks })
+    } else {
+        Err(c.problems)
+    }
+}
+
+fn int_in<T: TryFrom<i64> + Copy>(
+    c: &mut Checker,
+    t: &toml::Table,
+    field: &str,
+    key: &str,
+    default: T,
+    range: (i64, i64),
+) -> Option<T> {
+    let f = format!("{field}.{key}");
+    match t.get(key) {
+        None => Some(default),
+        Some(Value::Integer(n)) if (range.0..=range.1).contains(n) => T::try_from(*n).ok(),
+        Some(v @ Value::Integer(_)) => {
+            c.problem(f, show(v), format!("must be between {} and {}", range.0, range.1));
+            None
+        }
+        Some(v) => {
+            c.problem(f, show(v), "must be an integer");
+            None
+        }
+    }
+}
+
+fn string<'a>(c: &mut Checker, t: &'a toml::Table, field: &str, key: &str) -> Option<&'a str> {
+    match t.get(key) {
+        None => {
+            c.problem(format!("{field}.{key}"), String::new(), "is required");
+            None
+        }
+        Some(Value::String(s)) => Some(s),
+        Some(v) => {
+            c.problem(format!("{field}.{key}"), show(v), "must be a string");
+            None
+        }
+    }
+}
+
+fn task(c: &mut Checker, field: &str, t: &toml::Table, root: &Path) -> Option<TaskSpec> {
+    let before = c.problems.len();
+    for k in t.keys() {
+        if !TASK_KEYS.contains(&k.as_str()) {
+            c.problem(format!("{field}.{k}"), String::new(), format!("unknown field; known fields are {}", TASK_KEYS.join(", ")));
+        }
+    }
+    let name = string(c, t, field, "name").and_then(|n| match TaskName::parse(n) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            c.problem(format!("{field}.name"), format!("{n:?}"), e.to_string());
+            None
+        }
+    });
+    let runtime = match string(c, t, field, "runtime") {
+        Some("wasm") => Some(RuntimeKind::Wasm),
+        Some("process") => {
+            c.problem(format!("{field}.runtime"), "\"process\"", "the process runtime is not available in this hub yet; use \"wasm\"");
+            None
+        }
+        Some(other) => {
+            c.problem(format!("{field}.runtime"), format!("{other:?}"), "must be \"wasm\" or \"process\"");
+            None
+        }
+        None => None,
+    };
+    let memory_mb = int_in(c, t, field, "memory_mb", DEFAULT_MEMORY_MB, (1, Limits::MAX_MEMORY_MB as i64));
+    let timeout_ms = int_in(c, t, field, "timeout_ms", DEFAULT_TIMEOUT_MS, (1, Limits::MAX_TIMEOUT_MS as i64));
+    let concurrency = int_in(c, t, field, "concurrency", DEFAULT_CONCURRENCY, (1, Limits::MAX_CONCURRENCY as i64));
+    let priority = int_in(
+        c,
+        t,
+        field,
+        "priority",
+        0i32,
+        (*Limits::PRIORITY_RANGE.start() as i64, *Limits::PRIORITY_RANGE.end() as i64),
+    );
+    let env = env(c, t, field);
+    let resources = resources(c, t, field);
+    let code = match runtime {
+        Some(RuntimeKind::Wasm) => {
+            for k in ["dir", "command", "handler", "min_warm", "max_workers", "code_group"] {
+                if t.contains_key(k) {
+                    c.problem(format!("{field}.{k}"), String::new(), "only process tasks take this field");
+                }
+            }
+            string(c, t, field, "code").and_then(|p| wasm_code(c, &format!("{field}.code"), p, root))
+        }
+        _ => None,
+    };
+    if c.problems.len() > before {
+        return None;
+    }
+    Some(TaskSpec {
+        name: name?,
+        runtime: runtime?,
+        limits: Limits {
+            memory_mb: memory_mb?,
+            timeout_ms: timeout_ms?,
+            concurrency: concurrency?,
+            priority: priority?,
+        },
+        env: env?,
+        resources: resources?,
+        code: code?,
+    })
+}
+
+fn env(c: &mut Checker, t: &toml::Table, field: &str) -> Option<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let Some(v) = t.get("env") else { return Some(out) };
+    let Some(table) = v.as_table() else {
+        c.problem(format!("{field}.env"), show(v), "must be a table of strings, e.g. env = { GREETING = \"hi\" }");
+        return None;
+    };
+    let mut ok = true;
+    for (k, v) in table {
+        let f = format!("{field}.env.{k}");
+        let valid_name = !k.is_empty()
+            && !k.as_bytes()[0].is_ascii_digit()
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid_name {
+            c.problem(&f, String::new(), "environment variable names use A-Z, a-z, 0-9 and _, not starting with a digit");
+            ok = false;
+        } else if k.starts_with("ROOST_") {
+            c.problem(&f, String::new(), "names starting with ROOST_ are set by the hub");
+            ok = false;
+        }
+        match v {
+            Value::String(s) if !s.contains('\0') => {
+                out.insert(k.clone(), s.clone());
+            }
+            v => {
+                c.problem(f, show(v), "must be a string without NUL bytes");
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(out)
+}
+
+/// A path as the task sees it: absolute, normalised, no `.` or `..`.
+fn guest_path_ok(p: &str) -> bool {
+    p.starts_with('/')
+        && p.len() > 1
+        && !p.contains('\0')
+        && Path::new(p).components().skip(1).all(|c| matches!(c, Component::Normal(_)))
+}
+
+fn resources(c: &mut Checker, t: &toml::Table, field: &str) -> Option<Vec<Resource>> {
+    let Some(v) = t.get("resource") else { return Some(Vec::new()) };
+    let Some(list) = v.as_array() else {
+        c.problem(format!("{field}.resource"), show(v), "write resources as [[task.resource]] tables");
+        return None;
+    };
+    let before = c.problems.len();
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, r) in list.iter().enumerate() {
+        let f = format!("{field}.resource[{i}]");
+        let Some(r) = r.as_table() else {
+            c.problem(f, show(r), "must be a table with source, path and access");
+            continue;
+        };
+        for k in r.keys() {
+            if !["source", "path", "access"].contains(&k.as_str()) {
+                c.problem(format!("{f}.{k}"), String::new(), "unknown field; use source, path and access");
+            }
+        }
+        let source = string(c, r, &f, "source").and_then(|s| {
+            let p = PathBuf::from(s);
+            if !p.is_absolute() {
+                c.problem(format!("{f}.source"), format!("{s:?}"), "must be an absolute path on the hub");
+                None
+            } else if !p.exists() {
+                c.problem(format!("{f}.source"), format!("{s:?}"), "does not exist on the hub; create it first");
+                None
+            } else {
+                Some(p)
+            }
+        });
+        let path = string(c, r, &f, "path").and_then(|s| {
+            if !guest_path_ok(s) {
+                c.problem(format!("{f}.path"), format!("{s:?}"), "must be an absolute path without . or .. parts, e.g. \"/data\"");
+                None
+            } else if !seen.insert(s.to_owned()) {
+                c.problem(format!("{f}.path"), format!("{s:?}"), "another resource of this task already uses this path");
+                None
+            } else {
+                Some(s.to_owned())
+            }
+        });
+        let access = match r.get("access").map(|v| (v, v.as_str())) {
+            None => Some(Access::Ro),
+            Some((_, Some("ro"))) => Some(Access::Ro),
+            Some((_, Some("rw"))) => Some(Access::Rw),
+            Some((v, _)) => {
+                c.problem(format!("{f}.access"), show(v), "must be \"ro\" or \"rw\"");
+                None
+            }
+        };
+        if let (Some(source), Some(path), Some(access)) = (source, path, access) {
+            out.push(Resource { source, path, access });
+        }
+    }
+    (c.problems.len() == before).then_some(out)
+}
+
+/// Resolves a path from the manifest inside the package folder, refusing
+/// anything that leaves it (absolute paths, `..`, symlinks pointing out).
+pub fn inside(root: &Path, rel: &str) -> Result<PathBuf, String> {
+    let p = Path::new(rel);
+    if rel.is_empty() || p.is_absolute() || rel.contains('\0') {
+        return Err("must be a path relative to the manifest's folder".into());
+    }
+    let mut depth = 0i32;
+    for comp in p.components() {
+        match comp {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err("leaves the manifest's folder; keep code beside the manifest".into());
+                }
+            }
+            _ => return Err("must be a path relative to the manifest's folder".into()),
+        }
+    }
+    let full = root.join(p);
+    let real = full
+        .canonicalize()
+        .map_err(|_| "not found in the deployment package (is the path right?)".to_string())?;
+    if !real.starts_with(root) {
+        return Err("leaves the manifest's folder (through a symlink)".into());
+    }
+    Ok(real)
+}
+
+fn wasm_code(c: &mut Checker, field: &str, rel: &str, root: &Path) -> Option<TaskCode> {
+    let value = format!("{rel:?}");
+    if !(rel.ends_with(".wasm") || rel.ends_with(".wat")) {
+        c.problem(field, value, "a wasm task's code must be a .wasm or .wat file");
+        return None;
+    }
+    let path = match inside(root, rel) {
+        Ok(p) => p,
+        Err(why) => {
+            c.problem(field, value, why);
+            return None;
+        }
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) if path.is_file() => Some(TaskCode::Wasm {
+            sha256: hex::encode(Sha256::digest(&bytes)),
+            path,
+        }),
+        Ok(_) | Err(_) => {
+            c.problem(field, value, "is not a readable file");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pkg(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for (p, body) in files {
+            let p = d.path().join(p);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, body).unwrap();
+        }
+        d
+    }
+
+    #[test]
+    fn a_good_manifest_yields_typed_tasks_with_defaults() {
+        let d = pkg(&[("echo.wat", "(module)")]);
+        let m = parse(
+            "[[task]]\nname = \"echo\"\nruntime = \"wasm\"\ncode = \"echo.wat\"\nenv = { GREETING = \"hi\" }\n",
+            d.path(),
+        )
+        .unwrap();
+        let t = &m.tasks[0];
+        assert_eq!(t.name.as_str(), "echo");
+        assert_eq!(t.limits.memory_mb, DEFAULT_MEMORY_MB);
+        assert_eq!(t.env["GREETING"], "hi");
+        assert!(matches!(&t.code, TaskCode::Wasm { sha256, .. } if sha256.len() == 64));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let d = pkg(&[("a.wasm", "x")]);
+        let problems = parse(
+            r#"
+[[task]]
+name = "Bad Name"
+runtime = "wasm"
+code = "../outside.wasm"
+memory_mb = 0
+timeout_ms = "soon"
+colour = "blue"
+
+[[task]]
+name = "b"
+runtime = "jvm"
+priority = 1000
+
+[[task.resource]]
+source = "relative/path"
+path = "/../etc"
+access = "rwx"
+"#,
+            d.path(),
+        )
+        .unwrap_err();
+        let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
+        for f in [
+            "task[0].name",
+            "task[0].code",
+            "task[0].memory_mb",
+            "task[0].timeout_ms",
+            "task[0].colour",
+            "task[1].runtime",
+            "task[1].priority",
+            "task[1].resource[0].source",
+            "task[1].resource[0].path",
+            "task[1].resource[0].access",
+        ] {
+            assert!(fields.contains(&f), "missing {f} in {fields:?}");
+        }
+    }
+
+    #[test]
+    fn code_may_not_leave_the_package() {
+        let outer = pkg(&[("secret.wasm", "x"), ("pkg/ok.wasm", "x")]);
+        let root = outer.path().join("pkg").canonicalize().unwrap();
+        assert!(inside(&root, "ok.wasm").is_ok());
+        assert!(inside(&root, "../secret.wasm").is_err());
+        assert!(inside(&root, "/etc/passwd").is_err());
+        assert!(inside(&root, "a/../../secret.wasm").is_err());
+        std::os::unix::fs::symlink(outer.path().join("secret.wasm"), root.join("link.wasm")).unwrap();
+        assert!(inside(&root, "link.wasm").unwrap_err().contains("symlink"));
+    }
+
+    #[test]
+    fn duplicate_names_and_bad_toml_are_problems() {
+        let d = pkg(&[("a.wat", "(module)")]);
+        let dup = "[[task]]\nname=\"a\"\nruntime=\"wasm\"\ncode=\"a.wat\"\n".repeat(2);
+        let p = parse(&dup, d.path()).unwrap_err();
+        assert_eq!(p.len(), 1);
+        assert!(p[0].why.contains("already"));
+        let p = parse("[[task]\nname=", d.path()).unwrap_err();
+        assert!(p[0].why.contains("TOML"));
+    }
+
+    #[test]
+    fn hostile_env_and_resource_paths_are_refused() {
+        let d = pkg(&[("a.wat", "(module)")]);
+        let m = format!(
+            "[[task]]\nname=\"a\"\nruntime=\"wasm\"\ncode=\"a.wat\"\nenv = {{ \"A=B\" = \"x\", ROOST_X = \"y\", OK = 3 }}\n[[task.resource]]\nsource = {:?}\npath = \"/x/../..\"\n",
+            d.path().display()
+        );
+        let p = parse(&m, d.path()).unwrap_err();
+        assert_eq!(p.len(), 4, "{p:?}");
+    }
+}
