@@ -1,1 +1,257 @@
-//! placeholder
+//! The communications API: the hub's HTTP interface for tasks, local
+//! programs and the CLI (INTERFACES.md, "Calls over HTTP").
+//!
+//! This crate owns only the HTTP edge: routing, body limits, authentication,
+//! TLS, and mapping hub results to status codes and JSON errors. Every
+//! operation is a call into [`roost_hub::Hub`].
+
+mod errors;
+mod serve;
+
+pub use serve::{serve, ServeConfig, TlsFiles};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use errors::ApiError;
+use roost_hub::{CallError, Hub};
+use serde::Deserialize;
+use std::sync::Arc;
+
+#[derive(Clone)]
+struct AppState {
+    hub: Hub,
+    token: Option<Arc<str>>,
+}
+
+/// Builds the router. With a token, every request but `/healthz` must carry
+/// `Authorization: Bearer TOKEN`.
+pub fn router(hub: Hub, token: Option<String>) -> Router {
+    let state = AppState {
+        hub,
+        token: token.map(Arc::from),
+    };
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/tasks", get(tasks))
+        .route("/v1/tasks/{task}/calls", post(call))
+        .route("/v1/calls/{id}", get(call_status))
+        .route("/v1/calls/{id}/output", get(call_output))
+        .route("/v1/deployments", post(deploy))
+        .route("/v1/deployments/rollback", post(rollback))
+        .route("/v1/deployments/active", get(active_deployment))
+        .route("/v1/logs", get(logs))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &st.token {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
+        if !ok {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this hub requires a token: pass --token or set ROOST_TOKEN",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Compares without an early exit, so the time taken does not reveal how
+/// much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; see INTERFACES.md for the API",
+    )
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.hub.metrics_text(),
+    )
+        .into_response()
+}
+
+async fn tasks(State(st): State<AppState>) -> Response {
+    Json(serde_json::json!({ "tasks": st.hub.tasks() })).into_response()
+}
+
+#[derive(Deserialize)]
+struct CallQuery {
+    mode: Option<String>,
+}
+
+/// Reads at most `limit` bytes of body, answering 413 past it.
+async fn body_within(
+    body: Body,
+    headers: &axum::http::HeaderMap,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::too_large(limit))
+}
+
+async fn call(
+    State(st): State<AppState>,
+    Path(task): Path<String>,
+    Query(q): Query<CallQuery>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let asynchronous = match q.mode.as_deref() {
+        None | Some("sync") => false,
+        Some("async") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("mode={other:?} is not a call mode; use mode=async or leave it out"),
+            ))
+        }
+    };
+    let cfg = st.hub.config();
+    let limit = if asynchronous {
+        cfg.max_async_input
+    } else {
+        cfg.max_sync_input
+    };
+    let (parts, body) = req.into_parts();
+    // An unknown task is a 404 even when the body is too large.
+    if !st.hub.has_task(&task) {
+        return Err(CallError::UnknownTask(task).into());
+    }
+    let input = body_within(body, &parts.headers, limit).await?;
+    if asynchronous {
+        let id = st.hub.call_async(&task, input, Vec::new()).await?;
+        Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id }))).into_response())
+    } else {
+        let out = st.hub.call_sync(&task, input, Vec::new()).await?;
+        Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
+    }
+}
+
+async fn call_status(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(st.hub.call_view(&id)?).into_response())
+}
+
+async fn call_output(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let out = st.hub.call_output(&id)?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
+}
+
+async fn deploy(State(st): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let package = body_within(body, &parts.headers, st.hub.config().max_package_bytes).await?;
+    let report = st.hub.deploy_package(&package).await?;
+    Ok(Json(report).into_response())
+}
+
+async fn rollback(State(st): State<AppState>) -> Result<Response, ApiError> {
+    Ok(Json(st.hub.rollback().await?).into_response())
+}
+
+async fn active_deployment(State(st): State<AppState>) -> Result<Response, ApiError> {
+    match st.hub.active_manifest() {
+        Some((id, manifest)) => {
+            Ok(Json(serde_json::json!({"deployment": id, "manifest": manifest})).into_response())
+        }
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_deployment",
+            "nothing is deployed yet; run `roost deploy MANIFEST`",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    task: Option<String>,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// Task log lines as NDJSON; with `follow=true` the stream stays open.
+async fn logs(State(st): State<AppState>, Query(q): Query<LogQuery>) -> Result<Response, ApiError> {
+    let task =
+        match q.task.as_deref() {
+            None => None,
+            Some(t) => Some(roost_model::TaskName::parse(t).map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+            })?),
+        };
+    let live = q.follow.then(|| st.hub.logs().follow());
+    let mut text = String::new();
+    for l in st.hub.logs().recent(task.as_ref()) {
+        text.push_str(&serde_json::to_string(&l).unwrap_or_default());
+        text.push('\n');
+    }
+    let ndjson = HeaderValue::from_static("application/x-ndjson");
+    let Some(live) = live else {
+        return Ok(([(header::CONTENT_TYPE, ndjson)], text).into_response());
+    };
+    let first =
+        futures::stream::once(async move { Ok::<_, std::convert::Infallible>(Bytes::from(text)) });
+    let wanted = task.map(|t| t.to_string());
+    let rest = futures::stream::unfold((live, wanted), |(mut rx, wanted)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(l) if wanted.as_ref().is_none_or(|w| *w == l.task) => {
+                    let mut s = serde_json::to_string(&l).unwrap_or_default();
+                    s.push('\n');
+                    return Some((Ok(Bytes::from(s)), (rx, wanted)));
+                }
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return None,
+            }
+        }
+    });
+    use futures::StreamExt;
+    Ok((
+        [(header::CONTENT_TYPE, ndjson)],
+        Body::from_stream(first.chain(rest)),
+    )
+        .into_response())
+}

@@ -1,1 +1,236 @@
-//! placeholder
+//! The hub: wires the store, the scheduler and the runtimes into the
+//! operations the edges (HTTP API, CLI) expose: deploy, call (sync, async,
+//! nested), inspect, drain.
+//!
+//! Owns the active deployment (swapped atomically), the durable async call
+//! lifecycle (persist → admit → run → record, retry with backoff, recover
+//! after a crash), task logs and metrics. Knows nothing of HTTP.
+
+mod calls;
+mod deploy;
+pub mod logs;
+pub mod metrics;
+
+pub use calls::{CallError, CallView, TaskView};
+pub use deploy::{DeployError, DeployReport};
+
+use logs::LogBook;
+use metrics::Metrics;
+use parking_lot::RwLock;
+use roost_model::{RuntimeKind, TaskName};
+use roost_runtime::{PreparedTask, Runtime};
+use roost_scheduler::{Scheduler, SchedulerConfig};
+use roost_store::Store;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Deepest chain of nested calls (a task calling a task calling ...).
+pub const MAX_CALL_DEPTH: u32 = 8;
+
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    pub data_dir: PathBuf,
+    pub memory_budget_mb: u64,
+    pub cpu_slots: u32,
+    pub queue_limit: usize,
+    pub max_sync_input: usize,
+    pub max_async_input: usize,
+    pub max_package_bytes: usize,
+    /// Attempts an async call gets before it is kept as failed.
+    pub async_attempts: u32,
+    /// First retry delay; doubles per attempt.
+    pub retry_backoff: Duration,
+    /// How long finished async calls (and their outputs) are kept.
+    pub retention: Duration,
+    pub instance_slots: u32,
+}
+
+impl HubConfig {
+    /// Defaults for a hub keeping its state in `data_dir`.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            memory_budget_mb: default_memory_budget_mb(),
+            cpu_slots: default_cpu_slots(),
+            queue_limit: 1024,
+            max_sync_input: 6 << 20,
+            max_async_input: 1 << 20,
+            max_package_bytes: 256 << 20,
+            async_attempts: 3,
+            retry_backoff: Duration::from_secs(1),
+            retention: Duration::from_secs(24 * 3600),
+            instance_slots: 1000,
+        }
+    }
+}
+
+/// Half of the machine's memory: the rest is for the OS, the hub itself and
+/// whatever else the gateway runs.
+pub fn default_memory_budget_mb() -> u64 {
+    let total_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|n| n.parse::<u64>().ok())
+                })
+        })
+        .unwrap_or(1 << 20);
+    (total_kb / 1024 / 2).max(64)
+}
+
+/// Calls running at once: a few per core, since many calls wait on I/O or
+/// sleep; busy guests are time-sliced at every epoch tick.
+pub fn default_cpu_slots() -> u32 {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as u32;
+    cores * 8
+}
+
+/// The deployment calls run against; replaced whole by a new deployment.
+pub struct ActiveDeployment {
+    pub id: Option<i64>,
+    pub tasks: HashMap<TaskName, Arc<dyn PreparedTask>>,
+}
+
+pub(crate) struct HubInner {
+    pub config: HubConfig,
+    pub store: Arc<Store>,
+    pub scheduler: Scheduler,
+    pub runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>>,
+    pub active: RwLock<Arc<ActiveDeployment>>,
+    pub deploy_lock: tokio::sync::Mutex<()>,
+    pub logs: Arc<LogBook>,
+    pub metrics: Metrics,
+    pub wasm: Arc<roost_runtime_wasm::WasmRuntime>,
+}
+
+/// A running hub. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    pub(crate) inner: Arc<HubInner>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create the data dir {0}: {1}")]
+    DataDir(PathBuf, std::io::Error),
+    #[error(transparent)]
+    Store(#[from] roost_store::StoreError),
+    #[error(transparent)]
+    Runtime(#[from] roost_runtime::PrepareError),
+}
+
+impl Hub {
+    /// Opens the data dir, loads the active deployment and requeues every
+    /// async call that was acknowledged but not finished.
+    pub async fn start(config: HubConfig) -> Result<Self, StartError> {
+        for d in ["", "code", "cache", "deployments"] {
+            let p = config.data_dir.join(d);
+            std::fs::create_dir_all(&p).map_err(|e| StartError::DataDir(p, e))?;
+        }
+        let store = Arc::new(Store::open(&config.data_dir.join("roost.db"))?);
+        let wasm = Arc::new(roost_runtime_wasm::WasmRuntime::new(
+            roost_runtime_wasm::WasmConfig {
+                cache_dir: config.data_dir.join("cache"),
+                instance_slots: config.instance_slots,
+            },
+        )?);
+        let mut runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::new();
+        runtimes.insert(RuntimeKind::Wasm, wasm.clone());
+        let scheduler = Scheduler::new(SchedulerConfig {
+            memory_budget_mb: config.memory_budget_mb,
+            cpu_slots: config.cpu_slots,
+            queue_limit: config.queue_limit,
+            aging: Duration::from_millis(250),
+        });
+        let metrics = Metrics::default();
+        metrics.memory_budget_mb.set(config.memory_budget_mb as i64);
+        let hub = Hub {
+            inner: Arc::new(HubInner {
+                config,
+                store,
+                scheduler,
+                runtimes,
+                active: RwLock::new(Arc::new(ActiveDeployment {
+                    id: None,
+                    tasks: HashMap::new(),
+                })),
+                deploy_lock: tokio::sync::Mutex::new(()),
+                logs: Arc::new(LogBook::default()),
+                metrics,
+                wasm,
+            }),
+        };
+        hub.load_active_deployment().await;
+        hub.recover_async_calls().await?;
+        hub.spawn_retention_sweeper();
+        Ok(hub)
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.inner.config
+    }
+
+    pub fn logs(&self) -> &LogBook {
+        &self.inner.logs
+    }
+
+    /// Prometheus text exposition of every hub metric.
+    pub fn metrics_text(&self) -> String {
+        let m = &self.inner.metrics;
+        let s = self.inner.scheduler.snapshot();
+        m.queue_depth.set(s.queued as i64);
+        m.running.set(s.running as i64);
+        m.memory_reserved_mb.set(s.reserved_mb as i64);
+        m.tasks_deployed
+            .set(self.inner.active.read().tasks.len() as i64);
+        m.encode()
+    }
+
+    /// Modules compiled and held in memory (one per distinct code hash).
+    pub fn loaded_modules(&self) -> usize {
+        self.inner.wasm.cache().loaded_count()
+    }
+
+    /// Stops taking calls, lets running ones finish within `grace`, and
+    /// leaves queued async calls on disk for the next start.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.inner.scheduler.close();
+        let finished = tokio::time::timeout(grace, self.inner.scheduler.idle())
+            .await
+            .is_ok();
+        if !finished {
+            tracing::warn!(
+                "grace period over with calls still running; they will run again after restart"
+            );
+        }
+        // Let the last results reach the store.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.inner.store.close();
+        finished
+    }
+
+    fn spawn_retention_sweeper(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let before = roost_store::now_ms() - inner.config.retention.as_millis() as i64;
+                match inner.store.purge_finished(before).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(purged = n, "removed finished calls past retention"),
+                    Err(e) => tracing::warn!(error = %e, "cannot purge finished calls"),
+                }
+            }
+        });
+    }
+}

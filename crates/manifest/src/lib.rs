@@ -43,8 +43,22 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 3000;
 pub const DEFAULT_CONCURRENCY: u32 = 8;
 
 const TASK_KEYS: &[&str] = &[
-    "name", "runtime", "code", "memory_mb", "timeout_ms", "concurrency", "priority", "env",
-    "resource", "dir", "command", "handler", "min_warm", "max_workers", "code_group", "allow",
+    "name",
+    "runtime",
+    "code",
+    "memory_mb",
+    "timeout_ms",
+    "concurrency",
+    "priority",
+    "env",
+    "resource",
+    "dir",
+    "command",
+    "handler",
+    "min_warm",
+    "max_workers",
+    "code_group",
+    "allow",
 ];
 
 struct Checker {
@@ -52,7 +66,12 @@ struct Checker {
 }
 
 impl Checker {
-    fn problem(&mut self, field: impl Into<String>, value: impl Into<String>, why: impl Into<String>) {
+    fn problem(
+        &mut self,
+        field: impl Into<String>,
+        value: impl Into<String>,
+        why: impl Into<String>,
+    ) {
         self.problems.push(Problem {
             field: field.into(),
             value: value.into(),
@@ -64,7 +83,10 @@ impl Checker {
 fn show(v: &Value) -> String {
     let s = v.to_string();
     if s.len() > 80 {
-        format!("{}…", &s[..s.char_indices().nth(77).map(|(i, _)| i).unwrap_or(s.len())])
+        format!(
+            "{}…",
+            &s[..s.char_indices().nth(77).map(|(i, _)| i).unwrap_or(s.len())]
+        )
     } else {
         s
     }
@@ -82,11 +104,17 @@ pub fn parse(text: &str, root: &Path) -> Result<Manifest, Vec<Problem>> {
             }])
         }
     };
-    let mut c = Checker { problems: Vec::new() };
+    let mut c = Checker {
+        problems: Vec::new(),
+    };
     let root = match root.canonicalize() {
         Ok(r) => r,
         Err(e) => {
-            c.problem("manifest", root.display().to_string(), format!("package folder unreadable: {e}"));
+            c.problem(
+                "manifest",
+                root.display().to_string(),
+                format!("package folder unreadable: {e}"),
+            );
             return Err(c.problems);
         }
     };
@@ -107,7 +135,11 @@ pub fn parse(text: &str, root: &Path) -> Result<Manifest, Vec<Problem>> {
                     };
                     if let Some(spec) = task(&mut c, &field, t, &root) {
                         if !names.insert(spec.name.clone()) {
-                            c.problem(format!("{field}.name"), spec.name.to_string(), "another task already has this name");
+                            c.problem(
+                                format!("{field}.name"),
+                                spec.name.to_string(),
+                                "another task already has this name",
+                            );
                         }
                         tasks.push(spec);
                     }
@@ -116,7 +148,9 @@ pub fn parse(text: &str, root: &Path) -> Result<Manifest, Vec<Problem>> {
             "device" | "route" | "secret" => c.problem(
                 key.clone(),
                 String::new(),
-                format!("[[{key}]] is not supported by this hub yet; remove it to deploy the tasks"),
+                format!(
+                    "[[{key}]] is not supported by this hub yet; remove it to deploy the tasks"
+                ),
             ),
             other => c.problem(other, String::new(), "unknown section; expected [[task]]"),
         }
@@ -141,7 +175,11 @@ fn int_in<T: TryFrom<i64> + Copy>(
         None => Some(default),
         Some(Value::Integer(n)) if (range.0..=range.1).contains(n) => T::try_from(*n).ok(),
         Some(v @ Value::Integer(_)) => {
-            c.problem(f, show(v), format!("must be between {} and {}", range.0, range.1));
+            c.problem(
+                f,
+                show(v),
+                format!("must be between {} and {}", range.0, range.1),
+            );
             None
         }
         Some(v) => {
@@ -169,7 +207,11 @@ fn task(c: &mut Checker, field: &str, t: &toml::Table, root: &Path) -> Option<Ta
     let before = c.problems.len();
     for k in t.keys() {
         if !TASK_KEYS.contains(&k.as_str()) {
-            c.problem(format!("{field}.{k}"), String::new(), format!("unknown field; known fields are {}", TASK_KEYS.join(", ")));
+            c.problem(
+                format!("{field}.{k}"),
+                String::new(),
+                format!("unknown field; known fields are {}", TASK_KEYS.join(", ")),
+            );
         }
     }
     let name = string(c, t, field, "name").and_then(|n| match TaskName::parse(n) {
@@ -182,36 +224,80 @@ fn task(c: &mut Checker, field: &str, t: &toml::Table, root: &Path) -> Option<Ta
     let runtime = match string(c, t, field, "runtime") {
         Some("wasm") => Some(RuntimeKind::Wasm),
         Some("process") => {
-            c.problem(format!("{field}.runtime"), "\"process\"", "the process runtime is not available in this hub yet; use \"wasm\"");
+            c.problem(
+                format!("{field}.runtime"),
+                "\"process\"",
+                "the process runtime is not available in this hub yet; use \"wasm\"",
+            );
             None
         }
         Some(other) => {
-            c.problem(format!("{field}.runtime"), format!("{other:?}"), "must be \"wasm\" or \"process\"");
+            c.problem(
+                format!("{field}.runtime"),
+                format!("{other:?}"),
+                "must be \"wasm\" or \"process\"",
+            );
             None
         }
         None => None,
     };
-    let memory_mb = int_in(c, t, field, "memory_mb", DEFAULT_MEMORY_MB, (1, Limits::MAX_MEMORY_MB as i64));
-    let timeout_ms = int_in(c, t, field, "timeout_ms", DEFAULT_TIMEOUT_MS, (1, Limits::MAX_TIMEOUT_MS as i64));
-    let concurrency = int_in(c, t, field, "concurrency", DEFAULT_CONCURRENCY, (1, Limits::MAX_CONCURRENCY as i64));
+    let memory_mb = int_in(
+        c,
+        t,
+        field,
+        "memory_mb",
+        DEFAULT_MEMORY_MB,
+        (1, Limits::MAX_MEMORY_MB as i64),
+    );
+    let timeout_ms = int_in(
+        c,
+        t,
+        field,
+        "timeout_ms",
+        DEFAULT_TIMEOUT_MS,
+        (1, Limits::MAX_TIMEOUT_MS as i64),
+    );
+    let concurrency = int_in(
+        c,
+        t,
+        field,
+        "concurrency",
+        DEFAULT_CONCURRENCY,
+        (1, Limits::MAX_CONCURRENCY as i64),
+    );
     let priority = int_in(
         c,
         t,
         field,
         "priority",
         0i32,
-        (*Limits::PRIORITY_RANGE.start() as i64, *Limits::PRIORITY_RANGE.end() as i64),
+        (
+            *Limits::PRIORITY_RANGE.start() as i64,
+            *Limits::PRIORITY_RANGE.end() as i64,
+        ),
     );
     let env = env(c, t, field);
     let resources = resources(c, t, field);
     let code = match runtime {
         Some(RuntimeKind::Wasm) => {
-            for k in ["dir", "command", "handler", "min_warm", "max_workers", "code_group"] {
+            for k in [
+                "dir",
+                "command",
+                "handler",
+                "min_warm",
+                "max_workers",
+                "code_group",
+            ] {
                 if t.contains_key(k) {
-                    c.problem(format!("{field}.{k}"), String::new(), "only process tasks take this field");
+                    c.problem(
+                        format!("{field}.{k}"),
+                        String::new(),
+                        "only process tasks take this field",
+                    );
                 }
             }
-            string(c, t, field, "code").and_then(|p| wasm_code(c, &format!("{field}.code"), p, root))
+            string(c, t, field, "code")
+                .and_then(|p| wasm_code(c, &format!("{field}.code"), p, root))
         }
         _ => None,
     };
@@ -235,9 +321,15 @@ fn task(c: &mut Checker, field: &str, t: &toml::Table, root: &Path) -> Option<Ta
 
 fn env(c: &mut Checker, t: &toml::Table, field: &str) -> Option<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
-    let Some(v) = t.get("env") else { return Some(out) };
+    let Some(v) = t.get("env") else {
+        return Some(out);
+    };
     let Some(table) = v.as_table() else {
-        c.problem(format!("{field}.env"), show(v), "must be a table of strings, e.g. env = { GREETING = \"hi\" }");
+        c.problem(
+            format!("{field}.env"),
+            show(v),
+            "must be a table of strings, e.g. env = { GREETING = \"hi\" }",
+        );
         return None;
     };
     let mut ok = true;
@@ -247,10 +339,18 @@ fn env(c: &mut Checker, t: &toml::Table, field: &str) -> Option<BTreeMap<String,
             && !k.as_bytes()[0].is_ascii_digit()
             && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !valid_name {
-            c.problem(&f, String::new(), "environment variable names use A-Z, a-z, 0-9 and _, not starting with a digit");
+            c.problem(
+                &f,
+                String::new(),
+                "environment variable names use A-Z, a-z, 0-9 and _, not starting with a digit",
+            );
             ok = false;
         } else if k.starts_with("ROOST_") {
-            c.problem(&f, String::new(), "names starting with ROOST_ are set by the hub");
+            c.problem(
+                &f,
+                String::new(),
+                "names starting with ROOST_ are set by the hub",
+            );
             ok = false;
         }
         match v {
@@ -271,13 +371,22 @@ fn guest_path_ok(p: &str) -> bool {
     p.starts_with('/')
         && p.len() > 1
         && !p.contains('\0')
-        && Path::new(p).components().skip(1).all(|c| matches!(c, Component::Normal(_)))
+        && Path::new(p)
+            .components()
+            .skip(1)
+            .all(|c| matches!(c, Component::Normal(_)))
 }
 
 fn resources(c: &mut Checker, t: &toml::Table, field: &str) -> Option<Vec<Resource>> {
-    let Some(v) = t.get("resource") else { return Some(Vec::new()) };
+    let Some(v) = t.get("resource") else {
+        return Some(Vec::new());
+    };
     let Some(list) = v.as_array() else {
-        c.problem(format!("{field}.resource"), show(v), "write resources as [[task.resource]] tables");
+        c.problem(
+            format!("{field}.resource"),
+            show(v),
+            "write resources as [[task.resource]] tables",
+        );
         return None;
     };
     let before = c.problems.len();
@@ -291,16 +400,28 @@ fn resources(c: &mut Checker, t: &toml::Table, field: &str) -> Option<Vec<Resour
         };
         for k in r.keys() {
             if !["source", "path", "access"].contains(&k.as_str()) {
-                c.problem(format!("{f}.{k}"), String::new(), "unknown field; use source, path and access");
+                c.problem(
+                    format!("{f}.{k}"),
+                    String::new(),
+                    "unknown field; use source, path and access",
+                );
             }
         }
         let source = string(c, r, &f, "source").and_then(|s| {
             let p = PathBuf::from(s);
             if !p.is_absolute() {
-                c.problem(format!("{f}.source"), format!("{s:?}"), "must be an absolute path on the hub");
+                c.problem(
+                    format!("{f}.source"),
+                    format!("{s:?}"),
+                    "must be an absolute path on the hub",
+                );
                 None
             } else if !p.exists() {
-                c.problem(format!("{f}.source"), format!("{s:?}"), "does not exist on the hub; create it first");
+                c.problem(
+                    format!("{f}.source"),
+                    format!("{s:?}"),
+                    "does not exist on the hub; create it first",
+                );
                 None
             } else {
                 Some(p)
@@ -308,10 +429,18 @@ fn resources(c: &mut Checker, t: &toml::Table, field: &str) -> Option<Vec<Resour
         });
         let path = string(c, r, &f, "path").and_then(|s| {
             if !guest_path_ok(s) {
-                c.problem(format!("{f}.path"), format!("{s:?}"), "must be an absolute path without . or .. parts, e.g. \"/data\"");
+                c.problem(
+                    format!("{f}.path"),
+                    format!("{s:?}"),
+                    "must be an absolute path without . or .. parts, e.g. \"/data\"",
+                );
                 None
             } else if !seen.insert(s.to_owned()) {
-                c.problem(format!("{f}.path"), format!("{s:?}"), "another resource of this task already uses this path");
+                c.problem(
+                    format!("{f}.path"),
+                    format!("{s:?}"),
+                    "another resource of this task already uses this path",
+                );
                 None
             } else {
                 Some(s.to_owned())
@@ -327,7 +456,11 @@ fn resources(c: &mut Checker, t: &toml::Table, field: &str) -> Option<Vec<Resour
             }
         };
         if let (Some(source), Some(path), Some(access)) = (source, path, access) {
-            out.push(Resource { source, path, access });
+            out.push(Resource {
+                source,
+                path,
+                access,
+            });
         }
     }
     (c.problems.len() == before).then_some(out)
@@ -348,7 +481,9 @@ pub fn inside(root: &Path, rel: &str) -> Result<PathBuf, String> {
             Component::ParentDir => {
                 depth -= 1;
                 if depth < 0 {
-                    return Err("leaves the manifest's folder; keep code beside the manifest".into());
+                    return Err(
+                        "leaves the manifest's folder; keep code beside the manifest".into(),
+                    );
                 }
             }
             _ => return Err("must be a path relative to the manifest's folder".into()),
@@ -367,7 +502,11 @@ pub fn inside(root: &Path, rel: &str) -> Result<PathBuf, String> {
 fn wasm_code(c: &mut Checker, field: &str, rel: &str, root: &Path) -> Option<TaskCode> {
     let value = format!("{rel:?}");
     if !(rel.ends_with(".wasm") || rel.ends_with(".wat")) {
-        c.problem(field, value, "a wasm task's code must be a .wasm or .wat file");
+        c.problem(
+            field,
+            value,
+            "a wasm task's code must be a .wasm or .wat file",
+        );
         return None;
     }
     let path = match inside(root, rel) {
@@ -469,7 +608,8 @@ access = "rwx"
         assert!(inside(&root, "../secret.wasm").is_err());
         assert!(inside(&root, "/etc/passwd").is_err());
         assert!(inside(&root, "a/../../secret.wasm").is_err());
-        std::os::unix::fs::symlink(outer.path().join("secret.wasm"), root.join("link.wasm")).unwrap();
+        std::os::unix::fs::symlink(outer.path().join("secret.wasm"), root.join("link.wasm"))
+            .unwrap();
         assert!(inside(&root, "link.wasm").unwrap_err().contains("symlink"));
     }
 

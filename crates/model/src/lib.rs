@@ -103,8 +103,10 @@ impl CallId {
     }
     /// Accepts only the shape the hub hands out, so an id is safe anywhere.
     pub fn parse(s: &str) -> Option<Self> {
-        (s.len() == 32 && s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)))
-            .then(|| Self(s.to_owned()))
+        (s.len() == 32
+            && s.bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)))
+        .then(|| Self(s.to_owned()))
     }
     pub fn as_str(&self) -> &str {
         &self.0
@@ -236,7 +238,17 @@ mod tests {
         for ok in ["echo", "a", "0-x", "py-hello", &"a".repeat(63)] {
             assert!(TaskName::parse(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "-a", "A", "a_b", "a/b", "../x", "a b", &"a".repeat(64), "é"] {
+        for bad in [
+            "",
+            "-a",
+            "A",
+            "a_b",
+            "a/b",
+            "../x",
+            "a b",
+            &"a".repeat(64),
+            "é",
+        ] {
             assert!(TaskName::parse(bad).is_err(), "{bad}");
         }
     }

@@ -37,8 +37,7 @@ impl ModuleCache {
 
     /// The on-disk artifact for a code hash under this engine.
     pub fn artifact_path(&self, sha256: &str) -> PathBuf {
-        self.dir
-            .join(format!("{sha256}-{}.cwasm", self.engine_key))
+        self.dir.join(format!("{sha256}-{}.cwasm", self.engine_key))
     }
 
     /// Modules currently loaded (each shared by all tasks with that code).

@@ -191,14 +191,17 @@ fn engine_config(slots: u32) -> Config {
 fn check_module(module: &Module, spec: &TaskSpec) -> Result<(), PrepareError> {
     match module.get_export("_start") {
         Some(wasmtime::ExternType::Func(_)) => {}
-        _ => {
-            return Err(PrepareError(
-                "the module has no `_start` export: build it as a WASI command (a program with main)".into(),
-            ))
-        }
+        _ => return Err(PrepareError(
+            "the module has no `_start` export: build it as a WASI command (a program with main)"
+                .into(),
+        )),
     }
     let limit = spec.limits.memory_mb as u64 * (1 << 20);
-    for export in module.imports().map(|i| i.ty()).chain(module.exports().map(|e| e.ty())) {
+    for export in module
+        .imports()
+        .map(|i| i.ty())
+        .chain(module.exports().map(|e| e.ty()))
+    {
         if let wasmtime::ExternType::Memory(m) = export {
             let min = m.minimum().saturating_mul(m.page_size());
             if min > limit {
@@ -256,11 +259,11 @@ impl WasmTask {
     /// Instantiates without running anything: what each call pays before the
     /// guest's `_start` (for the instantiation benchmark).
     pub async fn instantiate_only(&self) -> Result<(), Failure> {
-        let (mut store, _, _, _) = new_store(&self.engine, &self.spec, Bytes::new(), Vec::new(), None)?;
-        self.pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| Failure::new(FailureCode::Crashed, format!("instantiation failed: {e}")))?;
+        let (mut store, _, _, _) =
+            new_store(&self.engine, &self.spec, Bytes::new(), Vec::new(), None)?;
+        self.pre.instantiate_async(&mut store).await.map_err(|e| {
+            Failure::new(FailureCode::Crashed, format!("instantiation failed: {e}"))
+        })?;
         Ok(())
     }
 }
@@ -390,7 +393,10 @@ impl Instance for WasmInstance {
                 } else if stdout.contents().len() >= MAX_OUTPUT_BYTES {
                     Err(Failure::new(
                         FailureCode::TaskError,
-                        format!("the task's output is larger than {} MiB", MAX_OUTPUT_BYTES >> 20),
+                        format!(
+                            "the task's output is larger than {} MiB",
+                            MAX_OUTPUT_BYTES >> 20
+                        ),
                     ))
                 } else {
                     Err(Failure::new(FailureCode::TaskError, message))

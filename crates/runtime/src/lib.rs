@@ -42,7 +42,10 @@ pub trait PreparedTask: Send + Sync + 'static {
     async fn restore(&self, _checkpoint: Checkpoint) -> Result<Box<dyn Instance>, Failure> {
         Err(Failure::new(
             FailureCode::TaskError,
-            format!("the {} runtime cannot restore checkpoints", self.spec().runtime),
+            format!(
+                "the {} runtime cannot restore checkpoints",
+                self.spec().runtime
+            ),
         ))
     }
     /// Called when the task leaves the deployment, so pools can wind down.

@@ -49,7 +49,10 @@ pub struct Demand {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Rejected {
     #[error("the hub's queue is full ({queued} calls waiting); retry after {retry_after:?}")]
-    QueueFull { queued: usize, retry_after: Duration },
+    QueueFull {
+        queued: usize,
+        retry_after: Duration,
+    },
     #[error("the task needs {need_mb} MiB but the hub's memory budget is {budget_mb} MiB; lower memory_mb or raise --memory-budget-mb")]
     TooLarge { need_mb: u32, budget_mb: u64 },
     #[error("the hub is shutting down")]
@@ -164,7 +167,9 @@ fn dispatch(inner: &Arc<Inner>, st: &mut State) {
                 q.waiting.pop_front();
                 st.queued -= 1;
             }
-            let Some(head) = q.waiting.front() else { continue };
+            let Some(head) = q.waiting.front() else {
+                continue;
+            };
             if q.running >= head.demand.concurrency {
                 continue;
             }
@@ -181,7 +186,12 @@ fn dispatch(inner: &Arc<Inner>, st: &mut State) {
         let Some((name, _, _)) = best else { return };
         let name = name.clone();
         let q = st.queues.get_mut(&name).expect("chosen queue exists");
-        let need = q.waiting.front().expect("chosen head exists").demand.memory_mb as u64;
+        let need = q
+            .waiting
+            .front()
+            .expect("chosen head exists")
+            .demand
+            .memory_mb as u64;
         if st.reserved_mb + need > cfg.memory_budget_mb || st.running >= cfg.cpu_slots {
             return;
         }
@@ -405,7 +415,9 @@ mod tests {
         let _w1 = s.submit(demand("a", 1, 1, 0), true).unwrap();
         let _w2 = s.submit(demand("a", 1, 1, 0), true).unwrap();
         match s.submit(demand("a", 1, 1, 0), true) {
-            Err(Rejected::QueueFull { retry_after, .. }) => assert!(retry_after >= Duration::from_secs(1)),
+            Err(Rejected::QueueFull { retry_after, .. }) => {
+                assert!(retry_after >= Duration::from_secs(1))
+            }
             other => panic!("expected QueueFull, got {:?}", other.err()),
         }
         assert!(s.submit(demand("a", 1, 1, 0), false).is_ok());
@@ -418,7 +430,9 @@ mod tests {
         let p = ready(&mut run).unwrap();
         let waiting = s.submit(demand("a", 1, 1, 0), true).unwrap();
         drop(waiting);
-        let mut next = s.submit(demand("a", 1, 1, 0), true).expect("place was freed");
+        let mut next = s
+            .submit(demand("a", 1, 1, 0), true)
+            .expect("place was freed");
         drop(p);
         let _pn = ready(&mut next).expect("runs");
         assert_eq!(s.snapshot().running, 1);
@@ -440,7 +454,10 @@ mod tests {
         let p1 = ready(&mut small1).unwrap();
         let mut big = s.submit(demand("b", 100, 10, 0), true).unwrap();
         let mut small2 = s.submit(demand("s", 50, 10, 0), true).unwrap();
-        assert!(ready(&mut small2).is_none(), "small call must not jump the big one");
+        assert!(
+            ready(&mut small2).is_none(),
+            "small call must not jump the big one"
+        );
         drop(p1);
         let pb = ready(&mut big).expect("big runs once memory frees");
         drop(pb);

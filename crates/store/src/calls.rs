@@ -93,7 +93,11 @@ impl Store {
     }
 
     pub async fn fail_call(&self, id: &str, failure: &Failure) -> Result<(), StoreError> {
-        let (id, code, message) = (id.to_owned(), failure.code.as_str(), failure.message.clone());
+        let (id, code, message) = (
+            id.to_owned(),
+            failure.code.as_str(),
+            failure.message.clone(),
+        );
         self.write(move |c| {
             c.execute(
                 "UPDATE calls SET status = 'failed', error_code = ?2, error_message = ?3, finished_ms = ?4 WHERE id = ?1",
@@ -111,7 +115,11 @@ impl Store {
         failure: &Failure,
         next_at_ms: i64,
     ) -> Result<(), StoreError> {
-        let (id, code, message) = (id.to_owned(), failure.code.as_str(), failure.message.clone());
+        let (id, code, message) = (
+            id.to_owned(),
+            failure.code.as_str(),
+            failure.message.clone(),
+        );
         self.write(move |c| {
             c.execute(
                 "UPDATE calls SET status = 'queued', error_code = ?2, error_message = ?3, next_at_ms = ?4 WHERE id = ?1",
@@ -125,8 +133,13 @@ impl Store {
     /// Calls that were running when the hub stopped go back to the queue
     /// (at-least-once). Returns how many.
     pub async fn requeue_interrupted(&self) -> Result<usize, StoreError> {
-        self.write(|c| c.execute("UPDATE calls SET status = 'queued' WHERE status = 'running'", []))
-            .await
+        self.write(|c| {
+            c.execute(
+                "UPDATE calls SET status = 'queued' WHERE status = 'running'",
+                [],
+            )
+        })
+        .await
     }
 
     /// Deletes finished calls older than `before_ms`. Returns how many.
@@ -152,7 +165,10 @@ impl Store {
     }
 
     /// The input and extra environment of a call, loaded when it runs.
-    pub fn call_input(&self, id: &str) -> Result<Option<(Vec<u8>, Vec<(String, String)>)>, StoreError> {
+    pub fn call_input(
+        &self,
+        id: &str,
+    ) -> Result<Option<(Vec<u8>, Vec<(String, String)>)>, StoreError> {
         self.read(|c| {
             c.query_row(
                 "SELECT input, env FROM calls WHERE id = ?1",
@@ -190,10 +206,15 @@ impl Store {
     /// Counts of calls by status, for metrics and `roost tasks`.
     pub fn call_counts(&self) -> Result<Vec<(String, CallStatus, u64)>, StoreError> {
         self.read(|c| {
-            let mut st = c.prepare("SELECT task, status, COUNT(*) FROM calls GROUP BY task, status")?;
+            let mut st =
+                c.prepare("SELECT task, status, COUNT(*) FROM calls GROUP BY task, status")?;
             let rows = st.query_map([], |r| {
                 let s: String = r.get(1)?;
-                Ok((r.get(0)?, CallStatus::parse(&s).unwrap_or(CallStatus::Failed), r.get(2)?))
+                Ok((
+                    r.get(0)?,
+                    CallStatus::parse(&s).unwrap_or(CallStatus::Failed),
+                    r.get(2)?,
+                ))
             })?;
             rows.collect()
         })

@@ -30,7 +30,13 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredDeployment> {
 impl Store {
     /// The id the next deployment will get (used to name its folder).
     pub fn next_deployment_id(&self) -> Result<i64, StoreError> {
-        self.read(|c| c.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM deployments", [], |r| r.get(0)))
+        self.read(|c| {
+            c.query_row(
+                "SELECT COALESCE(MAX(id), 0) + 1 FROM deployments",
+                [],
+                |r| r.get(0),
+            )
+        })
     }
 
     /// Records a deployment and makes it the active one, in one transaction.
@@ -58,7 +64,10 @@ impl Store {
     pub async fn reactivate_deployment(&self, id: i64) -> Result<(), StoreError> {
         self.write(move |c| {
             c.execute("UPDATE deployments SET active = 0 WHERE active = 1", [])?;
-            c.execute("UPDATE deployments SET active = 1 WHERE id = ?1", params![id])?;
+            c.execute(
+                "UPDATE deployments SET active = 1 WHERE id = ?1",
+                params![id],
+            )?;
             Ok(())
         })
         .await

@@ -1,0 +1,309 @@
+//! Deployments: unpack a package, validate the whole manifest, prepare every
+//! task with its runtime, and only then switch to it in one step. A
+//! deployment that fails anywhere leaves the running one untouched.
+
+use crate::{ActiveDeployment, Hub};
+use roost_manifest::Problem;
+use roost_model::{TaskCode, TaskName, TaskSpec};
+use roost_runtime::PreparedTask;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Inactive deployments whose packages are kept for rollback.
+const KEEP_DEPLOYMENTS: usize = 10;
+/// The manifest's name inside a package.
+pub const MANIFEST_FILE: &str = "manifest.toml";
+
+#[derive(Debug, Serialize)]
+pub struct DeployReport {
+    pub deployment: i64,
+    pub tasks: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("invalid manifest: {} problem(s)", .0.len())]
+    Invalid(Vec<Problem>),
+    #[error("the deployment package is unusable: {0}")]
+    BadPackage(String),
+    #[error("there is no earlier deployment to roll back to")]
+    NothingToRollBack,
+    #[error("the hub could not record the deployment: {0}")]
+    Store(#[from] roost_store::StoreError),
+    #[error("the hub could not write the deployment to its data dir: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+type Tasks = HashMap<TaskName, Arc<dyn PreparedTask>>;
+
+impl Hub {
+    /// Validates and applies a deployment package (a gzipped tar holding
+    /// `manifest.toml` and the files it names).
+    pub async fn deploy_package(&self, package: &[u8]) -> Result<DeployReport, DeployError> {
+        let _guard = self.inner.deploy_lock.lock().await;
+        let id = self.inner.store.next_deployment_id()?;
+        let dir = self
+            .inner
+            .config
+            .data_dir
+            .join("deployments")
+            .join(id.to_string());
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        let result = async {
+            unpack(package, &dir, self.inner.config.max_package_bytes)?;
+            let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).map_err(|_| {
+                DeployError::BadPackage(format!(
+                    "it has no {MANIFEST_FILE} (use `roost deploy MANIFEST`)"
+                ))
+            })?;
+            let tasks = self.prepare(&text, &dir).await?;
+            self.inner
+                .store
+                .activate_new_deployment(id, text, dir.display().to_string())
+                .await?;
+            Ok(tasks)
+        }
+        .await;
+        match result {
+            Ok(tasks) => {
+                let report = self.switch_to(Some(id), tasks).await;
+                self.remove_stale_packages();
+                tracing::info!(deployment = id, tasks = ?report.tasks, "deployment applied");
+                Ok(report)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                tracing::warn!(error = %e, "deployment refused; the running one is unchanged");
+                Err(e)
+            }
+        }
+    }
+
+    /// Goes back to the deployment that was active before the current one.
+    pub async fn rollback(&self) -> Result<DeployReport, DeployError> {
+        let _guard = self.inner.deploy_lock.lock().await;
+        let current = self
+            .inner
+            .store
+            .active_deployment()?
+            .ok_or(DeployError::NothingToRollBack)?;
+        let previous = current
+            .previous
+            .and_then(|id| self.inner.store.deployment(id).transpose())
+            .transpose()?
+            .ok_or(DeployError::NothingToRollBack)?;
+        let tasks = self
+            .prepare(&previous.manifest, Path::new(&previous.package_dir))
+            .await?;
+        self.inner.store.reactivate_deployment(previous.id).await?;
+        let report = self.switch_to(Some(previous.id), tasks).await;
+        tracing::info!(deployment = previous.id, "rolled back");
+        Ok(report)
+    }
+
+    /// The manifest text of the active deployment, if any.
+    pub fn active_manifest(&self) -> Option<(i64, String)> {
+        self.inner
+            .store
+            .active_deployment()
+            .ok()
+            .flatten()
+            .map(|d| (d.id, d.manifest))
+    }
+
+    pub(crate) async fn load_active_deployment(&self) {
+        let stored = match self.inner.store.active_deployment() {
+            Ok(Some(d)) => d,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the active deployment; starting with none");
+                return;
+            }
+        };
+        match self
+            .prepare(&stored.manifest, Path::new(&stored.package_dir))
+            .await
+        {
+            Ok(tasks) => {
+                let report = self.switch_to(Some(stored.id), tasks).await;
+                tracing::info!(deployment = stored.id, tasks = ?report.tasks, "active deployment loaded");
+            }
+            Err(e) => {
+                let detail = match &e {
+                    DeployError::Invalid(p) => p
+                        .iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    other => other.to_string(),
+                };
+                tracing::error!(deployment = stored.id, %detail, "the active deployment no longer loads (was a resource removed?); no tasks are running: fix it and deploy again")
+            }
+        }
+    }
+
+    /// Validates a manifest and prepares each task with its runtime,
+    /// collecting every problem.
+    async fn prepare(&self, text: &str, dir: &Path) -> Result<Tasks, DeployError> {
+        let manifest = roost_manifest::parse(text, dir).map_err(DeployError::Invalid)?;
+        let mut problems = Vec::new();
+        let mut tasks: Tasks = HashMap::new();
+        for (i, spec) in manifest.tasks.into_iter().enumerate() {
+            let budget = self.inner.config.memory_budget_mb;
+            if spec.limits.memory_mb as u64 > budget {
+                problems.push(Problem {
+                    field: format!("task[{i}].memory_mb"),
+                    value: spec.limits.memory_mb.to_string(),
+                    why: format!("more than the hub's whole memory budget ({budget} MiB); lower it or start the hub with a larger --memory-budget-mb"),
+                });
+                continue;
+            }
+            let field = format!("task[{i}].code");
+            let spec = match self.store_code(spec) {
+                Ok(s) => s,
+                Err(e) => {
+                    problems.push(Problem {
+                        field,
+                        value: String::new(),
+                        why: format!("cannot store the code: {e}"),
+                    });
+                    continue;
+                }
+            };
+            let Some(runtime) = self.inner.runtimes.get(&spec.runtime) else {
+                problems.push(Problem {
+                    field: format!("task[{i}].runtime"),
+                    value: spec.runtime.to_string(),
+                    why: "this hub has no such runtime".into(),
+                });
+                continue;
+            };
+            match runtime.prepare(&spec).await {
+                Ok(p) => {
+                    tasks.insert(spec.name.clone(), p);
+                }
+                Err(e) => problems.push(Problem {
+                    field,
+                    value: code_value(&spec),
+                    why: e.0,
+                }),
+            }
+        }
+        if problems.is_empty() {
+            Ok(tasks)
+        } else {
+            Err(DeployError::Invalid(problems))
+        }
+    }
+
+    /// Copies wasm code into the content-addressed code store, so the
+    /// task no longer depends on its package folder.
+    fn store_code(&self, mut spec: TaskSpec) -> std::io::Result<TaskSpec> {
+        if let TaskCode::Wasm { sha256, path } = &mut spec.code {
+            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("wasm");
+            let target = self
+                .inner
+                .config
+                .data_dir
+                .join("code")
+                .join(format!("{sha256}.{ext}"));
+            if !target.exists() {
+                let tmp = target.with_extension("partial");
+                std::fs::copy(&*path, &tmp)?;
+                std::fs::rename(&tmp, &target)?;
+            }
+            *path = target;
+        }
+        Ok(spec)
+    }
+
+    async fn switch_to(&self, id: Option<i64>, tasks: Tasks) -> DeployReport {
+        let mut names: Vec<String> = tasks.keys().map(|t| t.to_string()).collect();
+        names.sort();
+        let new = Arc::new(ActiveDeployment { id, tasks });
+        let old = std::mem::replace(&mut *self.inner.active.write(), new.clone());
+        for (name, task) in &old.tasks {
+            let same = new.tasks.get(name).is_some_and(|t| Arc::ptr_eq(t, task));
+            if !same {
+                task.retire().await;
+            }
+        }
+        let live: std::collections::HashSet<String> = new
+            .tasks
+            .values()
+            .filter_map(|t| match &t.spec().code {
+                TaskCode::Wasm { sha256, .. } => Some(sha256.clone()),
+                _ => None,
+            })
+            .collect();
+        self.inner.wasm.cache().retain(&|sha| live.contains(sha));
+        self.inner.metrics.deployments.inc();
+        DeployReport {
+            deployment: id.unwrap_or(0),
+            tasks: names,
+        }
+    }
+
+    fn remove_stale_packages(&self) {
+        if let Ok(dirs) = self.inner.store.stale_deployment_dirs(KEEP_DEPLOYMENTS) {
+            for d in dirs {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
+}
+
+fn code_value(spec: &TaskSpec) -> String {
+    match &spec.code {
+        TaskCode::Wasm { path, .. } => path
+            .file_name()
+            .map(|f| format!("{:?}", f.to_string_lossy()))
+            .unwrap_or_default(),
+        TaskCode::Process { dir, .. } => format!("{:?}", dir.display().to_string()),
+    }
+}
+
+/// Unpacks regular files and folders only (no links, devices or paths that
+/// leave `dir`), keeping file modes, and stops past `max_bytes` unpacked so
+/// a compressed bomb cannot fill the disk.
+fn unpack(package: &[u8], dir: &PathBuf, max_bytes: usize) -> Result<(), DeployError> {
+    let bad =
+        |e: std::io::Error| DeployError::BadPackage(format!("not a gzipped tar archive: {e}"));
+    let gz = flate2::read::GzDecoder::new(package);
+    let mut archive = tar::Archive::new(gz.take(max_bytes as u64 + 1));
+    archive.set_preserve_permissions(true);
+    archive.set_overwrite(true);
+    let mut total = 0u64;
+    for entry in archive.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        let kind = entry.header().entry_type();
+        let path = entry.path().map_err(bad)?.into_owned();
+        if !(kind.is_file() || kind.is_dir()) {
+            return Err(DeployError::BadPackage(format!(
+                "{} is a link or special file; packages may hold only files and folders",
+                path.display()
+            )));
+        }
+        total += entry.size();
+        if total > max_bytes as u64 {
+            return Err(DeployError::BadPackage(format!(
+                "it unpacks to more than {} MiB",
+                max_bytes >> 20
+            )));
+        }
+        let unpacked = entry.unpack_in(dir).map_err(bad)?;
+        if !unpacked {
+            return Err(DeployError::BadPackage(format!(
+                "{} points outside the package",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! Prometheus metrics of the hub core, all prefixed `roost_`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub task: String,
+    /// `succeeded`, or the failure code.
+    pub outcome: String,
+    /// `sync`, `async` or `nested`.
+    pub mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabel {
+    pub task: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub calls: Family<CallLabels, Counter>,
+    pub duration: Family<TaskLabel, Histogram>,
+    pub queue_wait: Histogram,
+    pub queue_depth: Gauge,
+    pub running: Gauge,
+    pub memory_reserved_mb: Gauge,
+    pub memory_budget_mb: Gauge,
+    pub rejected: Counter,
+    pub retries: Counter,
+    pub deployments: Counter,
+    pub tasks_deployed: Gauge,
+    /// Succeeded and failed calls per task, for `GET /v1/tasks`.
+    totals: parking_lot::Mutex<std::collections::HashMap<String, (u64, u64)>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("roost");
+        let calls = Family::<CallLabels, Counter>::default();
+        let duration = Family::<TaskLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(
+                [
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]
+                .into_iter(),
+            )
+        });
+        let queue_wait =
+            Histogram::new([0.0001, 0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 30.0].into_iter());
+        let m = Self {
+            calls,
+            duration,
+            queue_wait,
+            queue_depth: Gauge::default(),
+            running: Gauge::default(),
+            memory_reserved_mb: Gauge::default(),
+            memory_budget_mb: Gauge::default(),
+            rejected: Counter::default(),
+            retries: Counter::default(),
+            deployments: Counter::default(),
+            tasks_deployed: Gauge::default(),
+            totals: Default::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "calls",
+            "Calls finished, by task, outcome and mode",
+            m.calls.clone(),
+        );
+        registry.register(
+            "call_duration_seconds",
+            "Time a call ran (queue wait excluded), by task",
+            m.duration.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time calls waited for admission",
+            m.queue_wait.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Calls waiting for admission",
+            m.queue_depth.clone(),
+        );
+        registry.register("calls_running", "Calls running now", m.running.clone());
+        registry.register(
+            "memory_reserved_mb",
+            "Memory reserved by running calls (sum of their tasks' memory_mb)",
+            m.memory_reserved_mb.clone(),
+        );
+        registry.register(
+            "memory_budget_mb",
+            "The hub's memory budget for calls",
+            m.memory_budget_mb.clone(),
+        );
+        registry.register(
+            "queue_rejected",
+            "Calls refused because the queue was full",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "async_retries",
+            "Async call attempts that failed and were retried",
+            m.retries.clone(),
+        );
+        registry.register(
+            "deployments",
+            "Deployments applied (including rollbacks)",
+            m.deployments.clone(),
+        );
+        registry.register(
+            "tasks_deployed",
+            "Tasks in the active deployment",
+            m.tasks_deployed.clone(),
+        );
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn count(&self, task: &str, succeeded: bool) {
+        let mut t = self.totals.lock();
+        let e = t.entry(task.to_owned()).or_default();
+        if succeeded {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+
+    /// (succeeded, failed) calls of a task since the hub started.
+    pub fn totals(&self, task: &str) -> (u64, u64) {
+        self.totals.lock().get(task).copied().unwrap_or_default()
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

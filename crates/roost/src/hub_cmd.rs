@@ -1,0 +1,195 @@
+//! `roost hub`: starts the hub and serves its API until SIGTERM or Ctrl-C,
+//! then drains.
+
+use anyhow::{bail, Context, Result};
+use roost_hub::{Hub, HubConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub struct HubOpts {
+    /// Where the hub keeps everything (store, code, compiled modules).
+    #[arg(long, env = "ROOST_DATA_DIR", default_value = "./roost-data")]
+    data_dir: PathBuf,
+    /// Address of the HTTP API. Port 0 picks a free port; the address bound
+    /// is written to DATA_DIR/endpoints.json. Anything but loopback needs --token.
+    #[arg(long, env = "ROOST_HTTP", default_value = "127.0.0.1:8420")]
+    http: SocketAddr,
+    /// Memory running calls may reserve, in MiB (each running call reserves
+    /// its task's memory_mb). Default: half of the machine's memory.
+    #[arg(long, env = "ROOST_MEMORY_BUDGET_MB")]
+    memory_budget_mb: Option<u64>,
+    /// Calls that may run at once. Default: 8 per core.
+    #[arg(long, env = "ROOST_CPU_SLOTS")]
+    cpu_slots: Option<u32>,
+    /// Calls that may wait for admission; past it calls get 429.
+    #[arg(long, env = "ROOST_QUEUE_LIMIT", default_value_t = 1024)]
+    queue_limit: usize,
+    /// Largest synchronous call input, in bytes.
+    #[arg(long, env = "ROOST_MAX_SYNC_INPUT", default_value_t = 6 << 20)]
+    max_sync_input: usize,
+    /// Largest asynchronous call input, in bytes.
+    #[arg(long, env = "ROOST_MAX_ASYNC_INPUT", default_value_t = 1 << 20)]
+    max_async_input: usize,
+    /// Attempts an async call gets before it is kept as failed.
+    #[arg(long, env = "ROOST_ASYNC_ATTEMPTS", default_value_t = 3)]
+    async_attempts: u32,
+    /// First retry delay of a failed async call, in ms (doubles each time).
+    #[arg(long, env = "ROOST_RETRY_BACKOFF_MS", default_value_t = 1000)]
+    retry_backoff_ms: u64,
+    /// How long finished async calls and their outputs are kept, in seconds.
+    #[arg(long, env = "ROOST_RETENTION_S", default_value_t = 86400)]
+    retention_s: u64,
+    /// On SIGTERM, how long running calls get to finish, in seconds.
+    #[arg(long, env = "ROOST_GRACE_S", default_value_t = 10)]
+    grace_s: u64,
+    /// Bearer token required on every API request but /healthz.
+    #[arg(long, env = "ROOST_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM certificate chain: serve the API over TLS (with --tls-key).
+    #[arg(long, env = "ROOST_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "ROOST_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Deploy the bundled example (tasks `echo` and `greet`) on start.
+    #[arg(long)]
+    example: bool,
+    /// Log format: `human` or `json`.
+    #[arg(long, env = "ROOST_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
+    log_format: String,
+}
+
+fn init_logs(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ROOST_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,cranelift=warn,wasmtime=warn")
+    });
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+pub fn run(opts: HubOpts) -> Result<()> {
+    init_logs(&opts.log_format);
+    if !opts.http.ip().is_loopback() && opts.token.is_none() {
+        bail!(
+            "--http {} is reachable from other machines; give a --token (and --tls-cert/--tls-key) or bind 127.0.0.1",
+            opts.http
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("roost")
+        .build()?;
+    rt.block_on(serve(opts))
+}
+
+async fn serve(opts: HubOpts) -> Result<()> {
+    let mut config = HubConfig::new(opts.data_dir.clone());
+    if let Some(m) = opts.memory_budget_mb {
+        config.memory_budget_mb = m;
+    }
+    if let Some(c) = opts.cpu_slots {
+        config.cpu_slots = c.max(1);
+    }
+    config.queue_limit = opts.queue_limit;
+    config.max_sync_input = opts.max_sync_input;
+    config.max_async_input = opts.max_async_input;
+    config.async_attempts = opts.async_attempts.max(1);
+    config.retry_backoff = Duration::from_millis(opts.retry_backoff_ms);
+    config.retention = Duration::from_secs(opts.retention_s);
+    let listener = tokio::net::TcpListener::bind(opts.http)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (is another hub running? try --http 127.0.0.1:0)",
+                opts.http
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    let hub = Hub::start(config).await.with_context(|| {
+        format!(
+            "cannot start the hub with data dir {}",
+            opts.data_dir.display()
+        )
+    })?;
+    if opts.example {
+        let package = crate::example::package(crate::example::FILES)?;
+        let report = hub
+            .deploy_package(&package)
+            .await
+            .map_err(|e| anyhow::anyhow!("the bundled example did not deploy: {e}"))?;
+        tracing::info!(tasks = ?report.tasks, "example deployed");
+    }
+    let scheme = if opts.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let endpoints =
+        serde_json::json!({ "http": addr.to_string(), "url": format!("{scheme}://{addr}") });
+    std::fs::write(
+        opts.data_dir.join("endpoints.json"),
+        serde_json::to_vec_pretty(&endpoints)?,
+    )?;
+    let app = roost_api::router(hub.clone(), opts.token.clone());
+    tracing::info!(url = %format!("{scheme}://{addr}"), budget_mb = hub.config().memory_budget_mb, "roost hub serving");
+    if opts.example {
+        eprintln!(
+            "\nThe example is deployed. Try:\n  curl -d 'world' {scheme}://{addr}/v1/tasks/greet/calls\n  roost call echo --input - --hub {scheme}://{addr} <<< 'hi'\n  roost tasks --hub {scheme}://{addr}\n"
+        );
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let grace = Duration::from_secs(opts.grace_s);
+    {
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!(
+                grace_s = grace.as_secs(),
+                "shutting down: no new calls; running calls may finish"
+            );
+            let _ = stop_tx.send(true);
+            hub.drain(grace).await;
+        });
+    }
+    let mut rx = stop_rx.clone();
+    let shutdown = async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let tls = match (opts.tls_cert, opts.tls_key) {
+        (Some(cert), Some(key)) => Some(roost_api::TlsFiles { cert, key }),
+        _ => None,
+    };
+    let server = roost_api::serve(listener, app, roost_api::ServeConfig { tls }, shutdown);
+    let mut rx = stop_rx.clone();
+    tokio::select! {
+        r = server => r?,
+        // Do not let open streams (`roost logs --follow`) hold the exit.
+        _ = async {
+            let _ = rx.wait_for(|s| *s).await;
+            tokio::time::sleep(grace + Duration::from_secs(1)).await;
+        } => {}
+    }
+    // Running calls finish (up to the grace period) before we exit.
+    tokio::time::timeout(grace + Duration::from_secs(1), hub.drain(grace))
+        .await
+        .ok();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

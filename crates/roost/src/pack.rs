@@ -1,0 +1,86 @@
+//! Packing a manifest for the hub: a gzipped tar with `manifest.toml` and
+//! every file the manifest names (`code`, `dir`), file modes kept.
+//!
+//! The CLI packs only what lies inside the manifest's folder; the hub checks
+//! the paths again and reports anything missing or escaping as a problem, so
+//! there is one place where a manifest is judged.
+
+use anyhow::{Context, Result};
+use std::path::{Component, Path, PathBuf};
+
+pub fn pack(manifest: &Path) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(manifest)
+        .with_context(|| format!("cannot read the manifest {}", manifest.display()))?;
+    let root = manifest
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
+        .unwrap_or(Path::new("."))
+        .canonicalize()
+        .context("cannot resolve the manifest's folder")?;
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    builder.follow_symlinks(false);
+    builder.mode(tar::HeaderMode::Complete);
+    let mut header = tar::Header::new_gnu();
+    header.set_size(text.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    builder.append_data(&mut header, "manifest.toml", text.as_bytes())?;
+
+    // Parse loosely: the hub does the real validation.
+    if let Ok(doc) = text.parse::<toml::Table>() {
+        let tasks = doc
+            .get("task")
+            .and_then(|t| t.as_array())
+            .cloned()
+            .unwrap_or_default();
+        let mut packed = std::collections::HashSet::new();
+        for t in tasks {
+            for key in ["code", "dir"] {
+                let Some(rel) = t.get(key).and_then(|v| v.as_str()) else {
+                    continue;
+                };
+                let Some(path) = inside(&root, rel) else {
+                    eprintln!(
+                        "warning: {key} = {rel:?} is not inside the manifest's folder; not sent"
+                    );
+                    continue;
+                };
+                let name = normal(rel);
+                if !packed.insert(name.clone()) {
+                    continue;
+                }
+                if path.is_dir() {
+                    builder.append_dir_all(&name, &path)?;
+                } else if path.is_file() {
+                    builder.append_path_with_name(&path, &name)?;
+                }
+            }
+        }
+    }
+    Ok(builder.into_inner()?.finish()?)
+}
+
+fn normal(rel: &str) -> PathBuf {
+    Path::new(rel)
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect()
+}
+
+fn inside(root: &Path, rel: &str) -> Option<PathBuf> {
+    let p = Path::new(rel);
+    if p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir)) {
+        return None;
+    }
+    let real = root.join(p).canonicalize().ok()?;
+    real.starts_with(root).then_some(real)
+}

@@ -1,0 +1,7 @@
+;; trap.wat — executes `unreachable` immediately.
+;; Test purpose: a guest trap must fail the call (reported as crashed).
+(module
+  (memory (export "memory") 1)
+  (func (export "_start")
+    unreachable)
+)
