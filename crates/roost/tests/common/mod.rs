@@ -1,0 +1,228 @@
+//! Test harness: runs a real `roost hub` process on a free port with its own
+//! data dir, and drives it through HTTP and the `roost` CLI.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn roost_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_roost")
+}
+
+pub fn wasm_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wasm")
+}
+
+pub struct TestHub {
+    pub url: String,
+    pub data_dir: PathBuf,
+    pub child: Option<Child>,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl TestHub {
+    pub fn start(args: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let data_dir = tmp.path().join("data");
+        let mut hub = TestHub {
+            url: String::new(),
+            data_dir,
+            child: None,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            log: tmp.path().join("hub.log"),
+            _tmp: Some(tmp),
+        };
+        hub.launch();
+        hub
+    }
+
+    /// Starts (or restarts) the hub process on the same data dir.
+    pub fn launch(&mut self) {
+        let endpoints = self.data_dir.join("endpoints.json");
+        let _ = std::fs::remove_file(&endpoints);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(roost_bin())
+            .arg("hub")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--http", "127.0.0.1:0"])
+            .args(&self.args)
+            .env("ROOST_LOG", "info,roost_runtime_wasm=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn roost hub");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&endpoints) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                    self.url = v["url"].as_str().unwrap().to_owned();
+                    if http().get(format!("{}/healthz", self.url)).send().is_ok() {
+                        return;
+                    }
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("hub exited with {status}; log:\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hub did not start; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn sigterm(&mut self) -> Child {
+        let c = self.child.take().unwrap();
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Runs the `roost` CLI against this hub.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(roost_bin())
+            .args(args)
+            .env("ROOST_HUB", &self.url)
+            .output()
+            .unwrap()
+    }
+
+    /// Deploys a manifest through the CLI; panics with its stderr on failure.
+    pub fn deploy(&self, manifest: &Path) {
+        let out = self.cli(&["deploy", manifest.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "deploy failed: {}\nhub log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+    }
+
+    pub fn call(&self, task: &str, input: impl Into<Vec<u8>>) -> reqwest::blocking::Response {
+        http()
+            .post(format!("{}/v1/tasks/{task}/calls", self.url))
+            .body(input.into())
+            .send()
+            .unwrap()
+    }
+
+    pub fn call_async(&self, task: &str, input: impl Into<Vec<u8>>) -> reqwest::blocking::Response {
+        http()
+            .post(format!("{}/v1/tasks/{task}/calls?mode=async", self.url))
+            .body(input.into())
+            .send()
+            .unwrap()
+    }
+
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        http()
+            .get(format!("{}{path}", self.url))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    /// Polls an async call until it is finished; returns its status body.
+    pub fn wait_call(&self, id: &str, within: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.get_json(&format!("/v1/calls/{id}"));
+            let s = v["status"].as_str().unwrap_or("");
+            if s == "succeeded" || s == "failed" {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "call {id} still {s}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn task_row(&self, task: &str) -> serde_json::Value {
+        let v = self.get_json("/v1/tasks");
+        v["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == task)
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// A manifest folder: the given manifest text plus copies of the named test
+/// modules from tests/wasm.
+pub struct Package {
+    pub dir: tempfile::TempDir,
+}
+
+impl Package {
+    pub fn new(manifest: &str, modules: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("manifest.toml"), manifest).unwrap();
+        for m in modules {
+            std::fs::copy(wasm_dir().join(m), dir.path().join(m)).unwrap();
+        }
+        Package { dir }
+    }
+    pub fn manifest(&self) -> PathBuf {
+        self.dir.path().join("manifest.toml")
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A `[[task]]` entry for a wasm module.
+pub fn task(name: &str, code: &str, extra: &str) -> String {
+    format!("[[task]]\nname = \"{name}\"\nruntime = \"wasm\"\ncode = \"{code}\"\n{extra}\n")
+}
+
+pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
