@@ -29,13 +29,25 @@ concurrency = "lots"
     let out = hub.cli(&["deploy", bad.manifest().to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    for field in ["task[0].name", "task[0].memory_mb", "task[0].timeout_ms", "task[1].runtime", "task[1].concurrency"] {
-        assert!(err.lines().any(|l| l.trim_start().starts_with(field)), "{field} missing from:\n{err}");
+    for field in [
+        "task[0].name",
+        "task[0].memory_mb",
+        "task[0].timeout_ms",
+        "task[1].runtime",
+        "task[1].concurrency",
+    ] {
+        assert!(
+            err.lines().any(|l| l.trim_start().starts_with(field)),
+            "{field} missing from:\n{err}"
+        );
     }
     assert!(err.contains("nothing was applied"), "{err}");
     // The raw API answers 400 invalid_manifest with the problems.
     let pkg_bytes = {
-        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
         let text = b"[[task]]\nname = 1\n";
         let mut h = tar::Header::new_gnu();
         h.set_size(text.len() as u64);
@@ -44,7 +56,11 @@ concurrency = "lots"
         b.append_data(&mut h, "manifest.toml", &text[..]).unwrap();
         b.into_inner().unwrap().finish().unwrap()
     };
-    let r = http().post(format!("{}/v1/deployments", hub.url)).body(pkg_bytes).send().unwrap();
+    let r = http()
+        .post(format!("{}/v1/deployments", hub.url))
+        .body(pkg_bytes)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 400);
     let v: serde_json::Value = r.json().unwrap();
     assert_eq!(v["error"]["code"], "invalid_manifest");
@@ -64,27 +80,42 @@ fn a_code_path_that_escapes_the_manifest_folder_is_refused() {
     let out = hub.cli(&["deploy", inner.join("manifest.toml").to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("task[0].code") && err.contains("leaves the manifest's folder"), "{err}");
+    assert!(
+        err.contains("task[0].code") && err.contains("leaves the manifest's folder"),
+        "{err}"
+    );
 
     // Through a symlink too.
     std::os::unix::fs::symlink(outer.path().join("echo.wat"), inner.join("link.wat")).unwrap();
     std::fs::write(inner.join("manifest.toml"), task("echo", "link.wat", "")).unwrap();
     let out = hub.cli(&["deploy", inner.join("manifest.toml").to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(hub.get_json("/v1/tasks")["tasks"].as_array().unwrap().is_empty());
+    assert!(hub.get_json("/v1/tasks")["tasks"]
+        .as_array()
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
 fn a_module_that_is_not_wasm_is_refused_at_deploy() {
     let hub = TestHub::start(&[]);
-    let pkg = Package::new(&(task("bad", "bad.wasm", "") + &task("echo", "echo.wat", "")), &["echo.wat"]);
+    let pkg = Package::new(
+        &(task("bad", "bad.wasm", "") + &task("echo", "echo.wat", "")),
+        &["echo.wat"],
+    );
     std::fs::write(pkg.path().join("bad.wasm"), "this is not webassembly").unwrap();
     let out = hub.cli(&["deploy", pkg.manifest().to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("task[0].code") && err.contains("not a valid WebAssembly module"), "{err}");
+    assert!(
+        err.contains("task[0].code") && err.contains("not a valid WebAssembly module"),
+        "{err}"
+    );
     // Atomic: the valid task of the same manifest was not applied either.
-    assert!(hub.get_json("/v1/tasks")["tasks"].as_array().unwrap().is_empty());
+    assert!(hub.get_json("/v1/tasks")["tasks"]
+        .as_array()
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
@@ -101,7 +132,10 @@ fn a_resource_that_does_not_exist_or_escapes_is_refused_at_deploy() {
     let out = hub.cli(&["deploy", pkg.manifest().to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("resource[0].source") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("resource[0].source") && err.contains("does not exist"),
+        "{err}"
+    );
     assert!(err.contains("resource[1].path"), "{err}");
 }
 
@@ -120,14 +154,23 @@ fn a_deployment_survives_a_restart_without_recompiling() {
     let pkg = Package::new(&task("echo", "echo.wat", ""), &["echo.wat"]);
     hub.deploy(&pkg.manifest());
     assert!(hub.log_text().contains("compiled wasm module"));
-    let artifacts: Vec<_> = std::fs::read_dir(hub.data_dir.join("cache")).unwrap().collect();
+    let artifacts: Vec<_> = std::fs::read_dir(hub.data_dir.join("cache"))
+        .unwrap()
+        .collect();
     assert_eq!(artifacts.len(), 1, "one compiled artifact per code hash");
     hub.kill9();
     let before = hub.log_text().matches("compiled wasm module").count();
     hub.launch();
-    assert_eq!(hub.call("echo", "after restart").text().unwrap(), "after restart");
+    assert_eq!(
+        hub.call("echo", "after restart").text().unwrap(),
+        "after restart"
+    );
     let log = hub.log_text();
-    assert_eq!(log.matches("compiled wasm module").count(), before, "restart must load from the cache:\n{log}");
+    assert_eq!(
+        log.matches("compiled wasm module").count(),
+        before,
+        "restart must load from the cache:\n{log}"
+    );
     assert!(log.contains("loaded compiled module from cache"), "{log}");
 }
 
@@ -138,9 +181,17 @@ fn rollback_returns_to_the_previous_deployment() {
     hub.deploy(&v1.manifest());
     let v2 = Package::new(&task("trap", "trap.wat", ""), &["trap.wat"]);
     hub.deploy(&v2.manifest());
-    assert_eq!(hub.call("echo", "x").status(), 404, "a deployment replaces the previous one whole");
+    assert_eq!(
+        hub.call("echo", "x").status(),
+        404,
+        "a deployment replaces the previous one whole"
+    );
     let out = hub.cli(&["deploy", "--rollback"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("rolled back"));
     assert_eq!(hub.call("echo", "back").text().unwrap(), "back");
     assert_eq!(hub.call("trap", "").status(), 404);
@@ -153,30 +204,56 @@ fn rollback_returns_to_the_previous_deployment() {
 #[test]
 fn hostile_packages_are_refused() {
     let hub = TestHub::start(&[]);
-    for body in [&b"garbage, not gzip"[..], &[0x1f, 0x8b, 0x08, 0, 0, 0][..], &[][..]] {
-        let r = http().post(format!("{}/v1/deployments", hub.url)).body(body.to_vec()).send().unwrap();
+    for body in [
+        &b"garbage, not gzip"[..],
+        &[0x1f, 0x8b, 0x08, 0, 0, 0][..],
+        &[][..],
+    ] {
+        let r = http()
+            .post(format!("{}/v1/deployments", hub.url))
+            .body(body.to_vec())
+            .send()
+            .unwrap();
         assert_eq!(r.status(), 400);
         let v: serde_json::Value = r.json().unwrap();
         assert_eq!(v["error"]["code"], "bad_package", "{v}");
     }
     // A package holding a symlink out of it.
-    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(tar::EntryType::Symlink);
     h.set_size(0);
     h.set_cksum();
-    b.append_link(&mut h, "manifest.toml", "/etc/passwd").unwrap();
+    b.append_link(&mut h, "manifest.toml", "/etc/passwd")
+        .unwrap();
     let pkg = b.into_inner().unwrap().finish().unwrap();
-    let r = http().post(format!("{}/v1/deployments", hub.url)).body(pkg).send().unwrap();
+    let r = http()
+        .post(format!("{}/v1/deployments", hub.url))
+        .body(pkg)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 400);
-    assert!(hub.get_json("/v1/tasks")["tasks"].as_array().unwrap().is_empty());
+    assert!(hub.get_json("/v1/tasks")["tasks"]
+        .as_array()
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
 fn the_example_hub_answers_out_of_the_box() {
     let hub = TestHub::start(&["--example"]);
     assert_eq!(hub.call("greet", "world").text().unwrap(), "hello, world");
-    assert_eq!(http().get(format!("{}/healthz", hub.url)).send().unwrap().status(), 200);
+    assert_eq!(
+        http()
+            .get(format!("{}/healthz", hub.url))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[test]
@@ -190,7 +267,11 @@ fn binding_beyond_loopback_requires_a_token_and_the_token_is_enforced() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--token"));
 
     let hub = TestHub::start(&["--token", "s3cret", "--example"]);
-    let r = http().post(format!("{}/v1/tasks/echo/calls", hub.url)).body("x").send().unwrap();
+    let r = http()
+        .post(format!("{}/v1/tasks/echo/calls", hub.url))
+        .body("x")
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 401);
     let r = http()
         .post(format!("{}/v1/tasks/echo/calls", hub.url))
@@ -218,7 +299,18 @@ fn the_api_serves_tls_when_given_a_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     let made = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+        ])
         .arg(&key)
         .arg("-out")
         .arg(&cert)
@@ -227,13 +319,23 @@ fn the_api_serves_tls_when_given_a_certificate() {
         panic!("this test needs the openssl command (apt install openssl)");
     };
     assert!(made.status.success());
-    let hub = TestHub::start(&["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap(), "--example"]);
+    let hub = TestHub::start(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--example",
+    ]);
     assert!(hub.url.starts_with("https://"));
     let client = reqwest::blocking::Client::builder()
         .danger_accept_invalid_certs(true)
         .timeout(Duration::from_secs(20))
         .build()
         .unwrap();
-    let r = client.post(format!("{}/v1/tasks/echo/calls", hub.url)).body("over tls").send().unwrap();
+    let r = client
+        .post(format!("{}/v1/tasks/echo/calls", hub.url))
+        .body("over tls")
+        .send()
+        .unwrap();
     assert_eq!(r.text().unwrap(), "over tls");
 }

@@ -6,6 +6,9 @@ use crate::{now_ms, Store, StoreError};
 use roost_model::{CallStatus, Failure, FailureCode};
 use rusqlite::{params, OptionalExtension, Row};
 
+/// A call's input and the extra environment it runs with.
+pub type CallInput = (Vec<u8>, Vec<(String, String)>);
+
 pub struct NewCall {
     pub id: String,
     pub task: String,
@@ -165,10 +168,7 @@ impl Store {
     }
 
     /// The input and extra environment of a call, loaded when it runs.
-    pub fn call_input(
-        &self,
-        id: &str,
-    ) -> Result<Option<(Vec<u8>, Vec<(String, String)>)>, StoreError> {
+    pub fn call_input(&self, id: &str) -> Result<Option<CallInput>, StoreError> {
         self.read(|c| {
             c.query_row(
                 "SELECT input, env FROM calls WHERE id = ?1",
