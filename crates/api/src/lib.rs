@@ -111,21 +111,50 @@ struct CallQuery {
 }
 
 /// Reads at most `limit` bytes of body, answering 413 past it.
-async fn body_within(
-    body: Body,
-    headers: &axum::http::HeaderMap,
-    limit: usize,
-) -> Result<Bytes, ApiError> {
+async fn body_within(body: Body, headers: &axum::http::HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
+        drain(body).await;
         return Err(ApiError::too_large(limit));
     }
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::too_large(limit))
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "the request body was cut off"));
+        };
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                drain(body).await;
+                return Err(ApiError::too_large(limit));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Reads and drops what is left of an oversized body (up to a cap), so the
+/// client, still sending, gets the 413 instead of a broken pipe.
+async fn drain(mut body: Body) {
+    use http_body_util::BodyExt;
+    const CAP: usize = 64 << 20;
+    let mut seen = 0;
+    let reading = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(d) = frame.into_data() {
+                seen += d.len();
+                if seen > CAP {
+                    return;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), reading).await;
 }
 
 async fn call(
