@@ -111,7 +111,11 @@ struct CallQuery {
 }
 
 /// Reads at most `limit` bytes of body, answering 413 past it.
-async fn body_within(body: Body, headers: &axum::http::HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+async fn body_within(
+    body: Body,
+    headers: &axum::http::HeaderMap,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -125,7 +129,11 @@ async fn body_within(body: Body, headers: &axum::http::HeaderMap, limit: usize) 
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "the request body was cut off"));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the request body was cut off",
+            ));
         };
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {

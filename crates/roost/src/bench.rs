@@ -35,16 +35,27 @@ pub struct BenchOpts {
 }
 
 pub fn run(opts: BenchOpts) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let all = opts.which == "all";
     let known = ["all", "http", "instantiate", "throughput", "async", "rss"];
     if !known.contains(&opts.which.as_str()) {
-        bail!("unknown benchmark {:?}; choose one of {}", opts.which, known.join(", "));
+        bail!(
+            "unknown benchmark {:?}; choose one of {}",
+            opts.which,
+            known.join(", ")
+        );
     }
     if cfg!(debug_assertions) {
         eprintln!("note: this is a debug build; build with --release for figures worth keeping");
     }
-    println!("roost bench on {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!(
+        "roost bench on {} cores",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
     if all || opts.which == "http" {
         rt.block_on(bench_http(&opts))?;
     }
@@ -170,7 +181,8 @@ async fn bench_http(opts: &BenchOpts) -> Result<()> {
         }
         for _ in 0..100 {
             let t = Instant::now();
-            let st = round_trip(&mut s, "POST", "/v1/tasks/echo/calls", b"0123456789abcdef").await?;
+            let st =
+                round_trip(&mut s, "POST", "/v1/tasks/echo/calls", b"0123456789abcdef").await?;
             if st != 200 {
                 bail!("call failed with {st}");
             }
@@ -178,10 +190,23 @@ async fn bench_http(opts: &BenchOpts) -> Result<()> {
         }
     }
     let (b, c) = (stats(bare), stats(call));
-    println!("\n[http] warm wasm call vs bare HTTP round trip, one kept-alive connection, {} each", opts.calls);
-    println!("  bare GET /healthz        mean {:>8.1} us  p50 {:>8.1}  p99 {:>8.1}", b.mean_us, b.p50_us, b.p99_us);
-    println!("  POST echo call           mean {:>8.1} us  p50 {:>8.1}  p99 {:>8.1}", c.mean_us, c.p50_us, c.p99_us);
-    println!("  ratio (call / bare)      mean {:>8.2}     p50 {:>8.2}", c.mean_us / b.mean_us, c.p50_us / b.p50_us);
+    println!(
+        "\n[http] warm wasm call vs bare HTTP round trip, one kept-alive connection, {} each",
+        opts.calls
+    );
+    println!(
+        "  bare GET /healthz        mean {:>8.1} us  p50 {:>8.1}  p99 {:>8.1}",
+        b.mean_us, b.p50_us, b.p99_us
+    );
+    println!(
+        "  POST echo call           mean {:>8.1} us  p50 {:>8.1}  p99 {:>8.1}",
+        c.mean_us, c.p50_us, c.p99_us
+    );
+    println!(
+        "  ratio (call / bare)      mean {:>8.2}     p50 {:>8.2}",
+        c.mean_us / b.mean_us,
+        c.p50_us / b.p50_us
+    );
     Ok(())
 }
 
@@ -260,7 +285,10 @@ async fn bench_throughput(opts: &BenchOpts) -> Result<()> {
         opts.concurrency, opts.seconds
     );
     println!("  bare GET /healthz        {bare:>10.0} req/s");
-    println!("  echo calls               {calls:>10.0} calls/s   ({:.2} of bare)", calls / bare);
+    println!(
+        "  echo calls               {calls:>10.0} calls/s   ({:.2} of bare)",
+        calls / bare
+    );
     Ok(())
 }
 
@@ -272,7 +300,9 @@ async fn bench_async(opts: &BenchOpts) -> Result<()> {
     let db = rusqlite::Connection::open(dir.path().join("naive.db"))?;
     db.pragma_update(None, "journal_mode", "WAL")?;
     db.pragma_update(None, "synchronous", "FULL")?;
-    db.execute_batch("CREATE TABLE calls (id TEXT PRIMARY KEY, task TEXT, input BLOB, status TEXT)")?;
+    db.execute_batch(
+        "CREATE TABLE calls (id TEXT PRIMARY KEY, task TEXT, input BLOB, status TEXT)",
+    )?;
     let t = Instant::now();
     for i in 0..n {
         db.execute(
@@ -291,7 +321,13 @@ async fn bench_async(opts: &BenchOpts) -> Result<()> {
         tasks.push(tokio::spawn(async move {
             let mut s = connect(&addr).await?;
             for _ in 0..per_conn {
-                let st = round_trip(&mut s, "POST", "/v1/tasks/echo/calls?mode=async", b"0123456789abcdef").await?;
+                let st = round_trip(
+                    &mut s,
+                    "POST",
+                    "/v1/tasks/echo/calls?mode=async",
+                    b"0123456789abcdef",
+                )
+                .await?;
                 if st != 202 {
                     bail!("async call answered {st}");
                 }
@@ -303,7 +339,9 @@ async fn bench_async(opts: &BenchOpts) -> Result<()> {
         t.await??;
     }
     let hub_rate = (per_conn * opts.concurrency) as f64 / t.elapsed().as_secs_f64();
-    println!("\n[async] durable async calls: 202 only after the call is on disk (WAL, synchronous=FULL)");
+    println!(
+        "\n[async] durable async calls: 202 only after the call is on disk (WAL, synchronous=FULL)"
+    );
     println!("  naive SQLite, 1 txn/row  {naive:>10.0} inserts/s   ({n} rows, one writer)");
     println!(
         "  hub, HTTP, group commit  {hub_rate:>10.0} calls/s     ({} connections; {:.2}x the naive inserts)",
@@ -336,24 +374,39 @@ async fn bench_rss() -> Result<()> {
         let mut files: Vec<(String, String)> = Vec::new();
         let mut manifest = String::new();
         for i in 0..k {
-            let wat = crate::example::FILES[1]
-                .1
-                .replacen("(memory (export \"memory\") 1)", &format!("(memory (export \"memory\") 1)\n  (data (i32.const 70000) \"variant {i}\")"), 1);
+            let wat = crate::example::FILES[1].1.replacen(
+                "(memory (export \"memory\") 1)",
+                &format!(
+                    "(memory (export \"memory\") 1)\n  (data (i32.const 70000) \"variant {i}\")"
+                ),
+                1,
+            );
             files.push((format!("t{i}.wat"), wat));
             manifest.push_str(&format!("[[task]]\nname = \"t{i}\"\nruntime = \"wasm\"\ncode = \"t{i}.wat\"\nmemory_mb = 16\n\n"));
         }
         files.push(("manifest.toml".into(), manifest));
-        let refs: Vec<(&str, &str)> = files.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        let refs: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
         Ok(crate::example::package(&refs)?)
     };
     let mut after = Vec::new();
     for k in [1usize, 21] {
-        let r = client.post(format!("{url}/v1/deployments")).body(deploy(k)?).send().await?;
+        let r = client
+            .post(format!("{url}/v1/deployments"))
+            .body(deploy(k)?)
+            .send()
+            .await?;
         if !r.status().is_success() {
             bail!("deploy failed: {}", r.text().await?);
         }
         for i in 0..k {
-            client.post(format!("{url}/v1/tasks/t{i}/calls")).body("x").send().await?;
+            client
+                .post(format!("{url}/v1/tasks/t{i}/calls"))
+                .body("x")
+                .send()
+                .await?;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         after.push(rss_kb(hub.pid())?);
@@ -361,10 +414,18 @@ async fn bench_rss() -> Result<()> {
     let per_task = (after[1] as f64 - after[0] as f64) / 20.0;
     let _ = hub.data_dir();
     println!("\n[rss] resident memory of a hub process (VmRSS)");
-    println!("  idle, nothing deployed   {:>8.1} MB   (target <= 15 MB)", idle as f64 / 1024.0);
-    println!("  1 task deployed + called {:>8.1} MB", after[0] as f64 / 1024.0);
-    println!("  21 tasks                 {:>8.1} MB", after[1] as f64 / 1024.0);
+    println!(
+        "  idle, nothing deployed   {:>8.1} MB   (target <= 15 MB)",
+        idle as f64 / 1024.0
+    );
+    println!(
+        "  1 task deployed + called {:>8.1} MB",
+        after[0] as f64 / 1024.0
+    );
+    println!(
+        "  21 tasks                 {:>8.1} MB",
+        after[1] as f64 / 1024.0
+    );
     println!("  per additional task      {per_task:>8.0} KB  (distinct code each; same code would share one module)");
     Ok(())
 }
-
