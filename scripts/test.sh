@@ -10,17 +10,20 @@ VENV="${ROOST_VENV:-$HOME/.cache/roost-venv}"
 
 step() { printf '\n==> %s\n' "$*"; }
 
-if ! command -v openssl >/dev/null; then
-  step "installing openssl (apt)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+missing=()
+command -v openssl >/dev/null || missing+=(openssl)
+command -v curl >/dev/null || missing+=(curl)
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing ${missing[*]} (apt)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   step "creating the Python venv at $VENV"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import ziglang' 2>/dev/null; then
-  step "installing test tools into the venv (ziglang)"
+if ! "$VENV/bin/python" -c 'import ziglang, awslambdaric' 2>/dev/null; then
+  step "installing test tools into the venv (ziglang, awslambdaric)"
   "$VENV/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-test.txt
 fi
 export PYTHON="$VENV/bin/python"

@@ -67,6 +67,8 @@ pub struct TaskView {
     pub running: u32,
     pub succeeded: u64,
     pub failed: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<roost_runtime::PoolStats>,
 }
 
 /// Which edge a call came through (the `mode` metric label).
@@ -376,6 +378,7 @@ impl Hub {
                     running,
                     succeeded,
                     failed,
+                    pool: t.pool_stats(),
                 }
             })
             .collect();

@@ -45,6 +45,8 @@ pub struct HubConfig {
     /// How long finished async calls (and their outputs) are kept.
     pub retention: Duration,
     pub instance_slots: u32,
+    /// The AWS region the hub's Lambda-compatible environment reports.
+    pub region: String,
 }
 
 impl HubConfig {
@@ -62,8 +64,20 @@ impl HubConfig {
             retry_backoff: Duration::from_secs(1),
             retention: Duration::from_secs(24 * 3600),
             instance_slots: 1000,
+            region: "us-east-1".into(),
         }
     }
+}
+
+/// A short, stable id for the hub owning `data_dir`: names its worker
+/// cgroups, so hubs sharing a machine never touch each other's workers.
+fn hub_id(data_dir: &std::path::Path) -> String {
+    use sha2::Digest;
+    let canonical = data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| data_dir.to_owned());
+    let digest = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    hex::encode(&digest[..8])
 }
 
 /// Half of the machine's memory: the rest is for the OS, the hub itself and
@@ -142,8 +156,17 @@ impl Hub {
                 instance_slots: config.instance_slots,
             },
         )?);
+        let logs = Arc::new(LogBook::default());
+        let process = roost_runtime_process::ProcessRuntime::new(
+            roost_runtime_process::ProcessConfig {
+                hub_id: hub_id(&config.data_dir),
+                region: config.region.clone(),
+            },
+            logs.clone(),
+        );
         let mut runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::new();
         runtimes.insert(RuntimeKind::Wasm, wasm.clone());
+        runtimes.insert(RuntimeKind::Process, Arc::new(process));
         let scheduler = Scheduler::new(SchedulerConfig {
             memory_budget_mb: config.memory_budget_mb,
             cpu_slots: config.cpu_slots,
@@ -163,7 +186,7 @@ impl Hub {
                     tasks: HashMap::new(),
                 })),
                 deploy_lock: tokio::sync::Mutex::new(()),
-                logs: Arc::new(LogBook::default()),
+                logs,
                 metrics,
                 wasm,
             }),
@@ -189,8 +212,22 @@ impl Hub {
         m.queue_depth.set(s.queued as i64);
         m.running.set(s.running as i64);
         m.memory_reserved_mb.set(s.reserved_mb as i64);
-        m.tasks_deployed
-            .set(self.inner.active.read().tasks.len() as i64);
+        let active = self.inner.active.read().clone();
+        m.tasks_deployed.set(active.tasks.len() as i64);
+        for (name, task) in &active.tasks {
+            if let Some(p) = task.pool_stats() {
+                let l = metrics::TaskLabel {
+                    task: name.to_string(),
+                };
+                m.pool_workers.get_or_create(&l).set(p.workers as i64);
+                m.pool_idle.get_or_create(&l).set(p.idle as i64);
+                m.pool_target.get_or_create(&l).set(p.target as i64);
+                m.pool_cold_starts
+                    .get_or_create(&l)
+                    .set(p.cold_starts as i64);
+                m.pool_warm_hits.get_or_create(&l).set(p.warm_hits as i64);
+            }
+        }
         m.encode()
     }
 

@@ -35,6 +35,11 @@ pub struct Metrics {
     pub retries: Counter,
     pub deployments: Counter,
     pub tasks_deployed: Gauge,
+    pub pool_workers: Family<TaskLabel, Gauge>,
+    pub pool_idle: Family<TaskLabel, Gauge>,
+    pub pool_target: Family<TaskLabel, Gauge>,
+    pub pool_cold_starts: Family<TaskLabel, Gauge>,
+    pub pool_warm_hits: Family<TaskLabel, Gauge>,
     /// Succeeded and failed calls per task, for `GET /v1/tasks`.
     totals: parking_lot::Mutex<std::collections::HashMap<String, (u64, u64)>>,
 }
@@ -63,6 +68,11 @@ impl Default for Metrics {
             deployments: Counter::default(),
             tasks_deployed: Gauge::default(),
             totals: Default::default(),
+            pool_workers: Family::default(),
+            pool_idle: Family::default(),
+            pool_target: Family::default(),
+            pool_cold_starts: Family::default(),
+            pool_warm_hits: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -115,6 +125,31 @@ impl Default for Metrics {
             "tasks_deployed",
             "Tasks in the active deployment",
             m.tasks_deployed.clone(),
+        );
+        registry.register(
+            "pool_workers",
+            "Worker processes alive per process task",
+            m.pool_workers.clone(),
+        );
+        registry.register(
+            "pool_idle",
+            "Idle (warm) workers per process task",
+            m.pool_idle.clone(),
+        );
+        registry.register(
+            "pool_target",
+            "Workers the reservation policy asks for per process task",
+            m.pool_target.clone(),
+        );
+        registry.register(
+            "pool_cold_starts",
+            "Calls that started a worker (since the task was deployed)",
+            m.pool_cold_starts.clone(),
+        );
+        registry.register(
+            "pool_warm_hits",
+            "Calls served by a warm worker (since the task was deployed)",
+            m.pool_warm_hits.clone(),
         );
         Self { registry, ..m }
     }

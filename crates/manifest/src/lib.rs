@@ -223,14 +223,7 @@ fn task(c: &mut Checker, field: &str, t: &toml::Table, root: &Path) -> Option<Ta
     });
     let runtime = match string(c, t, field, "runtime") {
         Some("wasm") => Some(RuntimeKind::Wasm),
-        Some("process") => {
-            c.problem(
-                format!("{field}.runtime"),
-                "\"process\"",
-                "the process runtime is not available in this hub yet; use \"wasm\"",
-            );
-            None
-        }
+        Some("process") => Some(RuntimeKind::Process),
         Some(other) => {
             c.problem(
                 format!("{field}.runtime"),
@@ -299,6 +292,7 @@ fn task(c: &mut Checker, field: &str, t: &toml::Table, root: &Path) -> Option<Ta
             string(c, t, field, "code")
                 .and_then(|p| wasm_code(c, &format!("{field}.code"), p, root))
         }
+        Some(RuntimeKind::Process) => process_code(c, field, t, root, concurrency),
         _ => None,
     };
     if c.problems.len() > before {
@@ -497,6 +491,126 @@ pub fn inside(root: &Path, rel: &str) -> Result<PathBuf, String> {
         return Err("leaves the manifest's folder (through a symlink)".into());
     }
     Ok(real)
+}
+
+fn process_code(
+    c: &mut Checker,
+    field: &str,
+    t: &toml::Table,
+    root: &Path,
+    concurrency: Option<u32>,
+) -> Option<TaskCode> {
+    let before = c.problems.len();
+    if t.contains_key("code") {
+        c.problem(
+            format!("{field}.code"),
+            String::new(),
+            "a process task names its folder with `dir`, not `code`",
+        );
+    }
+    for k in ["code_group", "allow"] {
+        if t.contains_key(k) {
+            c.problem(
+                format!("{field}.{k}"),
+                String::new(),
+                format!("`{k}` is not supported by this hub yet; remove it to deploy"),
+            );
+        }
+    }
+    let dir = string(c, t, field, "dir").and_then(|rel| match inside(root, rel) {
+        Ok(p) if p.is_dir() => Some(p),
+        Ok(_) => {
+            c.problem(
+                format!("{field}.dir"),
+                format!("{rel:?}"),
+                "must be a folder",
+            );
+            None
+        }
+        Err(why) => {
+            c.problem(format!("{field}.dir"), format!("{rel:?}"), why);
+            None
+        }
+    });
+    let command = match t.get("command") {
+        None => {
+            c.problem(
+                format!("{field}.command"),
+                String::new(),
+                "is required, e.g. command = [\"python3\", \"-m\", \"awslambdaric\"]",
+            );
+            None
+        }
+        Some(Value::Array(a))
+            if !a.is_empty()
+                && a.iter().all(|v| {
+                    v.as_str()
+                        .is_some_and(|s| !s.is_empty() && !s.contains('\0'))
+                }) =>
+        {
+            Some(
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect::<Vec<_>>(),
+            )
+        }
+        Some(v) => {
+            c.problem(
+                format!("{field}.command"),
+                show(v),
+                "must be a non-empty list of non-empty strings",
+            );
+            None
+        }
+    };
+    let handler = match t.get("handler") {
+        None => Some(String::new()),
+        Some(Value::String(s)) if !s.contains('\0') => Some(s.clone()),
+        Some(v) => {
+            c.problem(
+                format!("{field}.handler"),
+                show(v),
+                "must be a string, e.g. \"app.handler\"",
+            );
+            None
+        }
+    };
+    let conc = concurrency.unwrap_or(DEFAULT_CONCURRENCY);
+    let max_workers = int_in(
+        c,
+        t,
+        field,
+        "max_workers",
+        conc,
+        (1, Limits::MAX_CONCURRENCY as i64),
+    );
+    let min_warm = int_in(
+        c,
+        t,
+        field,
+        "min_warm",
+        0u32,
+        (0, Limits::MAX_CONCURRENCY as i64),
+    );
+    if let (Some(lo), Some(hi)) = (min_warm, max_workers) {
+        if lo > hi {
+            c.problem(
+                format!("{field}.min_warm"),
+                lo.to_string(),
+                format!("is more than max_workers ({hi})"),
+            );
+        }
+    }
+    if c.problems.len() > before {
+        return None;
+    }
+    Some(TaskCode::Process {
+        dir: dir?,
+        command: command?,
+        handler: handler?,
+        min_warm: min_warm?,
+        max_workers: max_workers?,
+    })
 }
 
 fn wasm_code(c: &mut Checker, field: &str, rel: &str, root: &Path) -> Option<TaskCode> {

@@ -32,9 +32,16 @@ pub enum TaskCode {
     Wasm { sha256: String, path: PathBuf },
     /// A worker process speaking the AWS Lambda Runtime API.
     Process {
+        /// The task's code folder (its working directory), inside the
+        /// unpacked deployment package.
         dir: PathBuf,
+        /// `command[0]` is looked up on PATH unless absolute.
         command: Vec<String>,
         handler: String,
+        /// Workers kept ready at least.
+        min_warm: u32,
+        /// Workers at most.
+        max_workers: u32,
     },
 }
 

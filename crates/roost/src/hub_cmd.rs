@@ -53,6 +53,9 @@ pub struct HubOpts {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "ROOST_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// The AWS region the hub's Lambda-compatible environment reports (AWS_REGION).
+    #[arg(long, env = "ROOST_REGION", default_value = "us-east-1")]
+    region: String,
     /// Deploy the bundled example (tasks `echo` and `greet`) on start.
     #[arg(long)]
     example: bool,
@@ -104,6 +107,7 @@ async fn serve(opts: HubOpts) -> Result<()> {
     config.async_attempts = opts.async_attempts.max(1);
     config.retry_backoff = Duration::from_millis(opts.retry_backoff_ms);
     config.retention = Duration::from_secs(opts.retention_s);
+    config.region = opts.region.clone();
     let listener = tokio::net::TcpListener::bind(opts.http)
         .await
         .with_context(|| {

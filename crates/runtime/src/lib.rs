@@ -50,6 +50,22 @@ pub trait PreparedTask: Send + Sync + 'static {
     }
     /// Called when the task leaves the deployment, so pools can wind down.
     async fn retire(&self) {}
+    /// The state of the task's worker pool, for runtimes that keep one.
+    fn pool_stats(&self) -> Option<PoolStats> {
+        None
+    }
+}
+
+/// A worker pool's counters (process tasks).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct PoolStats {
+    /// Workers alive (idle, busy or starting).
+    pub workers: u32,
+    pub idle: u32,
+    /// What the reservation policy currently asks for.
+    pub target: u32,
+    pub cold_starts: u64,
+    pub warm_hits: u64,
 }
 
 /// One execution environment of a task.

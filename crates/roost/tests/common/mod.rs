@@ -179,8 +179,21 @@ impl TestHub {
 }
 
 impl Drop for TestHub {
+    /// A graceful stop, so the hub's workers and cgroups go with it; a
+    /// hub that does not stop in time is killed.
     fn drop(&mut self) {
-        self.kill9();
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

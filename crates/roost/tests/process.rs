@@ -1,0 +1,335 @@
+//! Process tasks: unmodified AWS Lambda runtime clients (awslambdaric, a
+//! curl `bootstrap`) run as warm workers, each failure harms only its call.
+//!
+//! Needs a Python with `awslambdaric` in $PYTHON (scripts/test.sh makes one)
+//! and curl.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn python() -> String {
+    let py = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = std::process::Command::new(&py)
+        .args(["-c", "import awslambdaric"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "these tests need awslambdaric: run scripts/test.sh, or set PYTHON to a python that has it"
+    );
+    py
+}
+
+fn lambda_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lambda")
+}
+
+/// A package with the fixture folders copied in (modes kept) and a manifest.
+fn package(manifest: &str, folders: &[&str]) -> Package {
+    let pkg = Package::new(manifest, &[]);
+    for f in folders {
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(lambda_dir().join(f))
+            .arg(pkg.path().join(f))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    pkg
+}
+
+fn py_task(name: &str, handler: &str, extra: &str) -> String {
+    format!(
+        "[[task]]\nname = \"{name}\"\nruntime = \"process\"\ndir = \"py\"\ncommand = [\"{}\", \"-m\", \"awslambdaric\"]\nhandler = \"{handler}\"\n{extra}\n",
+        python()
+    )
+}
+
+fn error_of(r: reqwest::blocking::Response) -> (u16, String, String) {
+    let status = r.status().as_u16();
+    let v: serde_json::Value = r.json().unwrap();
+    (
+        status,
+        v["error"]["code"].as_str().unwrap_or("").into(),
+        v["error"]["message"].as_str().unwrap_or("").into(),
+    )
+}
+
+#[test]
+fn an_unmodified_python_handler_runs_with_the_lambda_environment() {
+    let hub = TestHub::start(&["--region", "eu-west-1"]);
+    let pkg = package(
+        &py_task(
+            "hello",
+            "app.handler",
+            "memory_mb = 256\ntimeout_ms = 5000\nenv = { GREETING = \"hi\" }",
+        ),
+        &["py"],
+    );
+    hub.deploy(&pkg.manifest());
+    let r = hub.call("hello", r#"{"name": "roost"}"#);
+    assert_eq!(r.status(), 200, "{}", hub.log_text());
+    let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(v["echo"]["name"], "roost");
+    assert_eq!(v["function"], "hello");
+    assert_eq!(
+        v["memory"], "256",
+        "awslambdaric reports it as a string, as Lambda does"
+    );
+    assert_eq!(v["region"], "eu-west-1");
+    assert_eq!(v["greeting"], "hi");
+    assert_eq!(
+        v["arn"],
+        "arn:aws:lambda:eu-west-1:000000000000:function:hello"
+    );
+    assert!(v["task_root"].as_str().unwrap().ends_with("/py"));
+    let remaining = v["remaining_ms"].as_i64().unwrap();
+    assert!(remaining > 0 && remaining <= 5000, "{remaining}");
+    assert_eq!(v["request_id"].as_str().unwrap().len(), 32);
+    // A second call reuses the warm worker.
+    let v2: serde_json::Value = hub.call("hello", "{}").json().unwrap();
+    assert_eq!(
+        v2["pid"], v["pid"],
+        "the second call should hit the warm worker"
+    );
+    let row = hub.task_row("hello");
+    assert_eq!(row["pool"]["cold_starts"], 1, "{row}");
+    assert_eq!(row["pool"]["warm_hits"], 1, "{row}");
+    // Input that is not JSON reaches the handler as raw bytes.
+    let r = hub.call("hello", "not json");
+    assert_eq!(r.status(), 200, "{}", hub.log_text());
+}
+
+#[test]
+fn min_warm_workers_are_ready_before_the_first_call() {
+    let hub = TestHub::start(&[]);
+    let pkg = package(
+        &py_task("warm", "app.handler", "min_warm = 2\nmax_workers = 3"),
+        &["py"],
+    );
+    hub.deploy(&pkg.manifest());
+    let row = hub.task_row("warm");
+    assert_eq!(row["pool"]["workers"], 2, "{row}");
+    assert_eq!(hub.call("warm", "{}").status(), 200);
+    let row = hub.task_row("warm");
+    assert_eq!(row["pool"]["cold_starts"], 0, "{row}");
+    let m = http()
+        .get(format!("{}/metrics", hub.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(m.contains(r#"roost_pool_warm_hits{task="warm"} 1"#), "{m}");
+}
+
+#[test]
+fn a_handler_that_raises_fails_only_its_call() {
+    let hub = TestHub::start(&[]);
+    let pkg = package(
+        &(py_task("fail", "app.fail", "") + &py_task("ok", "app.handler", "")),
+        &["py"],
+    );
+    hub.deploy(&pkg.manifest());
+    let (status, code, msg) = error_of(hub.call("fail", r#""boom""#));
+    assert_eq!((status, code.as_str()), (502, "task_error"));
+    assert!(
+        msg.contains("ValueError") && msg.contains("bad input: boom"),
+        "{msg}"
+    );
+    let (status, _, _) = error_of(hub.call("fail", r#""again""#));
+    assert_eq!(status, 502);
+    assert_eq!(hub.call("ok", "{}").status(), 200);
+}
+
+#[test]
+fn a_handler_sleeping_past_its_timeout_is_killed_and_replaced() {
+    let hub = TestHub::start(&[]);
+    let pkg = package(&py_task("slow", "app.slow", "timeout_ms = 1500"), &["py"]);
+    hub.deploy(&pkg.manifest());
+    let (status, code, _) = error_of(hub.call("slow", r#"{"seconds": 30}"#));
+    assert_eq!((status, code.as_str()), (504, "timeout"));
+    // The next call gets a fresh worker and succeeds (the start-up of that
+    // worker does not count toward its timeout).
+    let r = hub.call("slow", r#"{"seconds": 0.1}"#);
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().unwrap(), "\"woke\"");
+}
+
+#[test]
+fn a_handler_calling_os_exit_crashes_only_its_call() {
+    let hub = TestHub::start(&[]);
+    let pkg = package(
+        &(py_task("die", "app.die", "") + &py_task("ok", "app.handler", "")),
+        &["py"],
+    );
+    hub.deploy(&pkg.manifest());
+    let (status, code, msg) = error_of(hub.call("die", "{}"));
+    assert_eq!((status, code.as_str()), (502, "crashed"), "{msg}");
+    assert!(msg.contains("exit status 3"), "{msg}");
+    assert_eq!(hub.call("ok", "{}").status(), 200);
+    let (status, code, _) = error_of(hub.call("die", "{}"));
+    assert_eq!((status, code.as_str()), (502, "crashed"));
+}
+
+#[test]
+fn a_handler_allocating_past_its_memory_limit_fails_with_memory_limit() {
+    let hub = TestHub::start(&[]);
+    let pkg = package(
+        &(py_task("hog", "app.hog", "memory_mb = 96\ntimeout_ms = 20000")
+            + &py_task("ok", "app.handler", "")),
+        &["py"],
+    );
+    hub.deploy(&pkg.manifest());
+    let (status, code, msg) = error_of(hub.call("hog", "{}"));
+    assert_eq!(
+        (status, code.as_str()),
+        (502, "memory_limit"),
+        "{msg}\n{}",
+        hub.log_text()
+    );
+    assert_eq!(hub.call("ok", "{}").status(), 200);
+    assert!(hub.log_text().contains("process runtime ready"));
+}
+
+#[test]
+fn megabytes_of_stdout_go_to_the_log_line_by_line_and_the_call_succeeds() {
+    let hub = TestHub::start(&[]);
+    let pkg = package(
+        &(py_task("noisy", "app.noisy", "timeout_ms = 20000") + &py_task("huge", "app.huge", "")),
+        &["py"],
+    );
+    hub.deploy(&pkg.manifest());
+    let r = hub.call("noisy", "{}");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().unwrap(), "\"quiet now\"");
+    wait_until("the stderr line", Duration::from_secs(5), || {
+        String::from_utf8_lossy(&hub.cli(&["logs", "noisy"]).stdout).contains("noisy done")
+    });
+    // A response over Lambda's 6 MiB limit fails the call, not the hub.
+    let (status, code, msg) = error_of(hub.call("huge", "{}"));
+    assert_eq!(status, 502, "{code} {msg}");
+}
+
+#[test]
+fn a_curl_bootstrap_script_runs_as_a_custom_runtime() {
+    let hub = TestHub::start(&[]);
+    let pkg = package(
+        "[[task]]\nname = \"shell\"\nruntime = \"process\"\ndir = \"curl\"\ncommand = [\"./bootstrap\"]\n",
+        &["curl"],
+    );
+    hub.deploy(&pkg.manifest());
+    for i in 0..3 {
+        let r = hub.call("shell", format!("{{\"n\": {i}}}"));
+        assert_eq!(r.status(), 200, "{}", hub.log_text());
+        let v: serde_json::Value = r.json().unwrap();
+        assert_eq!(v["shell"]["n"], i);
+    }
+    wait_until(
+        "the script's stderr in the log",
+        Duration::from_secs(5),
+        || String::from_utf8_lossy(&hub.cli(&["logs", "shell"]).stdout).contains("handling"),
+    );
+}
+
+#[test]
+fn a_worker_may_only_answer_its_own_request_once() {
+    let hub = TestHub::start(&[]);
+    let pkg = package(
+        "[[task]]\nname = \"strict\"\nruntime = \"process\"\ndir = \"strict\"\ncommand = [\"./bootstrap\"]\n",
+        &["strict"],
+    );
+    hub.deploy(&pkg.manifest());
+    let v: serde_json::Value = hub.call("strict", "{}").json().unwrap();
+    assert_eq!(v["wrong_id"], 400, "{v}");
+    let v: serde_json::Value = hub.call("strict", "{}").json().unwrap();
+    assert_eq!(v["twice_before"], "400", "{v}");
+}
+
+#[test]
+fn a_command_that_does_not_exist_or_exits_at_once_is_a_clear_error() {
+    let hub = TestHub::start(&[]);
+    let pkg = package(
+        "[[task]]\nname = \"ghost\"\nruntime = \"process\"\ndir = \"py\"\ncommand = [\"no-such-program-anywhere\"]\n",
+        &["py"],
+    );
+    let out = hub.cli(&["deploy", pkg.manifest().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("was not found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Exits at once: with min_warm the deployment fails...
+    let pkg = package(
+        "[[task]]\nname = \"quitter\"\nruntime = \"process\"\ndir = \"py\"\ncommand = [\"false\"]\nmin_warm = 1\n",
+        &["py"],
+    );
+    let out = hub.cli(&["deploy", pkg.manifest().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exited while starting"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ...without, the call does.
+    let pkg = package(
+        "[[task]]\nname = \"quitter\"\nruntime = \"process\"\ndir = \"py\"\ncommand = [\"false\"]\n",
+        &["py"],
+    );
+    hub.deploy(&pkg.manifest());
+    let (status, code, msg) = error_of(hub.call("quitter", "{}"));
+    assert_eq!((status, code.as_str()), (502, "crashed"), "{msg}");
+
+    // A handler that cannot be imported is reported through init/error.
+    let pkg = package(&py_task("broken", "nosuchmodule.handler", ""), &["py"]);
+    hub.deploy(&pkg.manifest());
+    let (status, code, msg) = error_of(hub.call("broken", "{}"));
+    assert_eq!(status, 502, "{code} {msg}");
+    assert!(
+        msg.contains("nosuchmodule") || msg.contains("ImportModuleError"),
+        "{msg}"
+    );
+}
+
+fn worker_pids(marker_hub: &TestHub) -> Vec<i32> {
+    let needle = format!("LAMBDA_TASK_ROOT={}", marker_hub.data_dir.display());
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
+            if String::from_utf8_lossy(&env).contains(&needle) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+#[test]
+fn workers_die_with_the_hub_after_kill_9() {
+    let mut hub = TestHub::start(&[]);
+    let pkg = package(
+        &(py_task("warm", "app.handler", "min_warm = 2")
+            + "[[task]]\nname = \"shell\"\nruntime = \"process\"\ndir = \"curl\"\ncommand = [\"./bootstrap\"]\nmin_warm = 1\n"),
+        &["py", "curl"],
+    );
+    hub.deploy(&pkg.manifest());
+    let before = worker_pids(&hub);
+    assert!(
+        before.len() >= 3,
+        "expected the warm workers (and the script's curl) to be running: {before:?}"
+    );
+    hub.kill9();
+    wait_until(
+        "every worker, grandchildren included, to exit",
+        Duration::from_secs(10),
+        || worker_pids(&hub).is_empty(),
+    );
+}
