@@ -161,6 +161,7 @@ impl Hub {
             roost_runtime_process::ProcessConfig {
                 hub_id: hub_id(&config.data_dir),
                 region: config.region.clone(),
+                run_dir: config.data_dir.join("run"),
             },
             logs.clone(),
         );

@@ -508,7 +508,7 @@ fn process_code(
             "a process task names its folder with `dir`, not `code`",
         );
     }
-    for k in ["code_group", "allow"] {
+    for k in ["allow"] {
         if t.contains_key(k) {
             c.problem(
                 format!("{field}.{k}"),
@@ -575,6 +575,18 @@ fn process_code(
             None
         }
     };
+    let code_group = match t.get("code_group") {
+        None => Some(None),
+        Some(Value::String(g)) if TaskName::parse(g).is_ok() => Some(Some(g.clone())),
+        Some(v) => {
+            c.problem(
+                format!("{field}.code_group"),
+                show(v),
+                "must be a name like a task's: a-z, 0-9 and '-'",
+            );
+            None
+        }
+    };
     let conc = concurrency.unwrap_or(DEFAULT_CONCURRENCY);
     let max_workers = int_in(
         c,
@@ -610,6 +622,7 @@ fn process_code(
         handler: handler?,
         min_warm: min_warm?,
         max_workers: max_workers?,
+        code_group: code_group?,
     })
 }
 

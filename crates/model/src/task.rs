@@ -42,6 +42,9 @@ pub enum TaskCode {
         min_warm: u32,
         /// Workers at most.
         max_workers: u32,
+        /// Tasks naming the same group fork their workers from one
+        /// pre-loaded parent, sharing its memory.
+        code_group: Option<String>,
     },
 }
 

@@ -333,3 +333,48 @@ fn workers_die_with_the_hub_after_kill_9() {
         || worker_pids(&hub).is_empty(),
     );
 }
+
+#[test]
+fn workers_of_a_code_group_fork_from_one_preloaded_parent_and_keep_their_limits() {
+    let mut hub = TestHub::start(&[]);
+    let pkg = package(
+        &(py_task("a", "app.handler", "code_group = \"py\"\nmin_warm = 2")
+            + &py_task("b", "app.handler", "code_group = \"py\"\nmin_warm = 1")
+            + &py_task(
+                "hog",
+                "app.hog",
+                "code_group = \"py\"\nmemory_mb = 96\ntimeout_ms = 20000",
+            )),
+        &["py"],
+    );
+    hub.deploy(&pkg.manifest());
+    let a: serde_json::Value = hub.call("a", r#"{"x": 1}"#).json().unwrap();
+    let b: serde_json::Value = hub.call("b", r#"{"x": 2}"#).json().unwrap();
+    assert_eq!(a["echo"]["x"], 1);
+    assert_eq!(b["echo"]["x"], 2);
+    assert_eq!(a["function"], "a");
+    assert_eq!(b["function"], "b");
+    assert_eq!(
+        a["ppid"], b["ppid"],
+        "both workers fork from the same zygote"
+    );
+    assert_ne!(a["ppid"].as_i64().unwrap(), hub.pid() as i64);
+    assert!(hub
+        .log_text()
+        .contains("workers fork from the code group's zygote"));
+    // A forked worker is still held to its own memory limit.
+    let r = hub.call("hog", "{}");
+    assert_eq!(r.status(), 502);
+    let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(v["error"]["code"], "memory_limit", "{v}");
+    assert_eq!(hub.call("a", "{}").status(), 200);
+    // Its output still reaches the log under its task's name.
+    let row = hub.task_row("a");
+    assert_eq!(row["pool"]["cold_starts"], 0, "{row}");
+    hub.kill9();
+    wait_until(
+        "the zygote and its workers to exit",
+        Duration::from_secs(10),
+        || worker_pids(&hub).is_empty(),
+    );
+}

@@ -298,6 +298,18 @@ impl WorkerGroup {
         }
     }
 
+    /// The `cgroup.procs` files a forked worker writes its pid into.
+    pub fn procs_paths(&self) -> Vec<String> {
+        self.dirs
+            .iter()
+            .map(|d| d.join("cgroup.procs").display().to_string())
+            .collect()
+    }
+
+    pub fn rlimit_bytes(&self) -> Option<u64> {
+        self.rlimit_bytes
+    }
+
     pub fn uses_cgroup(&self) -> bool {
         !self.dirs.is_empty()
     }

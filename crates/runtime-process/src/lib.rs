@@ -15,6 +15,7 @@
 mod isolation;
 pub mod pool;
 mod worker;
+mod zygote;
 
 pub use isolation::Isolation;
 
@@ -33,12 +34,18 @@ pub struct ProcessConfig {
     pub hub_id: String,
     /// The region the Lambda environment reports (`AWS_REGION`).
     pub region: String,
+    /// A folder for the runtime's FIFOs and sockets.
+    pub run_dir: PathBuf,
 }
 
 pub struct ProcessRuntime {
     config: ProcessConfig,
     isolation: Isolation,
     logs: Arc<dyn LogSink>,
+    /// Live zygotes by (code group, python); pools hold the strong refs.
+    zygotes: tokio::sync::Mutex<
+        std::collections::HashMap<(String, String), std::sync::Weak<zygote::Zygote>>,
+    >,
 }
 
 impl ProcessRuntime {
@@ -55,10 +62,12 @@ impl ProcessRuntime {
                 "killed workers left behind by an earlier run of this hub"
             );
         }
+        let _ = std::fs::remove_dir_all(config.run_dir.join("zygotes"));
         Self {
             config,
             isolation,
             logs,
+            zygotes: Default::default(),
         }
     }
 
@@ -85,6 +94,28 @@ fn resolve_command(cmd: &str, dir: &Path) -> Option<PathBuf> {
     })
 }
 
+impl ProcessRuntime {
+    /// The zygote of a code group, started on first use.
+    async fn zygote(&self, group: &str, python: &str) -> Result<Arc<zygote::Zygote>, PrepareError> {
+        let key = (group.to_owned(), python.to_owned());
+        let mut map = self.zygotes.lock().await;
+        if let Some(z) = map.get(&key).and_then(|w| w.upgrade()) {
+            return Ok(z);
+        }
+        let n = map.len();
+        let dir = self
+            .config
+            .run_dir
+            .join("zygotes")
+            .join(format!("{group}-{n}"));
+        let z = zygote::Zygote::start(python, dir, group)
+            .await
+            .map_err(PrepareError)?;
+        map.insert(key, Arc::downgrade(&z));
+        Ok(z)
+    }
+}
+
 #[async_trait]
 impl Runtime for ProcessRuntime {
     fn kind(&self) -> RuntimeKind {
@@ -98,6 +129,7 @@ impl Runtime for ProcessRuntime {
             handler,
             min_warm,
             max_workers,
+            code_group,
         } = &spec.code
         else {
             return Err(PrepareError("not a process task".into()));
@@ -113,7 +145,7 @@ impl Runtime for ProcessRuntime {
         let wspec = worker::WorkerSpec {
             task: spec.name.clone(),
             dir: dir.clone(),
-            command,
+            command: command.clone(),
             handler: handler.clone(),
             env: spec
                 .env
@@ -124,12 +156,30 @@ impl Runtime for ProcessRuntime {
             region: self.config.region.clone(),
             version: "$LATEST".into(),
         };
+        let launcher = match code_group {
+            Some(group) if zygote::can_preload(&command) => {
+                let z = self.zygote(group, &command[0]).await?;
+                if let Err(e) = z.preload(dir, handler).await {
+                    tracing::warn!(task = %spec.name, error = %e, "the handler could not be pre-loaded; its workers will report the error");
+                }
+                tracing::info!(task = %spec.name, group = %group, zygote = z.pid(), "workers fork from the code group's zygote");
+                worker::Launcher::Zygote(z)
+            }
+            Some(group) => {
+                tracing::warn!(task = %spec.name, group = %group, command = ?command, "code_group can pre-load only [python, \"-m\", \"awslambdaric\"]; these workers start as separate processes");
+                worker::Launcher::Direct
+            }
+            None => worker::Launcher::Direct,
+        };
         let pool = pool::Pool::new(
             spec.clone(),
-            wspec,
-            self.isolation.clone(),
-            self.logs.clone(),
-            self.config.hub_id.clone(),
+            pool::WorkerFactory {
+                wspec,
+                isolation: self.isolation.clone(),
+                logs: self.logs.clone(),
+                hub_id: self.config.hub_id.clone(),
+                launcher,
+            },
             *min_warm,
             *max_workers,
         );

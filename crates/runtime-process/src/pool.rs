@@ -16,7 +16,7 @@
 //! workers beyond it once they have been idle for IDLE_TTL.
 
 use crate::isolation::Isolation;
-use crate::worker::{Worker, WorkerSpec};
+use crate::worker::{Launcher, Worker, WorkerSpec};
 use parking_lot::Mutex;
 use roost_model::{Failure, FailureCode, TaskSpec};
 use roost_runtime::{LogSink, PoolStats};
@@ -47,12 +47,18 @@ struct Demand {
     service_s: f64,
 }
 
+/// Everything needed to start a worker of one task.
+pub struct WorkerFactory {
+    pub wspec: WorkerSpec,
+    pub isolation: Isolation,
+    pub logs: Arc<dyn LogSink>,
+    pub hub_id: String,
+    pub launcher: Launcher,
+}
+
 pub struct Pool {
     spec: TaskSpec,
-    wspec: WorkerSpec,
-    isolation: Isolation,
-    logs: Arc<dyn LogSink>,
-    hub_id: String,
+    factory: WorkerFactory,
     min_warm: u32,
     max_workers: u32,
     idle: Mutex<Vec<Worker>>,
@@ -94,19 +100,13 @@ impl Drop for Lease {
 impl Pool {
     pub fn new(
         spec: TaskSpec,
-        wspec: WorkerSpec,
-        isolation: Isolation,
-        logs: Arc<dyn LogSink>,
-        hub_id: String,
+        factory: WorkerFactory,
         min_warm: u32,
         max_workers: u32,
     ) -> Arc<Self> {
         Arc::new(Self {
             spec,
-            wspec,
-            isolation,
-            logs,
-            hub_id,
+            factory,
             min_warm,
             max_workers,
             idle: Mutex::new(Vec::new()),
@@ -127,7 +127,8 @@ impl Pool {
 
     async fn start_worker(&self) -> Result<Worker, Failure> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let group = self
+        let f = &self.factory;
+        let group = f
             .isolation
             .worker_group(
                 &format!("{}-{id}", self.spec.name),
@@ -141,7 +142,7 @@ impl Pool {
             })?;
         self.live.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        match Worker::start(id, &self.wspec, group, self.logs.clone(), &self.hub_id).await {
+        match Worker::start(id, &f.wspec, group, f.logs.clone(), &f.hub_id, &f.launcher).await {
             Ok(w) => {
                 tracing::info!(task = %self.spec.name, worker = id, ms = started.elapsed().as_millis() as u64, cgroup = w.in_cgroup(), "worker ready");
                 Ok(w)

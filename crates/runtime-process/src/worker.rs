@@ -3,6 +3,7 @@
 //! its own calls), with its stdout/stderr sent to the hub's log line by line.
 
 use crate::isolation::WorkerGroup;
+use crate::zygote::{ForkRequest, Zygote};
 use axum::body::Bytes as AxBytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -298,6 +299,194 @@ async fn pump_lines(mut r: impl AsyncRead + Unpin, shared: Arc<Shared>) {
     }
 }
 
+/// How a worker process comes to be.
+pub enum Launcher {
+    /// A fresh process from the task's command.
+    Direct,
+    /// Forked from the code group's pre-loaded zygote.
+    Zygote(Arc<Zygote>),
+}
+
+/// The environment Lambda gives a function, plus the task's own.
+fn lambda_env(spec: &WorkerSpec, id: u64, api: &str, hub_marker: &str) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
+        ("AWS_LAMBDA_RUNTIME_API".into(), api.into()),
+        ("_HANDLER".into(), spec.handler.clone()),
+        ("LAMBDA_TASK_ROOT".into(), spec.dir.display().to_string()),
+        ("AWS_LAMBDA_FUNCTION_NAME".into(), spec.task.to_string()),
+        (
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE".into(),
+            spec.memory_mb.to_string(),
+        ),
+        ("AWS_LAMBDA_FUNCTION_VERSION".into(), spec.version.clone()),
+        ("AWS_LAMBDA_INITIALIZATION_TYPE".into(), "on-demand".into()),
+        (
+            "AWS_LAMBDA_LOG_GROUP_NAME".into(),
+            format!("/roost/{}", spec.task),
+        ),
+        ("AWS_LAMBDA_LOG_STREAM_NAME".into(), format!("worker-{id}")),
+        ("AWS_REGION".into(), spec.region.clone()),
+        ("AWS_DEFAULT_REGION".into(), spec.region.clone()),
+        ("AWS_EXECUTION_ENV".into(), "roost".into()),
+        ("TZ".into(), ":UTC".into()),
+        ("ROOST_WORKER_OF".into(), hub_marker.into()),
+    ];
+    env.extend(spec.env.iter().cloned());
+    env
+}
+
+type Launched = Result<(i32, watch::Receiver<Option<std::process::ExitStatus>>), Failure>;
+
+async fn spawn_direct(
+    spec: &WorkerSpec,
+    env: &[(String, String)],
+    group: &Arc<WorkerGroup>,
+    shared: &Arc<Shared>,
+) -> Launched {
+    let mut cmd = tokio::process::Command::new(&spec.command[0]);
+    cmd.args(&spec.command[1..]);
+    if !spec.handler.is_empty() {
+        cmd.arg(&spec.handler);
+    }
+    cmd.current_dir(&spec.dir)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    {
+        let group = group.clone();
+        // SAFETY: the closure only makes async-signal-safe calls
+        // (prctl, getppid, and WorkerGroup::enter's open/write/setrlimit).
+        unsafe {
+            cmd.pre_exec(move || {
+                // Die with the hub. PDEATHSIG follows the thread that
+                // forked; workers are forked from the runtime's worker
+                // threads, which live as long as the hub.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() == 1 {
+                    return Err(std::io::Error::other("the hub is gone"));
+                }
+                group.enter()
+            });
+        }
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        Failure::new(
+            FailureCode::Crashed,
+            format!(
+                "cannot start `{}`: {e} (is it installed and on the hub's PATH?)",
+                spec.command[0]
+            ),
+        )
+    })?;
+    let pid = child.id().map(|p| p as i32).unwrap_or(0);
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(pump_lines(out, shared.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(pump_lines(err, shared.clone()));
+    }
+    let (exit_tx, exited) = watch::channel(None);
+    let group = group.clone();
+    tokio::spawn(async move {
+        let status = child.wait().await.ok();
+        // Take the worker's children with it (a bootstrap's curl).
+        if pid > 0 {
+            // SAFETY: signalling the worker's own process group.
+            unsafe { libc::killpg(pid, libc::SIGKILL) };
+        }
+        group.kill_all();
+        let _ = exit_tx.send(status);
+    });
+    Ok((pid, exited))
+}
+
+/// Forks the worker from the zygote; its stdout and stderr come back
+/// through two FIFOs made for it.
+async fn spawn_forked(
+    z: &Arc<Zygote>,
+    id: u64,
+    spec: &WorkerSpec,
+    env: &[(String, String)],
+    group: &Arc<WorkerGroup>,
+    shared: &Arc<Shared>,
+) -> Launched {
+    let crashed = |m: String| Failure::new(FailureCode::Crashed, m);
+    let base = z.fifo_dir.join(format!("{}-{id}", spec.task));
+    let (out_path, err_path) = (base.with_extension("out"), base.with_extension("err"));
+    for p in [&out_path, &err_path] {
+        let _ = std::fs::remove_file(p);
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+            .map_err(|e| crashed(e.to_string()))?;
+        // SAFETY: mkfifo with a valid C string.
+        if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+            return Err(crashed(format!(
+                "cannot make a FIFO: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    // Read ends open read-write, so they neither block nor see EOF before
+    // the worker opens its ends.
+    let open = |p: &PathBuf| {
+        tokio::net::unix::pipe::OpenOptions::new()
+            .read_write(true)
+            .open_receiver(p)
+            .map_err(|e| crashed(format!("cannot open a FIFO: {e}")))
+    };
+    let (out, err) = (open(&out_path)?, open(&err_path)?);
+    let pump_out = tokio::spawn(pump_lines(out, shared.clone()));
+    let pump_err = tokio::spawn(pump_lines(err, shared.clone()));
+    let mut full_env: Vec<(String, String)> = std::env::vars().collect();
+    full_env.extend(env.iter().cloned());
+    let forked = z
+        .fork(ForkRequest {
+            cwd: &spec.dir,
+            handler: &spec.handler,
+            env: &full_env,
+            procs: group.procs_paths(),
+            rlimit_data: group.rlimit_bytes(),
+            stdout: &out_path,
+            stderr: &err_path,
+        })
+        .await;
+    let (pid, mut zexit) = match forked {
+        Ok(x) => x,
+        Err(e) => {
+            pump_out.abort();
+            pump_err.abort();
+            return Err(crashed(format!("the zygote could not fork a worker: {e}")));
+        }
+    };
+    let (exit_tx, exited) = watch::channel(None);
+    let group = group.clone();
+    tokio::spawn(async move {
+        let status = loop {
+            if let Some(s) = *zexit.borrow_and_update() {
+                break Some(s);
+            }
+            if zexit.changed().await.is_err() {
+                break None;
+            }
+        };
+        // SAFETY: signalling the worker's own process group.
+        unsafe { libc::killpg(pid, libc::SIGKILL) };
+        group.kill_all();
+        // Let the last lines through, then stop reading.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        pump_out.abort();
+        pump_err.abort();
+        let _ = std::fs::remove_file(&out_path);
+        let _ = std::fs::remove_file(&err_path);
+        let _ = exit_tx.send(status);
+    });
+    Ok((pid, exited))
+}
+
 impl Worker {
     /// Starts a worker and waits until it asks for its first call.
     pub async fn start(
@@ -306,6 +495,7 @@ impl Worker {
         group: WorkerGroup,
         logs: Arc<dyn LogSink>,
         hub_marker: &str,
+        launcher: &Launcher,
     ) -> Result<Worker, Failure> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -336,86 +526,19 @@ impl Worker {
             let _ = axum::serve(listener, app).await;
         });
 
-        let mut cmd = tokio::process::Command::new(&spec.command[0]);
-        cmd.args(&spec.command[1..]);
-        if !spec.handler.is_empty() {
-            cmd.arg(&spec.handler);
-        }
-        cmd.current_dir(&spec.dir)
-            .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
-            .env("_HANDLER", &spec.handler)
-            .env("LAMBDA_TASK_ROOT", &spec.dir)
-            .env("AWS_LAMBDA_FUNCTION_NAME", spec.task.as_str())
-            .env(
-                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
-                spec.memory_mb.to_string(),
-            )
-            .env("AWS_LAMBDA_FUNCTION_VERSION", &spec.version)
-            .env("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand")
-            .env("AWS_LAMBDA_LOG_GROUP_NAME", format!("/roost/{}", spec.task))
-            .env("AWS_LAMBDA_LOG_STREAM_NAME", format!("worker-{id}"))
-            .env("AWS_REGION", &spec.region)
-            .env("AWS_DEFAULT_REGION", &spec.region)
-            .env("AWS_EXECUTION_ENV", "roost")
-            .env("TZ", ":UTC")
-            .env("ROOST_WORKER_OF", hub_marker)
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .process_group(0);
+        let env = lambda_env(spec, id, &addr.to_string(), hub_marker);
         let group = Arc::new(group);
-        {
-            let group = group.clone();
-            // SAFETY: the closure only makes async-signal-safe calls
-            // (prctl, getppid, and WorkerGroup::enter's open/write/setrlimit).
-            unsafe {
-                cmd.pre_exec(move || {
-                    // Die with the hub. PDEATHSIG follows the thread that
-                    // forked; workers are forked from the runtime's worker
-                    // threads, which live as long as the hub.
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    if libc::getppid() == 1 {
-                        return Err(std::io::Error::other("the hub is gone"));
-                    }
-                    group.enter()
-                });
+        let launched = match launcher {
+            Launcher::Direct => spawn_direct(spec, &env, &group, &shared).await,
+            Launcher::Zygote(z) => spawn_forked(z, id, spec, &env, &group, &shared).await,
+        };
+        let (pid, exited) = match launched {
+            Ok(x) => x,
+            Err(f) => {
+                server.abort();
+                return Err(f);
             }
-        }
-        let mut child = cmd.spawn().map_err(|e| {
-            server.abort();
-            Failure::new(
-                FailureCode::Crashed,
-                format!(
-                    "cannot start `{}`: {e} (is it installed and on the hub's PATH?)",
-                    spec.command[0]
-                ),
-            )
-        })?;
-        let pid = child.id().map(|p| p as i32).unwrap_or(0);
-        if let Some(out) = child.stdout.take() {
-            tokio::spawn(pump_lines(out, shared.clone()));
-        }
-        if let Some(err) = child.stderr.take() {
-            tokio::spawn(pump_lines(err, shared.clone()));
-        }
-        let (exit_tx, exited) = watch::channel(None);
-        {
-            let group = group.clone();
-            tokio::spawn(async move {
-                let status = child.wait().await.ok();
-                // Take the worker's children with it (a bootstrap's curl).
-                if pid > 0 {
-                    // SAFETY: signalling the worker's own process group.
-                    unsafe { libc::killpg(pid, libc::SIGKILL) };
-                }
-                group.kill_all();
-                let _ = exit_tx.send(status);
-            });
-        }
+        };
         let mut worker = Worker {
             id,
             pid,

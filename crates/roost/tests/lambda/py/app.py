@@ -16,6 +16,7 @@ def handler(event, context):
         "task_root": os.environ.get("LAMBDA_TASK_ROOT"),
         "greeting": os.environ.get("GREETING"),
         "pid": os.getpid(),
+        "ppid": os.getppid(),
     }
 
 

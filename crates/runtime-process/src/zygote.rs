@@ -1,0 +1,236 @@
+//! Shared code for process tasks (MISSION row 12): a Python zygote per code
+//! group. The zygote imports the runtime client (`awslambdaric`) and each
+//! task's handler module once, freezes its heap (`gc.freeze()`), and forks
+//! workers on request, so every worker of the group shares those pages
+//! copy-on-write. Each forked worker still enters its own cgroup (or
+//! rlimit), process group and Runtime API endpoint like any other worker.
+//!
+//! Only `[python, "-m", "awslambdaric"]` commands can be pre-loaded this way;
+//! other commands (a `bootstrap` binary or script) start as separate
+//! processes, and the hub says so in its log.
+
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::{oneshot, watch};
+
+const SCRIPT: &str = include_str!("zygote.py");
+
+/// Whether a command is one the zygote can stand in for.
+pub fn can_preload(command: &[String]) -> bool {
+    command.len() == 3 && command[1] == "-m" && command[2] == "awslambdaric"
+}
+
+type Exit = watch::Receiver<Option<ExitStatus>>;
+
+enum Reply {
+    Forked(i32, Exit),
+    Preloaded(Option<String>),
+    Error(String),
+}
+
+pub struct Zygote {
+    pub python: String,
+    ctl: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>,
+    next_id: AtomicU64,
+    child: Mutex<Option<tokio::process::Child>>,
+    pub fifo_dir: PathBuf,
+    pid: i32,
+}
+
+/// What a forked worker needs from the zygote.
+pub struct ForkRequest<'a> {
+    pub cwd: &'a Path,
+    pub handler: &'a str,
+    pub env: &'a [(String, String)],
+    pub procs: Vec<String>,
+    pub rlimit_data: Option<u64>,
+    pub stdout: &'a Path,
+    pub stderr: &'a Path,
+}
+
+impl Zygote {
+    /// Starts a zygote with `python` and waits until it has loaded the
+    /// runtime client.
+    pub async fn start(python: &str, fifo_dir: PathBuf, group: &str) -> Result<Arc<Self>, String> {
+        std::fs::create_dir_all(&fifo_dir)
+            .map_err(|e| format!("cannot create {}: {e}", fifo_dir.display()))?;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+        let theirs_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+        let mut cmd = tokio::process::Command::new(python);
+        cmd.arg("-c")
+            .arg(SCRIPT)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::inherit())
+            .stderr(std::process::Stdio::inherit())
+            .env("ROOST_CODE_GROUP", group)
+            .kill_on_drop(true)
+            .process_group(0);
+        // SAFETY: dup2 and prctl are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::dup2(theirs_fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start the zygote with {python}: {e}"))?;
+        drop(theirs);
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        ours.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let stream = tokio::net::UnixStream::from_std(ours).map_err(|e| e.to_string())?;
+        let (read, write) = stream.into_split();
+        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>> = Arc::default();
+        let (ready_tx, ready_rx) = oneshot::channel::<()>();
+        {
+            let pending = pending.clone();
+            tokio::spawn(async move {
+                let mut exits: HashMap<i32, watch::Sender<Option<ExitStatus>>> = HashMap::new();
+                let mut lines = BufReader::new(read).lines();
+                let mut ready = Some(ready_tx);
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                        continue;
+                    };
+                    let id = v["id"].as_u64().unwrap_or(0);
+                    let reply = match v["op"].as_str() {
+                        Some("ready") => {
+                            if let Some(r) = ready.take() {
+                                let _ = r.send(());
+                            }
+                            continue;
+                        }
+                        Some("forked") => {
+                            let pid = v["pid"].as_i64().unwrap_or(0) as i32;
+                            let (tx, rx) = watch::channel(None);
+                            exits.insert(pid, tx);
+                            Reply::Forked(pid, rx)
+                        }
+                        Some("preloaded") => {
+                            Reply::Preloaded(v["error"].as_str().map(str::to_owned))
+                        }
+                        Some("error") => {
+                            Reply::Error(v["message"].as_str().unwrap_or("fork failed").to_owned())
+                        }
+                        Some("exit") => {
+                            let pid = v["pid"].as_i64().unwrap_or(0) as i32;
+                            if let Some(tx) = exits.remove(&pid) {
+                                let _ = tx.send(Some(ExitStatus::from_raw(
+                                    v["status"].as_i64().unwrap_or(0) as i32,
+                                )));
+                            }
+                            continue;
+                        }
+                        _ => continue,
+                    };
+                    if let Some(tx) = pending.lock().remove(&id) {
+                        let _ = tx.send(reply);
+                    }
+                }
+                // The zygote is gone: its children died with it (PDEATHSIG).
+                for (_, tx) in exits {
+                    let _ = tx.send(Some(ExitStatus::from_raw(libc::SIGKILL)));
+                }
+                pending.lock().clear();
+            });
+        }
+        let z = Arc::new(Zygote {
+            python: python.to_owned(),
+            ctl: tokio::sync::Mutex::new(write),
+            pending,
+            next_id: AtomicU64::new(1),
+            child: Mutex::new(Some(child)),
+            fifo_dir,
+            pid,
+        });
+        match tokio::time::timeout(std::time::Duration::from_secs(30), ready_rx).await {
+            Ok(Ok(())) => Ok(z),
+            _ => Err(format!(
+                "the zygote ({python}) did not start; is awslambdaric installed for that Python?"
+            )),
+        }
+    }
+
+    async fn request(&self, mut msg: serde_json::Value) -> Result<Reply, String> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        msg["id"] = id.into();
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(id, tx);
+        let mut line = msg.to_string();
+        line.push('\n');
+        self.ctl
+            .lock()
+            .await
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|e| format!("the zygote is gone: {e}"))?;
+        tokio::time::timeout(std::time::Duration::from_secs(60), rx)
+            .await
+            .map_err(|_| "the zygote did not answer".to_string())?
+            .map_err(|_| "the zygote is gone".to_string())
+    }
+
+    /// Imports a handler module into the zygote, so later forks share it.
+    pub async fn preload(&self, dir: &Path, handler: &str) -> Result<(), String> {
+        let module = handler.rsplit_once('.').map(|(m, _)| m).unwrap_or(handler);
+        let module = module.replace('/', ".");
+        match self
+            .request(serde_json::json!({"op": "preload", "dir": dir, "module": module}))
+            .await?
+        {
+            Reply::Preloaded(None) => Ok(()),
+            Reply::Preloaded(Some(e)) => Err(e),
+            _ => Err("unexpected answer from the zygote".into()),
+        }
+    }
+
+    /// Forks a worker; returns its pid and a receiver of its exit.
+    pub async fn fork(&self, req: ForkRequest<'_>) -> Result<(i32, Exit), String> {
+        let env: serde_json::Map<String, serde_json::Value> = req
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        let msg = serde_json::json!({
+            "op": "fork",
+            "cwd": req.cwd,
+            "handler": req.handler,
+            "env": env,
+            "procs": req.procs,
+            "rlimit_data": req.rlimit_data,
+            "stdout": req.stdout,
+            "stderr": req.stderr,
+        });
+        match self.request(msg).await? {
+            Reply::Forked(pid, exit) => Ok((pid, exit)),
+            Reply::Error(e) => Err(e),
+            _ => Err("unexpected answer from the zygote".into()),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+}
+
+impl Drop for Zygote {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.lock().take() {
+            let _ = c.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.fifo_dir);
+    }
+}
