@@ -47,6 +47,8 @@ pub struct HubConfig {
     pub instance_slots: u32,
     /// The AWS region the hub's Lambda-compatible environment reports.
     pub region: String,
+    /// Size process pools at exactly `min_warm` instead of by demand.
+    pub fixed_pools: bool,
 }
 
 impl HubConfig {
@@ -65,6 +67,7 @@ impl HubConfig {
             retention: Duration::from_secs(24 * 3600),
             instance_slots: 1000,
             region: "us-east-1".into(),
+            fixed_pools: false,
         }
     }
 }
@@ -162,6 +165,11 @@ impl Hub {
                 hub_id: hub_id(&config.data_dir),
                 region: config.region.clone(),
                 run_dir: config.data_dir.join("run"),
+                pool_policy: if config.fixed_pools {
+                    roost_runtime_process::pool::PoolPolicy::Fixed
+                } else {
+                    roost_runtime_process::pool::PoolPolicy::Demand
+                },
             },
             logs.clone(),
         );

@@ -32,6 +32,9 @@ pub struct BenchOpts {
     /// Concurrent connections for throughput and async.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Python with awslambdaric, for the process benchmarks.
+    #[arg(long, env = "PYTHON", default_value = "python3")]
+    python: String,
 }
 
 pub fn run(opts: BenchOpts) -> Result<()> {
@@ -39,7 +42,9 @@ pub fn run(opts: BenchOpts) -> Result<()> {
         .enable_all()
         .build()?;
     let all = opts.which == "all";
-    let known = ["all", "http", "instantiate", "throughput", "async", "rss"];
+    let known = [
+        "all", "http", "instantiate", "throughput", "async", "rss", "process", "pss", "burst",
+    ];
     if !known.contains(&opts.which.as_str()) {
         bail!(
             "unknown benchmark {:?}; choose one of {}",
@@ -70,6 +75,15 @@ pub fn run(opts: BenchOpts) -> Result<()> {
     }
     if all || opts.which == "rss" {
         rt.block_on(bench_rss())?;
+    }
+    if all || opts.which == "process" {
+        rt.block_on(bench_process(&opts))?;
+    }
+    if all || opts.which == "pss" {
+        rt.block_on(bench_pss(&opts))?;
+    }
+    if all || opts.which == "burst" {
+        rt.block_on(bench_burst(&opts))?;
     }
     Ok(())
 }
@@ -427,5 +441,222 @@ async fn bench_rss() -> Result<()> {
         after[1] as f64 / 1024.0
     );
     println!("  per additional task      {per_task:>8.0} KB  (distinct code each; same code would share one module)");
+    Ok(())
+}
+
+/// The handler the process benchmarks run: a realistic import set from the
+/// standard library, and a handler that echoes its event.
+const BENCH_APP: &str = r#"
+import json, decimal, email.message, http.client, xml.etree.ElementTree, sqlite3, asyncio, logging, uuid
+
+def handler(event, context):
+    return {"ok": True, "event": event}
+
+def slow(event, context):
+    import time
+    time.sleep(0.2)
+    return "done"
+"#;
+
+fn py_package(python: &str, extra: &str, handler: &str) -> Result<Vec<u8>> {
+    let manifest = format!(
+        "[[task]]\nname = \"py\"\nruntime = \"process\"\ndir = \"app\"\ncommand = [\"{python}\", \"-m\", \"awslambdaric\"]\nhandler = \"{handler}\"\nmemory_mb = 256\ntimeout_ms = 10000\n{extra}\n"
+    );
+    Ok(crate::example::package(&[
+        ("manifest.toml", manifest.as_str()),
+        ("app/app.py", BENCH_APP),
+    ])?)
+}
+
+async fn deploy_raw(addr: &str, package: Vec<u8>) -> Result<()> {
+    let r = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/deployments"))
+        .body(package)
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("deploy failed: {}", r.text().await?);
+    }
+    Ok(())
+}
+
+fn python_path(python: &str) -> Result<String> {
+    let out = Command::new(python)
+        .args(["-c", "import sys, awslambdaric; print(sys.executable)"])
+        .output()
+        .with_context(|| format!("cannot run {python}"))?;
+    if !out.status.success() {
+        bail!("{python} has no awslambdaric; pass --python (scripts/test.sh makes a venv at ~/.cache/roost-venv)");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+async fn bench_process(opts: &BenchOpts) -> Result<()> {
+    let python = python_path(&opts.python)?;
+    let hub = HubProcess::start(&[])?;
+    deploy_raw(&hub.addr, py_package(&python, "min_warm = 1\nmax_workers = 1\nconcurrency = 1", "app.handler")?).await?;
+    let mut s = connect(&hub.addr).await?;
+    let body: &'static [u8] = br#"{"k": 1}"#;
+    for _ in 0..200 {
+        round_trip(&mut s, "GET", "/healthz", b"").await?;
+        round_trip(&mut s, "POST", "/v1/tasks/py/calls", body).await?;
+    }
+    let n = opts.calls.min(3000);
+    let (mut bare, mut call) = (Vec::new(), Vec::new());
+    for _ in 0..(n / 100).max(1) {
+        for _ in 0..100 {
+            let t = Instant::now();
+            round_trip(&mut s, "GET", "/healthz", b"").await?;
+            bare.push(t.elapsed());
+        }
+        for _ in 0..100 {
+            let t = Instant::now();
+            let st = round_trip(&mut s, "POST", "/v1/tasks/py/calls", body).await?;
+            if st != 200 {
+                bail!("python call failed with {st}");
+            }
+            call.push(t.elapsed());
+        }
+    }
+    let calls_per_s = call.len() as f64 / call.iter().map(|d| d.as_secs_f64()).sum::<f64>();
+    let (b, c) = (stats(bare), stats(call));
+    // Cold calls: a fresh deployment with no warm worker, five times.
+    let mut cold = Vec::new();
+    for _ in 0..5 {
+        deploy_raw(&hub.addr, py_package(&python, "min_warm = 0\nmax_workers = 1", "app.handler")?).await?;
+        let mut s = connect(&hub.addr).await?;
+        let t = Instant::now();
+        round_trip(&mut s, "POST", "/v1/tasks/py/calls", body).await?;
+        cold.push(t.elapsed());
+    }
+    let cold = stats(cold);
+    // The floor: the same handler called in a loop inside Python.
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("app.py"), BENCH_APP)?;
+    let out = Command::new(&python)
+        .current_dir(dir.path())
+        .args([
+            "-c",
+            "import time, json, app\nn=200000\nev=json.loads('{\"k\": 1}')\nt=time.perf_counter()\nfor _ in range(n):\n    json.dumps(app.handler(json.loads('{\"k\": 1}'), None))\nprint(n/(time.perf_counter()-t))",
+        ])
+        .output()?;
+    let floor: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0.0);
+    println!("\n[process] a warm Python (awslambdaric) worker, one kept-alive connection");
+    println!("  bare GET /healthz        mean {:>8.1} us  p50 {:>8.1}  p99 {:>8.1}", b.mean_us, b.p50_us, b.p99_us);
+    println!("  warm python call         mean {:>8.1} us  p50 {:>8.1}  p99 {:>8.1}", c.mean_us, c.p50_us, c.p99_us);
+    println!("  ratio (call / bare)      mean {:>8.2}     p50 {:>8.2}   (target <= 2)", c.mean_us / b.mean_us, c.p50_us / b.p50_us);
+    println!("  cold call (new worker)   p50  {:>8.1} ms  ({:.0}x the warm p50)", cold.p50_us / 1000.0, cold.p50_us / c.p50_us);
+    println!("  one worker, sequential   {calls_per_s:>8.0} calls/s");
+    println!("  handler in a Python loop {floor:>8.0} calls/s (json in and out; the physical floor)   ratio {:.3}", calls_per_s / floor.max(1.0));
+    Ok(())
+}
+
+/// PIDs of every process descended from `root`.
+fn descendants(root: u32) -> Vec<u32> {
+    let mut parent = std::collections::HashMap::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+                    if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) {
+                        parent.insert(pid, ppid);
+                    }
+                }
+            }
+        }
+    }
+    parent
+        .keys()
+        .copied()
+        .filter(|&p| {
+            let mut cur = p;
+            for _ in 0..64 {
+                match parent.get(&cur) {
+                    Some(&pp) if pp == root => return true,
+                    Some(&pp) if pp > 1 => cur = pp,
+                    _ => return false,
+                }
+            }
+            false
+        })
+        .collect()
+}
+
+fn pss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn total_pss_after(addr: &str, hub_pid: u32, package: Vec<u8>, workers: usize) -> Result<u64> {
+    deploy_raw(addr, package).await?;
+    // Let old pools go and the new workers settle.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pids = descendants(hub_pid);
+    if pids.len() < workers {
+        bail!("expected {workers} workers, found {}", pids.len());
+    }
+    Ok(pids.iter().map(|p| pss_kb(*p)).sum())
+}
+
+async fn bench_pss(opts: &BenchOpts) -> Result<()> {
+    let python = python_path(&opts.python)?;
+    let n = 6u64;
+    let mut per = Vec::new();
+    for group in [false, true] {
+        let hub = HubProcess::start(&[])?;
+        let extra = |k: u64| {
+            format!(
+                "min_warm = {k}\nmax_workers = {k}\n{}",
+                if group { "code_group = \"py\"" } else { "" }
+            )
+        };
+        let one = total_pss_after(&hub.addr, hub.pid(), py_package(&python, &extra(1), "app.handler")?, 1).await?;
+        let many = total_pss_after(&hub.addr, hub.pid(), py_package(&python, &extra(n), "app.handler")?, n as usize).await?;
+        per.push((one, many, (many as f64 - one as f64) / (n - 1) as f64));
+    }
+    println!("\n[pss] proportional set size of a task's workers (smaps_rollup), the handler importing a stdlib set");
+    println!("  separate processes       1 worker {:>7} KB, {n} workers {:>7} KB: {:>7.0} KB per additional worker", per[0].0, per[0].1, per[0].2);
+    println!("  code_group (zygote)      1 worker {:>7} KB, {n} workers {:>7} KB: {:>7.0} KB per additional worker (zygote included)", per[1].0, per[1].1, per[1].2);
+    println!("  shared / unshared        {:>7.2}   (target <= 0.25)", per[1].2 / per[0].2);
+    Ok(())
+}
+
+async fn bench_burst(opts: &BenchOpts) -> Result<()> {
+    let python = python_path(&opts.python)?;
+    let (bursts, size, gap) = (8, 6usize, Duration::from_secs(3));
+    let mut shares = Vec::new();
+    for policy in ["fixed", "demand"] {
+        let hub = HubProcess::start(&["--pool-policy", policy])?;
+        deploy_raw(&hub.addr, py_package(&python, "min_warm = 1\nmax_workers = 8\nconcurrency = 8", "app.slow")?).await?;
+        for _ in 0..bursts {
+            let mut calls = Vec::new();
+            for _ in 0..size {
+                let addr = hub.addr.clone();
+                calls.push(tokio::spawn(async move {
+                    let mut s = connect(&addr).await?;
+                    round_trip(&mut s, "POST", "/v1/tasks/py/calls", b"{}").await
+                }));
+            }
+            for c in calls {
+                c.await??;
+            }
+            tokio::time::sleep(gap).await;
+        }
+        let v: serde_json::Value = reqwest::get(format!("http://{}/v1/tasks", hub.addr)).await?.json().await?;
+        let pool = &v["tasks"][0]["pool"];
+        let cold = pool["cold_starts"].as_f64().unwrap_or(0.0);
+        let warm = pool["warm_hits"].as_f64().unwrap_or(0.0);
+        shares.push((policy, cold, cold / (cold + warm).max(1.0)));
+    }
+    println!("\n[burst] {bursts} bursts of {size} concurrent 200 ms calls, {} s apart, min_warm = 1", gap.as_secs());
+    for (policy, cold, share) in &shares {
+        println!("  {policy:<6} pool: {cold:>3.0} cold starts of {} calls = {:>5.1} %", bursts * size, share * 100.0);
+    }
     Ok(())
 }

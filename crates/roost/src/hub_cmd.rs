@@ -56,6 +56,11 @@ pub struct HubOpts {
     /// The AWS region the hub's Lambda-compatible environment reports (AWS_REGION).
     #[arg(long, env = "ROOST_REGION", default_value = "us-east-1")]
     region: String,
+    /// How process tasks' worker pools are sized: `demand` (the reservation
+    /// policy: arrival rate x service time, with headroom) or `fixed`
+    /// (exactly min_warm warm workers; extra workers are retired when idle).
+    #[arg(long, env = "ROOST_POOL_POLICY", default_value = "demand", value_parser = ["demand", "fixed"])]
+    pool_policy: String,
     /// Deploy the bundled example (tasks `echo` and `greet`) on start.
     #[arg(long)]
     example: bool,
@@ -108,6 +113,7 @@ async fn serve(opts: HubOpts) -> Result<()> {
     config.retry_backoff = Duration::from_millis(opts.retry_backoff_ms);
     config.retention = Duration::from_secs(opts.retention_s);
     config.region = opts.region.clone();
+    config.fixed_pools = opts.pool_policy == "fixed";
     let listener = tokio::net::TcpListener::bind(opts.http)
         .await
         .with_context(|| {

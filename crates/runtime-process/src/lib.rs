@@ -36,6 +36,8 @@ pub struct ProcessConfig {
     pub region: String,
     /// A folder for the runtime's FIFOs and sockets.
     pub run_dir: PathBuf,
+    /// How worker pools are sized.
+    pub pool_policy: pool::PoolPolicy,
 }
 
 pub struct ProcessRuntime {
@@ -43,6 +45,7 @@ pub struct ProcessRuntime {
     isolation: Isolation,
     logs: Arc<dyn LogSink>,
     /// Live zygotes by (code group, python); pools hold the strong refs.
+    worker_ids: Arc<std::sync::atomic::AtomicU64>,
     zygotes: tokio::sync::Mutex<
         std::collections::HashMap<(String, String), std::sync::Weak<zygote::Zygote>>,
     >,
@@ -68,6 +71,7 @@ impl ProcessRuntime {
             isolation,
             logs,
             zygotes: Default::default(),
+            worker_ids: Arc::new(std::sync::atomic::AtomicU64::new(1)),
         }
     }
 
@@ -179,6 +183,8 @@ impl Runtime for ProcessRuntime {
                 logs: self.logs.clone(),
                 hub_id: self.config.hub_id.clone(),
                 launcher,
+                policy: self.config.pool_policy,
+                ids: self.worker_ids.clone(),
             },
             *min_warm,
             *max_workers,

@@ -47,6 +47,17 @@ struct Demand {
     service_s: f64,
 }
 
+/// How a pool is sized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolPolicy {
+    /// The reservation policy above (the default).
+    Demand,
+    /// Exactly `min_warm` warm workers; a call beyond them starts a worker
+    /// that is retired as soon as it is idle (the baseline the policy is
+    /// measured against).
+    Fixed,
+}
+
 /// Everything needed to start a worker of one task.
 pub struct WorkerFactory {
     pub wspec: WorkerSpec,
@@ -54,6 +65,10 @@ pub struct WorkerFactory {
     pub logs: Arc<dyn LogSink>,
     pub hub_id: String,
     pub launcher: Launcher,
+    pub policy: PoolPolicy,
+    /// Worker ids, unique across every pool of the runtime: they name the
+    /// workers' cgroups, which must never be shared between pools.
+    pub ids: Arc<AtomicU64>,
 }
 
 pub struct Pool {
@@ -65,7 +80,6 @@ pub struct Pool {
     slots: Arc<Semaphore>,
     live: AtomicU32,
     target: AtomicU32,
-    next_id: AtomicU64,
     cold_starts: AtomicU64,
     warm_hits: AtomicU64,
     demand: Mutex<Demand>,
@@ -88,7 +102,9 @@ impl Drop for Lease {
             d.service_s = d.service_s * (1.0 - SERVICE_ALPHA) + s.as_secs_f64() * SERVICE_ALPHA;
         }
         if let Some(w) = self.worker.take() {
-            if w.is_alive() && !self.pool.retired.load(Ordering::Relaxed) {
+            let over_fixed = self.pool.factory.policy == PoolPolicy::Fixed
+                && self.pool.idle.lock().len() as u32 >= self.pool.min_warm.max(1);
+            if w.is_alive() && !self.pool.retired.load(Ordering::Relaxed) && !over_fixed {
                 self.pool.idle.lock().push(w);
             } else {
                 self.pool.live.fetch_sub(1, Ordering::Relaxed);
@@ -113,7 +129,6 @@ impl Pool {
             slots: Arc::new(Semaphore::new(max_workers as usize)),
             live: AtomicU32::new(0),
             target: AtomicU32::new(min_warm),
-            next_id: AtomicU64::new(1),
             cold_starts: AtomicU64::new(0),
             warm_hits: AtomicU64::new(0),
             demand: Mutex::new(Demand {
@@ -126,7 +141,7 @@ impl Pool {
     }
 
     async fn start_worker(&self) -> Result<Worker, Failure> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.factory.ids.fetch_add(1, Ordering::Relaxed);
         let f = &self.factory;
         let group = f
             .isolation
@@ -241,12 +256,17 @@ impl Pool {
     }
 
     async fn adjust(self: &Arc<Self>) {
+        let fixed = self.factory.policy == PoolPolicy::Fixed;
         let target = {
             let mut d = self.demand.lock();
             let window_rate = d.arrivals as f64 / TICK.as_secs_f64();
             d.arrivals = 0;
             d.rate = d.rate * (1.0 - RATE_ALPHA) + window_rate * RATE_ALPHA;
-            target_workers(d.rate, d.service_s, self.min_warm, self.max_workers)
+            if fixed {
+                self.min_warm
+            } else {
+                target_workers(d.rate, d.service_s, self.min_warm, self.max_workers)
+            }
         };
         self.target.store(target, Ordering::Relaxed);
         // Grow: start the missing workers (in the background of this tick).
