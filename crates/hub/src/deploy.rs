@@ -243,6 +243,16 @@ impl Hub {
             })
             .collect();
         self.inner.wasm.cache().retain(&|sha| live.contains(sha));
+        for (name, task) in &new.tasks {
+            if task.demand().is_some() {
+                if let Ok(Some((rate, service_s))) = self.inner.store.load_demand(name.as_str()) {
+                    task.resume_demand(roost_runtime::Demand {
+                        rate_per_s: rate,
+                        service_s,
+                    });
+                }
+            }
+        }
         self.inner.metrics.deployments.inc();
         DeployReport {
             deployment: id.unwrap_or(0),

@@ -203,6 +203,7 @@ impl Hub {
         hub.load_active_deployment().await;
         hub.recover_async_calls().await?;
         hub.spawn_retention_sweeper();
+        hub.spawn_demand_keeper();
         Ok(hub)
     }
 
@@ -261,6 +262,30 @@ impl Hub {
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.inner.store.close();
         finished
+    }
+
+    /// Saves each pool's measured demand every few seconds, so a restarted
+    /// hub pre-warms what it needed before.
+    fn spawn_demand_keeper(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut last: HashMap<TaskName, roost_runtime::Demand> = HashMap::new();
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let active = inner.active.read().clone();
+                for (name, task) in &active.tasks {
+                    let Some(d) = task.demand() else { continue };
+                    if last.get(name) == Some(&d) {
+                        continue;
+                    }
+                    if inner.store.save_demand(name.as_str(), d.rate_per_s, d.service_s).await.is_ok() {
+                        last.insert(name.clone(), d);
+                    }
+                }
+            }
+        });
     }
 
     fn spawn_retention_sweeper(&self) {

@@ -378,3 +378,55 @@ fn workers_of_a_code_group_fork_from_one_preloaded_parent_and_keep_their_limits(
         || worker_pids(&hub).is_empty(),
     );
 }
+
+#[test]
+fn a_redeployment_keeps_the_new_pool_warm() {
+    let hub = TestHub::start(&[]);
+    let v1 = package(&py_task("py", "app.handler", "min_warm = 1"), &["py"]);
+    hub.deploy(&v1.manifest());
+    let v2 = package(&py_task("py", "app.handler", "min_warm = 2"), &["py"]);
+    hub.deploy(&v2.manifest());
+    std::thread::sleep(Duration::from_millis(300));
+    let row = hub.task_row("py");
+    assert_eq!(row["pool"]["workers"], 2, "retiring the old pool must not touch the new one: {row}");
+    assert_eq!(hub.call("py", "{}").status(), 200);
+    assert_eq!(hub.task_row("py")["pool"]["cold_starts"], 0);
+}
+
+#[test]
+fn a_restarted_hub_prewarms_the_pool_it_needed_before() {
+    let mut hub = TestHub::start(&[]);
+    let pkg = package(&py_task("busy", "app.slow", "min_warm = 0\nmax_workers = 6\nconcurrency = 6\ntimeout_ms = 5000"), &["py"]);
+    hub.deploy(&pkg.manifest());
+    // Steady demand: 4 clients calling a 200 ms handler back to back.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let url = hub.url.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = http().post(format!("{url}/v1/tasks/busy/calls")).body(r#"{"seconds": 0.2}"#).send().unwrap();
+                    assert_eq!(r.status(), 200);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(7));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let target_before = hub.task_row("busy")["pool"]["target"].as_u64().unwrap();
+    assert!(target_before >= 2, "the policy should have asked for several workers: {target_before}");
+    hub.kill9();
+    hub.launch();
+    // No call yet, and the pool grows to what the demand needed.
+    wait_until("the pool to be pre-warmed", Duration::from_secs(20), || {
+        hub.task_row("busy")["pool"]["workers"].as_u64().unwrap_or(0) >= 2
+    });
+    assert_eq!(hub.task_row("busy")["pool"]["cold_starts"], 0);
+    wait_until("the pre-warm to be logged", Duration::from_secs(20), || {
+        hub.log_text().contains("pre-warmed from the demand measured before the restart")
+    });
+}

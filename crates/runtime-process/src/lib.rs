@@ -223,6 +223,14 @@ impl PreparedTask for ProcessTask {
     fn pool_stats(&self) -> Option<PoolStats> {
         Some(self.pool.stats())
     }
+
+    fn demand(&self) -> Option<roost_runtime::Demand> {
+        Some(self.pool.demand())
+    }
+
+    fn resume_demand(&self, demand: roost_runtime::Demand) {
+        self.pool.resume_demand(demand);
+    }
 }
 
 #[async_trait]

@@ -218,6 +218,39 @@ impl Pool {
         })
     }
 
+    pub fn demand(&self) -> roost_runtime::Demand {
+        let d = self.demand.lock();
+        roost_runtime::Demand {
+            rate_per_s: d.rate,
+            service_s: d.service_s,
+        }
+    }
+
+    /// Takes over demand measured before a restart and grows the pool to
+    /// match it right away.
+    pub fn resume_demand(self: &Arc<Self>, demand: roost_runtime::Demand) {
+        {
+            let mut d = self.demand.lock();
+            d.rate = demand.rate_per_s.max(0.0);
+            d.service_s = demand.service_s.max(0.0);
+        }
+        let target = target_workers(demand.rate_per_s, demand.service_s, self.min_warm, self.max_workers);
+        if self.factory.policy == PoolPolicy::Demand {
+            self.target.store(target, Ordering::Relaxed);
+            let pool = self.clone();
+            tokio::spawn(async move {
+                let live = pool.live.load(Ordering::Relaxed);
+                for _ in live..target {
+                    match pool.start_worker().await {
+                        Ok(w) => pool.idle.lock().push(w),
+                        Err(_) => break,
+                    }
+                }
+                tracing::info!(task = %pool.spec.name, workers = target, "pre-warmed from the demand measured before the restart");
+            });
+        }
+    }
+
     pub fn stats(&self) -> PoolStats {
         PoolStats {
             workers: self.live.load(Ordering::Relaxed),

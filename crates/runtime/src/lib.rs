@@ -54,6 +54,21 @@ pub trait PreparedTask: Send + Sync + 'static {
     fn pool_stats(&self) -> Option<PoolStats> {
         None
     }
+    /// The demand the pool has measured, for the hub to keep across
+    /// restarts.
+    fn demand(&self) -> Option<Demand> {
+        None
+    }
+    /// Seeds the pool with demand measured before a restart, so it pre-warms
+    /// what it needed then.
+    fn resume_demand(&self, _demand: Demand) {}
+}
+
+/// Measured demand on a task: smoothed arrival rate and service time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Demand {
+    pub rate_per_s: f64,
+    pub service_s: f64,
 }
 
 /// A worker pool's counters (process tasks).

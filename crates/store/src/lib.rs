@@ -8,6 +8,7 @@
 //! run beside the writer.
 
 mod calls;
+mod demand;
 mod deployments;
 
 pub use calls::{NewCall, StoredCall};
@@ -61,6 +62,12 @@ CREATE TABLE IF NOT EXISTS calls (
     output        BLOB,
     created_ms    INTEGER NOT NULL,
     finished_ms   INTEGER
+);
+CREATE TABLE IF NOT EXISTS task_demand (
+    task       TEXT PRIMARY KEY,
+    rate       REAL NOT NULL,
+    service_s  REAL NOT NULL,
+    updated_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS calls_by_status ON calls(status);
 CREATE INDEX IF NOT EXISTS calls_by_finish ON calls(finished_ms) WHERE finished_ms IS NOT NULL;
