@@ -13,6 +13,11 @@ step() { printf '\n==> %s\n' "$*"; }
 missing=()
 command -v openssl >/dev/null || missing+=(openssl)
 command -v curl >/dev/null || missing+=(curl)
+# The npm Lambda runtime client builds a native addon with these.
+command -v cmake >/dev/null || missing+=(cmake)
+command -v autoconf >/dev/null || missing+=(autoconf)
+command -v automake >/dev/null || missing+=(automake)
+command -v libtoolize >/dev/null || missing+=(libtool)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]} (apt)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
@@ -27,6 +32,15 @@ if ! "$VENV/bin/python" -c 'import ziglang, awslambdaric' 2>/dev/null; then
   "$VENV/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-test.txt
 fi
 export PYTHON="$VENV/bin/python"
+
+# The Node.js Lambda runtime client (aws-lambda-ric 3.x: 4.x needs Node 22).
+NODE_DIR="${ROOST_NODE_DIR:-$HOME/.cache/roost-node}"
+if [ ! -f "$NODE_DIR/node_modules/aws-lambda-ric/bin/index.mjs" ]; then
+  step "installing the Node.js Lambda runtime client into $NODE_DIR (npm; builds a native addon)"
+  mkdir -p "$NODE_DIR"
+  (cd "$NODE_DIR" && npm init -y >/dev/null && npm install --no-audit --no-fund aws-lambda-ric@3.3.0 >/dev/null)
+fi
+export ROOST_NODE_RIC="$NODE_DIR/node_modules/aws-lambda-ric/bin/index.mjs"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

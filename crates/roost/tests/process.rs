@@ -430,3 +430,24 @@ fn a_restarted_hub_prewarms_the_pool_it_needed_before() {
         hub.log_text().contains("pre-warmed from the demand measured before the restart")
     });
 }
+
+#[test]
+fn an_unmodified_node_handler_runs_through_the_npm_runtime_client() {
+    let ric = std::env::var("ROOST_NODE_RIC")
+        .expect("set ROOST_NODE_RIC to aws-lambda-ric's bin/index.mjs (scripts/test.sh installs it)");
+    let hub = TestHub::start(&[]);
+    let task = |name: &str, handler: &str| {
+        format!("[[task]]\nname = \"{name}\"\nruntime = \"process\"\ndir = \"node\"\ncommand = [\"node\", \"{ric}\"]\nhandler = \"{handler}\"\nmemory_mb = 256\ntimeout_ms = 5000\n")
+    };
+    let pkg = package(&(task("node-hello", "index.handler") + &task("node-fail", "index.fail")), &["node"]);
+    hub.deploy(&pkg.manifest());
+    let r = hub.call("node-hello", r#"{"a": 1}"#);
+    assert_eq!(r.status(), 200, "{}", hub.log_text());
+    let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(v["node"]["a"], 1);
+    assert_eq!(v["fn"], "node-hello");
+    let (status, code, msg) = error_of(hub.call("node-fail", "{}"));
+    assert_eq!((status, code.as_str()), (502, "task_error"));
+    assert!(msg.contains("node says no"), "{msg}");
+    assert_eq!(hub.call("node-hello", "{}").status(), 200);
+}
