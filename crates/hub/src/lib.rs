@@ -280,7 +280,12 @@ impl Hub {
                     if last.get(name) == Some(&d) {
                         continue;
                     }
-                    if inner.store.save_demand(name.as_str(), d.rate_per_s, d.service_s).await.is_ok() {
+                    if inner
+                        .store
+                        .save_demand(name.as_str(), d.rate_per_s, d.service_s)
+                        .await
+                        .is_ok()
+                    {
                         last.insert(name.clone(), d);
                     }
                 }

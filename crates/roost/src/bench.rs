@@ -43,7 +43,15 @@ pub fn run(opts: BenchOpts) -> Result<()> {
         .build()?;
     let all = opts.which == "all";
     let known = [
-        "all", "http", "instantiate", "throughput", "async", "rss", "process", "pss", "burst",
+        "all",
+        "http",
+        "instantiate",
+        "throughput",
+        "async",
+        "rss",
+        "process",
+        "pss",
+        "burst",
     ];
     if !known.contains(&opts.which.as_str()) {
         bail!(
@@ -494,7 +502,15 @@ fn python_path(python: &str) -> Result<String> {
 async fn bench_process(opts: &BenchOpts) -> Result<()> {
     let python = python_path(&opts.python)?;
     let hub = HubProcess::start(&[])?;
-    deploy_raw(&hub.addr, py_package(&python, "min_warm = 1\nmax_workers = 1\nconcurrency = 1", "app.handler")?).await?;
+    deploy_raw(
+        &hub.addr,
+        py_package(
+            &python,
+            "min_warm = 1\nmax_workers = 1\nconcurrency = 1",
+            "app.handler",
+        )?,
+    )
+    .await?;
     let mut s = connect(&hub.addr).await?;
     let body: &'static [u8] = br#"{"k": 1}"#;
     for _ in 0..200 {
@@ -523,7 +539,11 @@ async fn bench_process(opts: &BenchOpts) -> Result<()> {
     // Cold calls: a fresh deployment with no warm worker, five times.
     let mut cold = Vec::new();
     for _ in 0..5 {
-        deploy_raw(&hub.addr, py_package(&python, "min_warm = 0\nmax_workers = 1", "app.handler")?).await?;
+        deploy_raw(
+            &hub.addr,
+            py_package(&python, "min_warm = 0\nmax_workers = 1", "app.handler")?,
+        )
+        .await?;
         let mut s = connect(&hub.addr).await?;
         let t = Instant::now();
         round_trip(&mut s, "POST", "/v1/tasks/py/calls", body).await?;
@@ -540,12 +560,29 @@ async fn bench_process(opts: &BenchOpts) -> Result<()> {
             "import time, json, app\nn=200000\nev=json.loads('{\"k\": 1}')\nt=time.perf_counter()\nfor _ in range(n):\n    json.dumps(app.handler(json.loads('{\"k\": 1}'), None))\nprint(n/(time.perf_counter()-t))",
         ])
         .output()?;
-    let floor: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0.0);
+    let floor: f64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0.0);
     println!("\n[process] a warm Python (awslambdaric) worker, one kept-alive connection");
-    println!("  bare GET /healthz        mean {:>8.1} us  p50 {:>8.1}  p99 {:>8.1}", b.mean_us, b.p50_us, b.p99_us);
-    println!("  warm python call         mean {:>8.1} us  p50 {:>8.1}  p99 {:>8.1}", c.mean_us, c.p50_us, c.p99_us);
-    println!("  ratio (call / bare)      mean {:>8.2}     p50 {:>8.2}   (target <= 2)", c.mean_us / b.mean_us, c.p50_us / b.p50_us);
-    println!("  cold call (new worker)   p50  {:>8.1} ms  ({:.0}x the warm p50)", cold.p50_us / 1000.0, cold.p50_us / c.p50_us);
+    println!(
+        "  bare GET /healthz        mean {:>8.1} us  p50 {:>8.1}  p99 {:>8.1}",
+        b.mean_us, b.p50_us, b.p99_us
+    );
+    println!(
+        "  warm python call         mean {:>8.1} us  p50 {:>8.1}  p99 {:>8.1}",
+        c.mean_us, c.p50_us, c.p99_us
+    );
+    println!(
+        "  ratio (call / bare)      mean {:>8.2}     p50 {:>8.2}   (target <= 2)",
+        c.mean_us / b.mean_us,
+        c.p50_us / b.p50_us
+    );
+    println!(
+        "  cold call (new worker)   p50  {:>8.1} ms  ({:.0}x the warm p50)",
+        cold.p50_us / 1000.0,
+        cold.p50_us / c.p50_us
+    );
     println!("  one worker, sequential   {calls_per_s:>8.0} calls/s");
     println!("  handler in a Python loop {floor:>8.0} calls/s (json in and out; the physical floor)   ratio {:.3}", calls_per_s / floor.max(1.0));
     Ok(())
@@ -556,10 +593,16 @@ fn descendants(root: u32) -> Vec<u32> {
     let mut parent = std::collections::HashMap::new();
     if let Ok(rd) = std::fs::read_dir("/proc") {
         for e in rd.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
             if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
                 if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
-                    if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) {
+                    if let Some(ppid) = rest
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|p| p.parse::<u32>().ok())
+                    {
                         parent.insert(pid, ppid);
                     }
                 }
@@ -593,7 +636,12 @@ fn pss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-async fn total_pss_after(addr: &str, hub_pid: u32, package: Vec<u8>, workers: usize) -> Result<u64> {
+async fn total_pss_after(
+    addr: &str,
+    hub_pid: u32,
+    package: Vec<u8>,
+    workers: usize,
+) -> Result<u64> {
     deploy_raw(addr, package).await?;
     // Let old pools go and the new workers settle.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -616,14 +664,29 @@ async fn bench_pss(opts: &BenchOpts) -> Result<()> {
                 if group { "code_group = \"py\"" } else { "" }
             )
         };
-        let one = total_pss_after(&hub.addr, hub.pid(), py_package(&python, &extra(1), "app.handler")?, 1).await?;
-        let many = total_pss_after(&hub.addr, hub.pid(), py_package(&python, &extra(n), "app.handler")?, n as usize).await?;
+        let one = total_pss_after(
+            &hub.addr,
+            hub.pid(),
+            py_package(&python, &extra(1), "app.handler")?,
+            1,
+        )
+        .await?;
+        let many = total_pss_after(
+            &hub.addr,
+            hub.pid(),
+            py_package(&python, &extra(n), "app.handler")?,
+            n as usize,
+        )
+        .await?;
         per.push((one, many, (many as f64 - one as f64) / (n - 1) as f64));
     }
     println!("\n[pss] proportional set size of a task's workers (smaps_rollup), the handler importing a stdlib set");
     println!("  separate processes       1 worker {:>7} KB, {n} workers {:>7} KB: {:>7.0} KB per additional worker", per[0].0, per[0].1, per[0].2);
     println!("  code_group (zygote)      1 worker {:>7} KB, {n} workers {:>7} KB: {:>7.0} KB per additional worker (zygote included)", per[1].0, per[1].1, per[1].2);
-    println!("  shared / unshared        {:>7.2}   (target <= 0.25)", per[1].2 / per[0].2);
+    println!(
+        "  shared / unshared        {:>7.2}   (target <= 0.25)",
+        per[1].2 / per[0].2
+    );
     Ok(())
 }
 
@@ -633,7 +696,15 @@ async fn bench_burst(opts: &BenchOpts) -> Result<()> {
     let mut shares = Vec::new();
     for policy in ["fixed", "demand"] {
         let hub = HubProcess::start(&["--pool-policy", policy])?;
-        deploy_raw(&hub.addr, py_package(&python, "min_warm = 1\nmax_workers = 8\nconcurrency = 8", "app.slow")?).await?;
+        deploy_raw(
+            &hub.addr,
+            py_package(
+                &python,
+                "min_warm = 1\nmax_workers = 8\nconcurrency = 8",
+                "app.slow",
+            )?,
+        )
+        .await?;
         for _ in 0..bursts {
             let mut calls = Vec::new();
             for _ in 0..size {
@@ -648,15 +719,25 @@ async fn bench_burst(opts: &BenchOpts) -> Result<()> {
             }
             tokio::time::sleep(gap).await;
         }
-        let v: serde_json::Value = reqwest::get(format!("http://{}/v1/tasks", hub.addr)).await?.json().await?;
+        let v: serde_json::Value = reqwest::get(format!("http://{}/v1/tasks", hub.addr))
+            .await?
+            .json()
+            .await?;
         let pool = &v["tasks"][0]["pool"];
         let cold = pool["cold_starts"].as_f64().unwrap_or(0.0);
         let warm = pool["warm_hits"].as_f64().unwrap_or(0.0);
         shares.push((policy, cold, cold / (cold + warm).max(1.0)));
     }
-    println!("\n[burst] {bursts} bursts of {size} concurrent 200 ms calls, {} s apart, min_warm = 1", gap.as_secs());
+    println!(
+        "\n[burst] {bursts} bursts of {size} concurrent 200 ms calls, {} s apart, min_warm = 1",
+        gap.as_secs()
+    );
     for (policy, cold, share) in &shares {
-        println!("  {policy:<6} pool: {cold:>3.0} cold starts of {} calls = {:>5.1} %", bursts * size, share * 100.0);
+        println!(
+            "  {policy:<6} pool: {cold:>3.0} cold starts of {} calls = {:>5.1} %",
+            bursts * size,
+            share * 100.0
+        );
     }
     Ok(())
 }

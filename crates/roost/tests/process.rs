@@ -388,7 +388,10 @@ fn a_redeployment_keeps_the_new_pool_warm() {
     hub.deploy(&v2.manifest());
     std::thread::sleep(Duration::from_millis(300));
     let row = hub.task_row("py");
-    assert_eq!(row["pool"]["workers"], 2, "retiring the old pool must not touch the new one: {row}");
+    assert_eq!(
+        row["pool"]["workers"], 2,
+        "retiring the old pool must not touch the new one: {row}"
+    );
     assert_eq!(hub.call("py", "{}").status(), 200);
     assert_eq!(hub.task_row("py")["pool"]["cold_starts"], 0);
 }
@@ -396,7 +399,14 @@ fn a_redeployment_keeps_the_new_pool_warm() {
 #[test]
 fn a_restarted_hub_prewarms_the_pool_it_needed_before() {
     let mut hub = TestHub::start(&[]);
-    let pkg = package(&py_task("busy", "app.slow", "min_warm = 0\nmax_workers = 6\nconcurrency = 6\ntimeout_ms = 5000"), &["py"]);
+    let pkg = package(
+        &py_task(
+            "busy",
+            "app.slow",
+            "min_warm = 0\nmax_workers = 6\nconcurrency = 6\ntimeout_ms = 5000",
+        ),
+        &["py"],
+    );
     hub.deploy(&pkg.manifest());
     // Steady demand: 4 clients calling a 200 ms handler back to back.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -406,7 +416,11 @@ fn a_restarted_hub_prewarms_the_pool_it_needed_before() {
             let stop = stop.clone();
             std::thread::spawn(move || {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let r = http().post(format!("{url}/v1/tasks/busy/calls")).body(r#"{"seconds": 0.2}"#).send().unwrap();
+                    let r = http()
+                        .post(format!("{url}/v1/tasks/busy/calls"))
+                        .body(r#"{"seconds": 0.2}"#)
+                        .send()
+                        .unwrap();
                     assert_eq!(r.status(), 200);
                 }
             })
@@ -418,28 +432,39 @@ fn a_restarted_hub_prewarms_the_pool_it_needed_before() {
         c.join().unwrap();
     }
     let target_before = hub.task_row("busy")["pool"]["target"].as_u64().unwrap();
-    assert!(target_before >= 2, "the policy should have asked for several workers: {target_before}");
+    assert!(
+        target_before >= 2,
+        "the policy should have asked for several workers: {target_before}"
+    );
     hub.kill9();
     hub.launch();
     // No call yet, and the pool grows to what the demand needed.
     wait_until("the pool to be pre-warmed", Duration::from_secs(20), || {
-        hub.task_row("busy")["pool"]["workers"].as_u64().unwrap_or(0) >= 2
+        hub.task_row("busy")["pool"]["workers"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 2
     });
     assert_eq!(hub.task_row("busy")["pool"]["cold_starts"], 0);
     wait_until("the pre-warm to be logged", Duration::from_secs(20), || {
-        hub.log_text().contains("pre-warmed from the demand measured before the restart")
+        hub.log_text()
+            .contains("pre-warmed from the demand measured before the restart")
     });
 }
 
 #[test]
 fn an_unmodified_node_handler_runs_through_the_npm_runtime_client() {
-    let ric = std::env::var("ROOST_NODE_RIC")
-        .expect("set ROOST_NODE_RIC to aws-lambda-ric's bin/index.mjs (scripts/test.sh installs it)");
+    let ric = std::env::var("ROOST_NODE_RIC").expect(
+        "set ROOST_NODE_RIC to aws-lambda-ric's bin/index.mjs (scripts/test.sh installs it)",
+    );
     let hub = TestHub::start(&[]);
     let task = |name: &str, handler: &str| {
         format!("[[task]]\nname = \"{name}\"\nruntime = \"process\"\ndir = \"node\"\ncommand = [\"node\", \"{ric}\"]\nhandler = \"{handler}\"\nmemory_mb = 256\ntimeout_ms = 5000\n")
     };
-    let pkg = package(&(task("node-hello", "index.handler") + &task("node-fail", "index.fail")), &["node"]);
+    let pkg = package(
+        &(task("node-hello", "index.handler") + &task("node-fail", "index.fail")),
+        &["node"],
+    );
     hub.deploy(&pkg.manifest());
     let r = hub.call("node-hello", r#"{"a": 1}"#);
     assert_eq!(r.status(), 200, "{}", hub.log_text());

@@ -234,7 +234,12 @@ impl Pool {
             d.rate = demand.rate_per_s.max(0.0);
             d.service_s = demand.service_s.max(0.0);
         }
-        let target = target_workers(demand.rate_per_s, demand.service_s, self.min_warm, self.max_workers);
+        let target = target_workers(
+            demand.rate_per_s,
+            demand.service_s,
+            self.min_warm,
+            self.max_workers,
+        );
         if self.factory.policy == PoolPolicy::Demand {
             self.target.store(target, Ordering::Relaxed);
             let pool = self.clone();

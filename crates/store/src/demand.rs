@@ -5,7 +5,12 @@ use crate::{now_ms, Store, StoreError};
 use rusqlite::{params, OptionalExtension};
 
 impl Store {
-    pub async fn save_demand(&self, task: &str, rate: f64, service_s: f64) -> Result<(), StoreError> {
+    pub async fn save_demand(
+        &self,
+        task: &str,
+        rate: f64,
+        service_s: f64,
+    ) -> Result<(), StoreError> {
         let task = task.to_owned();
         self.write(move |c| {
             c.execute(
