@@ -59,6 +59,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let Some(tls) = config.tls else {
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         return axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await;
@@ -76,6 +80,7 @@ pub async fn serve(
                 }
             },
         };
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {

@@ -476,3 +476,23 @@ fn an_unmodified_node_handler_runs_through_the_npm_runtime_client() {
     assert!(msg.contains("node says no"), "{msg}");
     assert_eq!(hub.call("node-hello", "{}").status(), 200);
 }
+
+#[test]
+fn malformed_runtime_api_documents_fail_only_their_call() {
+    let hub = TestHub::start(&[]);
+    let pkg = package(
+        "[[task]]\nname = \"garbage\"\nruntime = \"process\"\ndir = \"garbage\"\ncommand = [\"./bootstrap\"]\ntimeout_ms = 10000\n",
+        &["garbage"],
+    );
+    hub.deploy(&pkg.manifest());
+    let (status, code, msg) = error_of(hub.call("garbage", "{}"));
+    assert_eq!((status, code.as_str()), (502, "task_error"));
+    assert!(
+        msg.contains("{not json at all") && msg.contains("Weird"),
+        "{msg}"
+    );
+    // A cut-off body is dropped; the worker's proper answer still lands.
+    let r = hub.call("garbage", "{}");
+    assert_eq!(r.status(), 200, "{}", hub.log_text());
+    assert_eq!(r.text().unwrap(), "\"recovered\"");
+}

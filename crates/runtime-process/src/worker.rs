@@ -80,6 +80,9 @@ pub struct Worker {
     pub started: Instant,
     pub last_used: Instant,
     pub calls: u64,
+    /// Set once the hub has killed the worker, before its exit is seen, so
+    /// it is never handed another call.
+    killed: std::sync::atomic::AtomicBool,
 }
 
 fn json_error(status: StatusCode, kind: &str, message: &str) -> Response {
@@ -523,6 +526,11 @@ impl Worker {
         });
         let app = router(shared.clone());
         let server = tokio::spawn(async move {
+            use axum::serve::ListenerExt;
+            // Calls are small request/response exchanges: no Nagle delay.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, app).await;
         });
 
@@ -550,6 +558,7 @@ impl Worker {
             started: Instant::now(),
             last_used: Instant::now(),
             calls: 0,
+            killed: std::sync::atomic::AtomicBool::new(false),
         };
         let mut ready = worker.shared.ready.subscribe();
         let exited = worker.exited.clone();
@@ -580,10 +589,12 @@ impl Worker {
     }
 
     pub fn is_alive(&self) -> bool {
-        self.exited.borrow().is_none()
+        !self.killed.load(std::sync::atomic::Ordering::Relaxed) && self.exited.borrow().is_none()
     }
 
     pub fn kill(&self) {
+        self.killed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         if self.pid > 0 {
             // SAFETY: signalling the worker's own process group.
             unsafe { libc::killpg(self.pid, libc::SIGKILL) };

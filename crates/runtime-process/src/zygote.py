@@ -147,6 +147,16 @@ def main():
     sys.modules["runtime_client"] = None
     import awslambdaric.__main__  # noqa: F401
     import awslambdaric.bootstrap  # noqa: F401
+    import pkgutil
+
+    # Everything the runtime client may import lazily, imported once here
+    # rather than privately in every worker.
+    for m in pkgutil.iter_modules(awslambdaric.__path__, "awslambdaric."):
+        if m.name != "awslambdaric.lambda_multi_concurrent_utils":
+            try:
+                importlib.import_module(m.name)
+            except Exception:
+                pass
 
     gc.collect()
     gc.freeze()
