@@ -266,8 +266,30 @@ async fn bench_instantiate(opts: &BenchOpts) -> Result<()> {
         task.instantiate_only().await.map_err(|e| anyhow!("{e}"))?;
     }
     let per = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    // A whole call without HTTP: scheduler admission, a fresh instance, the
+    // guest reading stdin and writing stdout, metrics.
+    let mut cfg = roost_hub::HubConfig::new(dir.path().join("hub"));
+    cfg.memory_budget_mb = 1024;
+    let hub = roost_hub::Hub::start(cfg).await?;
+    hub.deploy_package(&crate::example::package(crate::example::FILES)?)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let input = Bytes::from_static(b"0123456789abcdef");
+    for _ in 0..500 {
+        hub.call_sync("echo", input.clone(), Vec::new())
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    let t = Instant::now();
+    for _ in 0..n {
+        hub.call_sync("echo", input.clone(), Vec::new())
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    let call = t.elapsed().as_secs_f64() * 1e6 / n as f64;
     println!("\n[instantiate] fresh store + WASI context + instance from InstancePre (pooling allocator), {n} times");
     println!("  per instantiation        {per:>8.1} us   (target <= 20 us)");
+    println!("  whole echo call, no HTTP {call:>8.1} us   (admission, instance, WASI stdin/stdout, metrics)");
     Ok(())
 }
 
