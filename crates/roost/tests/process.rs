@@ -496,3 +496,36 @@ fn malformed_runtime_api_documents_fail_only_their_call() {
     assert_eq!(r.status(), 200, "{}", hub.log_text());
     assert_eq!(r.text().unwrap(), "\"recovered\"");
 }
+
+#[test]
+fn another_local_process_cannot_take_a_workers_calls() {
+    let hub = TestHub::start(&[]);
+    let pkg = package(&py_task("mine", "app.handler", "min_warm = 1"), &["py"]);
+    hub.deploy(&pkg.manifest());
+    let worker = worker_pids(&hub)
+        .into_iter()
+        .find_map(|pid| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            String::from_utf8_lossy(&env).split('\0').find_map(|kv| {
+                kv.strip_prefix("AWS_LAMBDA_RUNTIME_API=")
+                    .map(str::to_owned)
+            })
+        })
+        .expect("the worker's Runtime API address");
+    // This test process is not the worker: its /next is never answered.
+    let stolen = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap()
+        .get(format!(
+            "http://{worker}/2018-06-01/runtime/invocation/next"
+        ))
+        .send();
+    assert!(
+        stolen.is_err(),
+        "a stranger must not get a call: {stolen:?}"
+    );
+    let r = hub.call("mine", r#"{"still": "mine"}"#);
+    assert_eq!(r.status(), 200);
+    assert!(hub.log_text().contains("refused a Runtime API connection"));
+}

@@ -13,6 +13,7 @@
 //! [`pool::target_workers`]), within the task's `min_warm`/`max_workers`.
 
 mod isolation;
+mod peer;
 pub mod pool;
 mod worker;
 mod zygote;

@@ -525,13 +525,14 @@ impl Worker {
             logs,
         });
         let app = router(shared.clone());
+        let owner = crate::peer::Owner::default();
+        let own = crate::peer::OwnListener {
+            inner: listener,
+            owner: owner.clone(),
+            task: spec.task.to_string(),
+        };
         let server = tokio::spawn(async move {
-            use axum::serve::ListenerExt;
-            // Calls are small request/response exchanges: no Nagle delay.
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(own, app).await;
         });
 
         let env = lambda_env(spec, id, &addr.to_string(), hub_marker);
@@ -547,6 +548,7 @@ impl Worker {
                 return Err(f);
             }
         };
+        owner.set(pid, group.procs_paths().first().map(PathBuf::from));
         let mut worker = Worker {
             id,
             pid,

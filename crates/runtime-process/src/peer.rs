@@ -1,0 +1,148 @@
+//! Makes each worker's Runtime API endpoint serve its own worker only.
+//!
+//! The endpoint is a loopback TCP port (the Runtime API is addressed as
+//! `host:port`), which any local process could connect to. On accept, the
+//! hub finds the connecting socket in `/proc/net/tcp` and accepts the
+//! connection only if one of the worker's own processes (its cgroup, or its
+//! process group) holds that socket; anything else is closed unanswered.
+
+use parking_lot::Mutex;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Who may talk to an endpoint: set once the worker has started.
+#[derive(Clone, Default)]
+pub struct Owner(Arc<Mutex<Option<OwnerInfo>>>);
+
+#[derive(Clone)]
+struct OwnerInfo {
+    pgid: i32,
+    cgroup_procs: Option<PathBuf>,
+}
+
+impl Owner {
+    pub fn set(&self, pgid: i32, cgroup_procs: Option<PathBuf>) {
+        *self.0.lock() = Some(OwnerInfo { pgid, cgroup_procs });
+    }
+
+    fn allows(&self, peer: SocketAddr, local: SocketAddr) -> bool {
+        // A forked worker may connect before the hub has heard its pid.
+        let mut info = None;
+        for _ in 0..200 {
+            info = self.0.lock().clone();
+            if info.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let Some(info) = info else { return false };
+        let Some(inode) = socket_inode(peer, local) else {
+            return false;
+        };
+        let target = format!("socket:[{inode}]");
+        candidate_pids(&info)
+            .into_iter()
+            .any(|pid| holds(pid, &target))
+    }
+}
+
+/// The inode of the client end of a loopback connection from `peer` to `local`.
+fn socket_inode(peer: SocketAddr, local: SocketAddr) -> Option<u64> {
+    let (SocketAddr::V4(p), SocketAddr::V4(l)) = (peer, local) else {
+        return None;
+    };
+    let hex = |a: std::net::SocketAddrV4| {
+        format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(a.ip().octets()),
+            a.port()
+        )
+    };
+    let (want_local, want_remote) = (hex(p), hex(l));
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() > 9 && f[1] == want_local && f[2] == want_remote)
+            .then(|| f[9].parse().ok())
+            .flatten()
+    })
+}
+
+fn candidate_pids(info: &OwnerInfo) -> Vec<i32> {
+    if let Some(p) = &info.cgroup_procs {
+        if let Ok(s) = std::fs::read_to_string(p) {
+            return s.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        }
+    }
+    // No cgroup: the worker's process group.
+    let mut pids = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let pgrp = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+                .and_then(|g| g.parse::<i32>().ok());
+            if pgrp == Some(info.pgid) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+fn holds(pid: i32, target: &str) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target))
+}
+
+/// A listener that hands axum only the worker's own connections.
+pub struct OwnListener {
+    pub inner: TcpListener,
+    pub owner: Owner,
+    pub task: String,
+}
+
+impl axum::serve::Listener for OwnListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, peer) = match self.inner.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "runtime API accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    continue;
+                }
+            };
+            let Ok(local) = stream.local_addr() else {
+                continue;
+            };
+            let owner = self.owner.clone();
+            let allowed = tokio::task::spawn_blocking(move || owner.allows(peer, local))
+                .await
+                .unwrap_or(false);
+            if allowed {
+                let _ = stream.set_nodelay(true);
+                return (stream, peer);
+            }
+            tracing::warn!(task = %self.task, %peer, "refused a Runtime API connection that is not from this worker");
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
