@@ -45,6 +45,7 @@ pub fn router(hub: Hub, token: Option<String>) -> Router {
         .route("/v1/deployments/rollback", post(rollback))
         .route("/v1/deployments/active", get(active_deployment))
         .route("/v1/logs", get(logs))
+        .route("/v1/devices", get(devices))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .route("/healthz", get(healthz))
         .fallback(not_found)
@@ -240,6 +241,17 @@ async fn active_deployment(State(st): State<AppState>) -> Result<Response, ApiEr
             "nothing is deployed yet; run `roost deploy MANIFEST`",
         )),
     }
+}
+
+async fn devices(State(st): State<AppState>) -> Response {
+    let list: Vec<serde_json::Value> = st
+        .hub
+        .broker()
+        .devices()
+        .into_iter()
+        .map(|d| serde_json::json!({"name": d.name, "connected": d.connected, "client_ids": d.client_ids}))
+        .collect();
+    Json(serde_json::json!({ "devices": list })).into_response()
 }
 
 #[derive(Deserialize)]

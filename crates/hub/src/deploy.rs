@@ -21,6 +21,7 @@ pub const MANIFEST_FILE: &str = "manifest.toml";
 pub struct DeployReport {
     pub deployment: i64,
     pub tasks: Vec<String>,
+    pub devices: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,8 @@ pub enum DeployError {
 }
 
 type Tasks = HashMap<TaskName, Arc<dyn PreparedTask>>;
+/// A validated, prepared deployment, ready to switch to.
+type Prepared = (Tasks, Vec<roost_model::DeviceSpec>);
 
 impl Hub {
     /// Validates and applies a deployment package (a gzipped tar holding
@@ -62,17 +65,17 @@ impl Hub {
                     "it has no {MANIFEST_FILE} (use `roost deploy MANIFEST`)"
                 ))
             })?;
-            let tasks = self.prepare(&text, &dir).await?;
+            let prepared = self.prepare(&text, &dir).await?;
             self.inner
                 .store
                 .activate_new_deployment(id, text, dir.display().to_string())
                 .await?;
-            Ok(tasks)
+            Ok(prepared)
         }
         .await;
         match result {
-            Ok(tasks) => {
-                let report = self.switch_to(Some(id), tasks).await;
+            Ok(prepared) => {
+                let report = self.switch_to(Some(id), prepared).await;
                 self.remove_stale_packages();
                 tracing::info!(deployment = id, tasks = ?report.tasks, "deployment applied");
                 Ok(report)
@@ -98,11 +101,11 @@ impl Hub {
             .and_then(|id| self.inner.store.deployment(id).transpose())
             .transpose()?
             .ok_or(DeployError::NothingToRollBack)?;
-        let tasks = self
+        let prepared = self
             .prepare(&previous.manifest, Path::new(&previous.package_dir))
             .await?;
         self.inner.store.reactivate_deployment(previous.id).await?;
-        let report = self.switch_to(Some(previous.id), tasks).await;
+        let report = self.switch_to(Some(previous.id), prepared).await;
         tracing::info!(deployment = previous.id, "rolled back");
         Ok(report)
     }
@@ -130,8 +133,8 @@ impl Hub {
             .prepare(&stored.manifest, Path::new(&stored.package_dir))
             .await
         {
-            Ok(tasks) => {
-                let report = self.switch_to(Some(stored.id), tasks).await;
+            Ok(prepared) => {
+                let report = self.switch_to(Some(stored.id), prepared).await;
                 tracing::info!(deployment = stored.id, tasks = ?report.tasks, "active deployment loaded");
             }
             Err(e) => {
@@ -150,7 +153,7 @@ impl Hub {
 
     /// Validates a manifest and prepares each task with its runtime,
     /// collecting every problem.
-    async fn prepare(&self, text: &str, dir: &Path) -> Result<Tasks, DeployError> {
+    async fn prepare(&self, text: &str, dir: &Path) -> Result<Prepared, DeployError> {
         let manifest = roost_manifest::parse(text, dir).map_err(DeployError::Invalid)?;
         let mut problems = Vec::new();
         let mut tasks: Tasks = HashMap::new();
@@ -196,7 +199,7 @@ impl Hub {
             }
         }
         if problems.is_empty() {
-            Ok(tasks)
+            Ok((tasks, manifest.devices))
         } else {
             Err(DeployError::Invalid(problems))
         }
@@ -223,7 +226,18 @@ impl Hub {
         Ok(spec)
     }
 
-    async fn switch_to(&self, id: Option<i64>, tasks: Tasks) -> DeployReport {
+    async fn switch_to(&self, id: Option<i64>, (tasks, devices): Prepared) -> DeployReport {
+        self.inner.broker.set_devices(roost_broker::Devices::new(
+            devices
+                .iter()
+                .map(|d| roost_broker::Device {
+                    name: d.name.clone(),
+                    password_hash: Some(d.password_hash.clone()),
+                    publish: d.publish.clone(),
+                    subscribe: d.subscribe.clone(),
+                })
+                .collect(),
+        ));
         let mut names: Vec<String> = tasks.keys().map(|t| t.to_string()).collect();
         names.sort();
         let new = Arc::new(ActiveDeployment { id, tasks });
@@ -257,6 +271,7 @@ impl Hub {
         DeployReport {
             deployment: id.unwrap_or(0),
             tasks: names,
+            devices: devices.into_iter().map(|d| d.name).collect(),
         }
     }
 

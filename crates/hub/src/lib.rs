@@ -49,6 +49,8 @@ pub struct HubConfig {
     pub region: String,
     /// Size process pools at exactly `min_warm` instead of by demand.
     pub fixed_pools: bool,
+    /// The MQTT broker's settings.
+    pub broker: roost_broker::BrokerConfig,
 }
 
 impl HubConfig {
@@ -68,6 +70,7 @@ impl HubConfig {
             instance_slots: 1000,
             region: "us-east-1".into(),
             fixed_pools: false,
+            broker: roost_broker::BrokerConfig::default(),
         }
     }
 }
@@ -126,6 +129,7 @@ pub(crate) struct HubInner {
     pub logs: Arc<LogBook>,
     pub metrics: Metrics,
     pub wasm: Arc<roost_runtime_wasm::WasmRuntime>,
+    pub broker: roost_broker::Broker,
 }
 
 /// A running hub. Cheap to clone.
@@ -184,8 +188,10 @@ impl Hub {
         });
         let metrics = Metrics::default();
         metrics.memory_budget_mb.set(config.memory_budget_mb as i64);
+        let broker = roost_broker::Broker::new(config.broker.clone());
         let hub = Hub {
             inner: Arc::new(HubInner {
+                broker,
                 config,
                 store,
                 scheduler,
@@ -209,6 +215,11 @@ impl Hub {
 
     pub fn config(&self) -> &HubConfig {
         &self.inner.config
+    }
+
+    /// The hub's MQTT broker (the binary serves it on `--mqtt`).
+    pub fn broker(&self) -> &roost_broker::Broker {
+        &self.inner.broker
     }
 
     pub fn logs(&self) -> &LogBook {
@@ -238,7 +249,12 @@ impl Hub {
                 m.pool_warm_hits.get_or_create(&l).set(p.warm_hits as i64);
             }
         }
-        m.encode()
+        let mut text = m.encode();
+        // The broker keeps its own counters; its block goes before the
+        // OpenMetrics end marker.
+        let eof = text.rfind("# EOF").unwrap_or(text.len());
+        text.insert_str(eof, &self.inner.broker.metrics_text());
+        text
     }
 
     /// Modules compiled and held in memory (one per distinct code hash).

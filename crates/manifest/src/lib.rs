@@ -7,7 +7,9 @@
 //! symlink; a resource's `source` must be an absolute path that exists on
 //! the hub.
 
-use roost_model::{Access, Limits, Resource, RuntimeKind, TaskCode, TaskName, TaskSpec};
+use roost_model::{
+    Access, DeviceSpec, Limits, Resource, RuntimeKind, TaskCode, TaskName, TaskSpec,
+};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
@@ -36,6 +38,7 @@ impl std::fmt::Display for Problem {
 #[derive(Clone, Debug)]
 pub struct Manifest {
     pub tasks: Vec<TaskSpec>,
+    pub devices: Vec<DeviceSpec>,
 }
 
 pub const DEFAULT_MEMORY_MB: u32 = 64;
@@ -119,6 +122,7 @@ pub fn parse(text: &str, root: &Path) -> Result<Manifest, Vec<Problem>> {
         }
     };
     let mut tasks = Vec::new();
+    let mut devices = Vec::new();
     for (key, value) in &doc {
         match key.as_str() {
             "task" => {
@@ -145,7 +149,31 @@ pub fn parse(text: &str, root: &Path) -> Result<Manifest, Vec<Problem>> {
                     }
                 }
             }
-            "device" | "route" | "secret" => c.problem(
+            "device" => {
+                let Some(list) = value.as_array() else {
+                    c.problem("device", show(value), "write devices as [[device]] tables");
+                    continue;
+                };
+                let mut names = HashSet::new();
+                for (i, d) in list.iter().enumerate() {
+                    let field = format!("device[{i}]");
+                    let Some(d) = d.as_table() else {
+                        c.problem(field, show(d), "each [[device]] must be a table");
+                        continue;
+                    };
+                    if let Some(dev) = device(&mut c, &field, d) {
+                        if !names.insert(dev.name.clone()) {
+                            c.problem(
+                                format!("{field}.name"),
+                                dev.name.clone(),
+                                "another device already has this name",
+                            );
+                        }
+                        devices.push(dev);
+                    }
+                }
+            }
+            "route" | "secret" => c.problem(
                 key.clone(),
                 String::new(),
                 format!(
@@ -156,10 +184,109 @@ pub fn parse(text: &str, root: &Path) -> Result<Manifest, Vec<Problem>> {
         }
     }
     if c.problems.is_empty() {
-        Ok(Manifest { tasks })
+        Ok(Manifest { tasks, devices })
     } else {
         Err(c.problems)
     }
+}
+
+/// A device name: its MQTT user name and client id.
+fn device_name_ok(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 128
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// An MQTT topic filter (MQTT 4.7): `+` a whole level, `#` the whole last.
+fn topic_filter_ok(f: &str) -> bool {
+    if f.is_empty() || f.len() > 65_535 || f.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = f.split('/').collect();
+    levels.iter().enumerate().all(|(i, l)| match *l {
+        "#" => i == levels.len() - 1,
+        "+" => true,
+        l => !l.contains(['+', '#']),
+    })
+}
+
+fn device(c: &mut Checker, field: &str, t: &toml::Table) -> Option<DeviceSpec> {
+    let before = c.problems.len();
+    for k in t.keys() {
+        if !["name", "password_hash", "publish", "subscribe"].contains(&k.as_str()) {
+            c.problem(
+                format!("{field}.{k}"),
+                String::new(),
+                "unknown field; known fields are name, password_hash, publish, subscribe",
+            );
+        }
+    }
+    let name = string(c, t, field, "name").and_then(|n| {
+        if device_name_ok(n) {
+            Some(n.to_owned())
+        } else {
+            c.problem(
+                format!("{field}.name"),
+                format!("{n:?}"),
+                "use 1 to 128 characters of A-Z, a-z, 0-9, '-', '_' and '.'",
+            );
+            None
+        }
+    });
+    let hash = string(c, t, field, "password_hash").and_then(|h| {
+        match argon2::password_hash::PasswordHash::new(h) {
+            Ok(p) if p.algorithm.as_str().starts_with("argon2") => Some(h.to_owned()),
+            _ => {
+                c.problem(
+                    format!("{field}.password_hash"),
+                    String::new(),
+                    "not an argon2 hash; make one with `roost passwd`",
+                );
+                None
+            }
+        }
+    });
+    let mut filters = |key: &str| -> Option<Vec<String>> {
+        match t.get(key) {
+            None => Some(Vec::new()),
+            Some(Value::Array(a)) => {
+                let mut out = Vec::new();
+                for v in a {
+                    match v.as_str() {
+                        Some(f) if topic_filter_ok(&f.replace("{device}", "x")) => {
+                            out.push(f.to_owned())
+                        }
+                        _ => c.problem(
+                            format!("{field}.{key}"),
+                            show(v),
+                            "not a valid MQTT topic filter",
+                        ),
+                    }
+                }
+                Some(out)
+            }
+            Some(v) => {
+                c.problem(
+                    format!("{field}.{key}"),
+                    show(v),
+                    "must be a list of topic filters",
+                );
+                None
+            }
+        }
+    };
+    let publish = filters("publish");
+    let subscribe = filters("subscribe");
+    if c.problems.len() > before {
+        return None;
+    }
+    Some(DeviceSpec {
+        name: name?,
+        password_hash: hash?,
+        publish: publish?,
+        subscribe: subscribe?,
+    })
 }
 
 fn int_in<T: TryFrom<i64> + Copy>(

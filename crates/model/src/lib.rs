@@ -278,4 +278,4 @@ mod tests {
 }
 
 pub mod task;
-pub use task::{Access, Resource, TaskCode, TaskSpec};
+pub use task::{Access, DeviceSpec, Resource, TaskCode, TaskSpec};

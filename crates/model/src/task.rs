@@ -57,3 +57,16 @@ pub struct TaskSpec {
     pub resources: Vec<Resource>,
     pub code: TaskCode,
 }
+
+/// A device from the manifest: its MQTT identity and topic policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSpec {
+    /// Its MQTT user name and client id.
+    pub name: String,
+    /// argon2 PHC string from `roost passwd`.
+    pub password_hash: String,
+    /// Topic filters it may publish to; `{device}` is its own name.
+    pub publish: Vec<String>,
+    /// Topic filters it may subscribe to.
+    pub subscribe: Vec<String>,
+}

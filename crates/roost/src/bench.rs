@@ -110,7 +110,7 @@ impl HubProcess {
             .arg("hub")
             .arg("--data-dir")
             .arg(data.path())
-            .args(["--http", "127.0.0.1:0"])
+            .args(["--http", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"])
             .args(extra)
             .env("ROOST_LOG", "warn")
             .stdout(Stdio::null())

@@ -212,6 +212,38 @@ pub fn tasks(hub: &HubArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
+pub fn devices(hub: &HubArgs, json: bool) -> Result<()> {
+    let c = client(Some(Duration::from_secs(30)))?;
+    let v: serde_json::Value = check(send(c.get(url(hub, "/v1/devices")), hub)?)?.json()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let devices = v["devices"].as_array().cloned().unwrap_or_default();
+    if devices.is_empty() {
+        println!("no devices deployed; add [[device]] entries to a manifest and `roost deploy` it");
+        return Ok(());
+    }
+    println!("{:<32} {:<12} CLIENT IDS", "DEVICE", "STATE");
+    for d in devices {
+        let ids: Vec<&str> = d["client_ids"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
+        println!(
+            "{:<32} {:<12} {}",
+            d["name"].as_str().unwrap_or("?"),
+            if d["connected"].as_bool() == Some(true) {
+                "connected"
+            } else {
+                "offline"
+            },
+            ids.join(",")
+        );
+    }
+    Ok(())
+}
+
 pub fn logs(hub: &HubArgs, task: Option<&str>, follow: bool) -> Result<()> {
     let c = client(if follow {
         None

@@ -16,6 +16,20 @@ pub struct HubOpts {
     /// is written to DATA_DIR/endpoints.json. Anything but loopback needs --token.
     #[arg(long, env = "ROOST_HTTP", default_value = "127.0.0.1:8420")]
     http: SocketAddr,
+    /// Address of the MQTT broker (devices on the LAN need 0.0.0.0:1883).
+    /// Port 0 picks a free port (written to DATA_DIR/endpoints.json).
+    #[arg(long, env = "ROOST_MQTT", default_value = "127.0.0.1:1883")]
+    mqtt: SocketAddr,
+    /// Accept MQTT clients that give no user name (they may publish and
+    /// subscribe anywhere). Off by default: devices log in with their name.
+    #[arg(long, env = "ROOST_ALLOW_ANONYMOUS")]
+    allow_anonymous: bool,
+    /// Largest MQTT packet accepted, in bytes.
+    #[arg(long, env = "ROOST_MQTT_MAX_PACKET", default_value_t = 1 << 20)]
+    mqtt_max_packet_bytes: usize,
+    /// Messages kept for an offline persistent MQTT session.
+    #[arg(long, env = "ROOST_MQTT_SESSION_QUEUE", default_value_t = 1000)]
+    mqtt_session_queue: usize,
     /// Memory running calls may reserve, in MiB (each running call reserves
     /// its task's memory_mb). Default: half of the machine's memory.
     #[arg(long, env = "ROOST_MEMORY_BUDGET_MB")]
@@ -114,6 +128,9 @@ async fn serve(opts: HubOpts) -> Result<()> {
     config.retention = Duration::from_secs(opts.retention_s);
     config.region = opts.region.clone();
     config.fixed_pools = opts.pool_policy == "fixed";
+    config.broker.allow_anonymous = opts.allow_anonymous;
+    config.broker.max_packet_bytes = opts.mqtt_max_packet_bytes;
+    config.broker.session_queue_limit = opts.mqtt_session_queue;
     let listener = tokio::net::TcpListener::bind(opts.http)
         .await
         .with_context(|| {
@@ -123,6 +140,10 @@ async fn serve(opts: HubOpts) -> Result<()> {
             )
         })?;
     let addr = listener.local_addr()?;
+    let mqtt_listener = tokio::net::TcpListener::bind(opts.mqtt)
+        .await
+        .with_context(|| format!("cannot listen for MQTT on {} (is mosquitto or another hub running? try --mqtt 127.0.0.1:0)", opts.mqtt))?;
+    let mqtt_addr = mqtt_listener.local_addr()?;
     let hub = Hub::start(config).await.with_context(|| {
         format!(
             "cannot start the hub with data dir {}",
@@ -142,14 +163,18 @@ async fn serve(opts: HubOpts) -> Result<()> {
     } else {
         "http"
     };
-    let endpoints =
-        serde_json::json!({ "http": addr.to_string(), "url": format!("{scheme}://{addr}") });
+    tokio::spawn(hub.broker().clone().serve(mqtt_listener));
+    let endpoints = serde_json::json!({
+        "http": addr.to_string(),
+        "url": format!("{scheme}://{addr}"),
+        "mqtt": mqtt_addr.to_string(),
+    });
     std::fs::write(
         opts.data_dir.join("endpoints.json"),
         serde_json::to_vec_pretty(&endpoints)?,
     )?;
     let app = roost_api::router(hub.clone(), opts.token.clone());
-    tracing::info!(url = %format!("{scheme}://{addr}"), budget_mb = hub.config().memory_budget_mb, "roost hub serving");
+    tracing::info!(url = %format!("{scheme}://{addr}"), mqtt = %mqtt_addr, anonymous = opts.allow_anonymous, budget_mb = hub.config().memory_budget_mb, "roost hub serving");
     if opts.example {
         eprintln!(
             "\nThe example is deployed. Try:\n  curl -d 'world' {scheme}://{addr}/v1/tasks/greet/calls\n  roost call echo --input - --hub {scheme}://{addr} <<< 'hi'\n  roost tasks --hub {scheme}://{addr}\n"

@@ -34,7 +34,7 @@ pub struct HubArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Run the hub daemon: the scheduler, the runtimes and the HTTP API.
-    Hub(hub_cmd::HubOpts),
+    Hub(Box<hub_cmd::HubOpts>),
     /// Send a deployment manifest (and the files it names) to the hub.
     ///
     /// The hub validates the whole manifest, lists every problem, and applies
@@ -80,6 +80,14 @@ enum Command {
         #[command(flatten)]
         hub: HubArgs,
     },
+    /// List the deployed devices and whether each is connected over MQTT.
+    Devices {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        hub: HubArgs,
+    },
     /// Print task log lines (what tasks write to stderr).
     Logs {
         /// Only this task's lines.
@@ -99,7 +107,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Hub(opts) => hub_cmd::run(opts),
+        Command::Hub(opts) => hub_cmd::run(*opts),
         Command::Deploy {
             manifest,
             rollback,
@@ -113,6 +121,7 @@ fn main() -> ExitCode {
         } => client::call(&hub, &task, asynchronous, input.as_deref()),
         Command::Status { id, output, hub } => client::status(&hub, &id, output),
         Command::Tasks { json, hub } => client::tasks(&hub, json),
+        Command::Devices { json, hub } => client::devices(&hub, json),
         Command::Logs { task, follow, hub } => client::logs(&hub, task.as_deref(), follow),
         Command::Passwd => passwd(),
         Command::Bench(opts) => bench::run(opts),

@@ -16,6 +16,8 @@ pub fn wasm_dir() -> PathBuf {
 
 pub struct TestHub {
     pub url: String,
+    /// The MQTT broker's address, host:port.
+    pub mqtt: String,
     pub data_dir: PathBuf,
     pub child: Option<Child>,
     pub args: Vec<String>,
@@ -29,6 +31,7 @@ impl TestHub {
         let data_dir = tmp.path().join("data");
         let mut hub = TestHub {
             url: String::new(),
+            mqtt: String::new(),
             data_dir,
             child: None,
             args: args.iter().map(|s| s.to_string()).collect(),
@@ -52,7 +55,7 @@ impl TestHub {
             .arg("hub")
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .args(["--http", "127.0.0.1:0"])
+            .args(["--http", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"])
             .args(&self.args)
             .env("ROOST_LOG", "info,roost_runtime_wasm=debug")
             .stdout(Stdio::null())
@@ -65,6 +68,7 @@ impl TestHub {
             if let Ok(text) = std::fs::read_to_string(&endpoints) {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
                     self.url = v["url"].as_str().unwrap().to_owned();
+                    self.mqtt = v["mqtt"].as_str().unwrap_or_default().to_owned();
                     if http().get(format!("{}/healthz", self.url)).send().is_ok() {
                         return;
                     }

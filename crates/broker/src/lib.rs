@@ -1,0 +1,376 @@
+//! The hub's MQTT broker: MQTT 3.1.1 and 5.0 for any standard client, with
+//! device identity and per-device topic policies.
+//!
+//! The wire format comes from `mqtt5-protocol` (both protocol versions,
+//! maintained, used by its own broker); the broker logic is ours, because no
+//! Rust broker crate gives us device policies from the deployment and the
+//! hub's own durability and routing hooks. This crate owns sessions,
+//! subscriptions (a topic trie), retained messages, QoS flows, wills and
+//! keep-alive; it knows nothing of tasks or HTTP.
+
+mod connection;
+pub mod policy;
+pub mod topic;
+
+pub use policy::{Device, Devices, Policy};
+
+use bytes::Bytes;
+use mqtt5_protocol::Properties;
+use parking_lot::{Mutex, RwLock};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use topic::Trie;
+
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// Accept clients that give no user name.
+    pub allow_anonymous: bool,
+    /// Largest packet accepted, in bytes.
+    pub max_packet_bytes: usize,
+    /// Messages kept for an offline persistent session; older ones are dropped.
+    pub session_queue_limit: usize,
+    /// Messages waiting to be written to one connection; past it the client
+    /// is too slow and is disconnected.
+    pub outgoing_buffer: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            allow_anonymous: false,
+            max_packet_bytes: 1 << 20,
+            session_queue_limit: 1000,
+            outgoing_buffer: 1000,
+        }
+    }
+}
+
+/// A message as the broker routes it.
+#[derive(Clone, Debug)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    /// MQTT 5 properties to forward (topic alias removed).
+    pub properties: Properties,
+    /// The client id that published it (for no-local).
+    pub from: String,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SubOptions {
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+}
+
+/// What the broker hands a connection.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    Deliver(Message),
+    /// Another connection took over this session.
+    TakenOver,
+}
+
+pub(crate) struct Session {
+    pub conn: Option<(u64, mpsc::Sender<Outbound>)>,
+    pub persistent: bool,
+    pub subscriptions: HashMap<String, SubOptions>,
+    pub queue: VecDeque<Message>,
+    pub device: Option<String>,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    pub sessions: HashMap<String, Session>,
+    pub subs: Trie<SubOptions>,
+    pub retained: HashMap<String, Message>,
+}
+
+/// Counters for metrics.
+#[derive(Default)]
+pub struct Stats {
+    pub connections: AtomicU64,
+    pub connects_refused: AtomicU64,
+    pub messages_in: [AtomicU64; 3],
+    pub messages_out: [AtomicU64; 3],
+    pub dropped_by_policy: AtomicU64,
+    pub dropped_queue_full: AtomicU64,
+    pub slow_clients_dropped: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+pub(crate) struct Inner {
+    pub config: BrokerConfig,
+    pub state: Mutex<State>,
+    pub devices: RwLock<Arc<Devices>>,
+    pub stats: Stats,
+    pub next_conn: AtomicU64,
+}
+
+/// A running broker. Cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// A device as `roost devices` shows it.
+#[derive(Clone, Debug)]
+pub struct DeviceState {
+    pub name: String,
+    pub connected: bool,
+    pub client_ids: Vec<String>,
+}
+
+impl Broker {
+    pub fn new(config: BrokerConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                state: Mutex::new(State::default()),
+                devices: RwLock::new(Arc::new(Devices::default())),
+                stats: Stats::default(),
+                next_conn: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Replaces the device list (from a deployment).
+    pub fn set_devices(&self, devices: Devices) {
+        *self.inner.devices.write() = Arc::new(devices);
+    }
+
+    /// Serves MQTT on an already bound listener until the task is dropped.
+    pub async fn serve(self, listener: tokio::net::TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "MQTT accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let broker = self.clone();
+            tokio::spawn(async move {
+                connection::run(broker, stream, peer).await;
+            });
+        }
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// Sessions the broker holds (connected or persistent offline).
+    pub fn session_count(&self) -> usize {
+        self.inner.state.lock().sessions.len()
+    }
+
+    /// Connections open now.
+    pub fn connected_count(&self) -> usize {
+        self.inner
+            .state
+            .lock()
+            .sessions
+            .values()
+            .filter(|s| s.conn.is_some())
+            .count()
+    }
+
+    pub fn retained_count(&self) -> usize {
+        self.inner.state.lock().retained.len()
+    }
+
+    /// Every deployed device with its connection state.
+    pub fn devices(&self) -> Vec<DeviceState> {
+        let devices = self.inner.devices.read().clone();
+        let st = self.inner.state.lock();
+        let mut out: Vec<DeviceState> = devices
+            .names()
+            .map(|name| {
+                let client_ids: Vec<String> = st
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| s.conn.is_some() && s.device.as_deref() == Some(name))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                DeviceState {
+                    name: name.to_owned(),
+                    connected: !client_ids.is_empty(),
+                    client_ids,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Publishes a message from inside the hub (routes, tasks).
+    pub fn publish(&self, message: Message) {
+        route(&self.inner, message);
+    }
+
+    /// Prometheus text for the broker's counters, names prefixed `roost_mqtt_`.
+    pub fn metrics_text(&self) -> String {
+        let s = &self.inner.stats;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = String::new();
+        let mut line = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
+            out.push_str(&format!(
+                "# HELP roost_mqtt_{name} {help}\n# TYPE roost_mqtt_{name} {kind}\n"
+            ));
+            for (labels, v) in rows {
+                let suffix = if kind == "counter" { "_total" } else { "" };
+                out.push_str(&format!("roost_mqtt_{name}{suffix}{labels} {v}\n"));
+            }
+        };
+        line(
+            "connections",
+            "counter",
+            "MQTT connections accepted",
+            vec![(String::new(), g(&s.connections))],
+        );
+        line(
+            "connects_refused",
+            "counter",
+            "CONNECTs refused (bad credentials, policy)",
+            vec![(String::new(), g(&s.connects_refused))],
+        );
+        line(
+            "clients_connected",
+            "gauge",
+            "MQTT clients connected now",
+            vec![(String::new(), self.connected_count() as u64)],
+        );
+        line(
+            "sessions",
+            "gauge",
+            "Sessions held (connected or persistent)",
+            vec![(String::new(), self.session_count() as u64)],
+        );
+        line(
+            "retained",
+            "gauge",
+            "Retained messages",
+            vec![(String::new(), self.retained_count() as u64)],
+        );
+        line(
+            "messages_in",
+            "counter",
+            "PUBLISH packets received, by QoS",
+            (0..3)
+                .map(|q| (format!("{{qos=\"{q}\"}}"), g(&s.messages_in[q])))
+                .collect(),
+        );
+        line(
+            "messages_out",
+            "counter",
+            "PUBLISH packets sent, by QoS",
+            (0..3)
+                .map(|q| (format!("{{qos=\"{q}\"}}"), g(&s.messages_out[q])))
+                .collect(),
+        );
+        line(
+            "dropped_by_policy",
+            "counter",
+            "Publishes dropped because the device's policy does not allow the topic",
+            vec![(String::new(), g(&s.dropped_by_policy))],
+        );
+        line(
+            "dropped_queue_full",
+            "counter",
+            "Messages dropped from a full offline session queue",
+            vec![(String::new(), g(&s.dropped_queue_full))],
+        );
+        line(
+            "slow_clients_dropped",
+            "counter",
+            "Clients disconnected for not reading",
+            vec![(String::new(), g(&s.slow_clients_dropped))],
+        );
+        line(
+            "bytes_in",
+            "counter",
+            "Bytes received",
+            vec![(String::new(), g(&s.bytes_in))],
+        );
+        line(
+            "bytes_out",
+            "counter",
+            "Bytes sent",
+            vec![(String::new(), g(&s.bytes_out))],
+        );
+        out
+    }
+}
+
+/// Delivers a message to every matching subscription (and keeps it if it
+/// is retained). Never blocks: a connection whose buffer is full is told to
+/// go, an offline persistent session queues up to its limit.
+pub(crate) fn route(inner: &Inner, msg: Message) {
+    let mut st = inner.state.lock();
+    if msg.retain {
+        if msg.payload.is_empty() {
+            st.retained.remove(&msg.topic);
+        } else {
+            st.retained.insert(msg.topic.clone(), msg.clone());
+        }
+    }
+    let mut matched = Vec::new();
+    st.subs.matching(&msg.topic, &mut matched);
+    // A client subscribed through several filters gets the message once, at
+    // the highest QoS granted.
+    let mut best: HashMap<String, SubOptions> = HashMap::new();
+    for (client, opts) in matched {
+        if opts.no_local && client == msg.from {
+            continue;
+        }
+        best.entry(client)
+            .and_modify(|o| {
+                if opts.qos > o.qos {
+                    *o = opts
+                }
+            })
+            .or_insert(opts);
+    }
+    let limit = inner.config.session_queue_limit;
+    for (client, opts) in best {
+        let Some(session) = st.sessions.get_mut(&client) else {
+            continue;
+        };
+        let mut m = msg.clone();
+        m.qos = m.qos.min(opts.qos);
+        m.retain = opts.retain_as_published && msg.retain;
+        match &session.conn {
+            Some((_, tx)) if tx.try_send(Outbound::Deliver(m.clone())).is_err() => {
+                inner
+                    .stats
+                    .slow_clients_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(client = %client, "client is not reading; disconnecting it");
+                session.conn = None;
+                if session.persistent && m.qos > 0 && session.queue.len() < limit {
+                    session.queue.push_back(m);
+                }
+            }
+            Some(_) => {}
+            None if session.persistent && m.qos > 0 => {
+                if session.queue.len() >= limit {
+                    session.queue.pop_front();
+                    inner
+                        .stats
+                        .dropped_queue_full
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                session.queue.push_back(m);
+            }
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Topic names, topic filters and the subscription trie.
+//!
+//! Matching is a walk down a trie of filter levels (one branch per literal
+//! level, one for `+`, and subscribers of `#` kept at the node they hang
+//! from), so publishing costs the depth of the topic, not the number of
+//! subscriptions.
+
+use std::collections::HashMap;
+
+/// Longest topic or filter accepted (the protocol's UTF-8 string limit).
+pub const MAX_TOPIC_LEN: usize = 65_535;
+
+/// A topic a message is published to: no wildcards, no NUL, not empty.
+pub fn valid_topic_name(t: &str) -> bool {
+    !t.is_empty() && t.len() <= MAX_TOPIC_LEN && !t.contains(['+', '#', '\0'])
+}
+
+/// A subscription filter: `+` fills a whole level, `#` only the whole last level.
+pub fn valid_filter(f: &str) -> bool {
+    if f.is_empty() || f.len() > MAX_TOPIC_LEN || f.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = f.split('/').collect();
+    levels.iter().enumerate().all(|(i, l)| match *l {
+        "#" => i == levels.len() - 1,
+        "+" => true,
+        l => !l.contains(['+', '#']),
+    })
+}
+
+/// Whether `topic` matches `filter`; wildcards at the first level do not
+/// match topics starting with `$` (MQTT 4.7.2).
+pub fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Whether every topic `inner` matches is also matched by `outer` (used to
+/// check a SUBSCRIBE against a device's allowed filters).
+pub fn filter_within(inner: &str, outer: &str) -> bool {
+    let mut i = inner.split('/');
+    let mut o = outer.split('/');
+    loop {
+        match (i.next(), o.next()) {
+            (_, Some("#")) => return true,
+            (Some("#"), _) => return false,
+            (Some(_), Some("+")) => {}
+            (Some("+"), Some(_)) => return false,
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Node<V> {
+    children: HashMap<String, Node<V>>,
+    plus: Option<Box<Node<V>>>,
+    /// Subscribers whose filter ends here.
+    here: HashMap<String, V>,
+    /// Subscribers whose filter ends with `#` right below here.
+    hash: HashMap<String, V>,
+}
+
+impl<V> Default for Node<V> {
+    fn default() -> Self {
+        Self {
+            children: HashMap::new(),
+            plus: None,
+            here: HashMap::new(),
+            hash: HashMap::new(),
+        }
+    }
+}
+
+impl<V> Node<V> {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty()
+            && self.plus.is_none()
+            && self.here.is_empty()
+            && self.hash.is_empty()
+    }
+}
+
+/// Subscriptions: filter → (subscriber key → value).
+#[derive(Debug)]
+pub struct Trie<V> {
+    root: Node<V>,
+    len: usize,
+}
+
+impl<V> Default for Trie<V> {
+    fn default() -> Self {
+        Self {
+            root: Node::default(),
+            len: 0,
+        }
+    }
+}
+
+impl<V: Clone> Trie<V> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Adds or replaces `key`'s subscription to `filter` (a valid filter).
+    pub fn insert(&mut self, filter: &str, key: &str, value: V) {
+        let mut node = &mut self.root;
+        let mut levels = filter.split('/').peekable();
+        while let Some(level) = levels.next() {
+            if level == "#" {
+                if node.hash.insert(key.to_owned(), value).is_none() {
+                    self.len += 1;
+                }
+                return;
+            }
+            node = if level == "+" {
+                node.plus.get_or_insert_with(Default::default)
+            } else {
+                node.children.entry(level.to_owned()).or_default()
+            };
+            if levels.peek().is_none() {
+                if node.here.insert(key.to_owned(), value).is_none() {
+                    self.len += 1;
+                }
+                return;
+            }
+        }
+    }
+
+    /// Removes `key`'s subscription to `filter`; true if there was one.
+    pub fn remove(&mut self, filter: &str, key: &str) -> bool {
+        fn walk<V>(node: &mut Node<V>, levels: &[&str], key: &str) -> bool {
+            let Some((first, rest)) = levels.split_first() else {
+                return node.here.remove(key).is_some();
+            };
+            if *first == "#" {
+                return node.hash.remove(key).is_some();
+            }
+            let removed;
+            if *first == "+" {
+                let Some(child) = node.plus.as_mut() else {
+                    return false;
+                };
+                removed = walk(child, rest, key);
+                if child.is_empty() {
+                    node.plus = None;
+                }
+            } else {
+                let Some(child) = node.children.get_mut(*first) else {
+                    return false;
+                };
+                removed = walk(child, rest, key);
+                if child.is_empty() {
+                    node.children.remove(*first);
+                }
+            }
+            removed
+        }
+        let levels: Vec<&str> = filter.split('/').collect();
+        let removed = walk(&mut self.root, &levels, key);
+        if removed {
+            self.len -= 1;
+        }
+        removed
+    }
+
+    /// Every (key, value) whose filter matches `topic`; a key subscribed
+    /// through several filters appears once per filter.
+    pub fn matching(&self, topic: &str, out: &mut Vec<(String, V)>) {
+        fn walk<V: Clone>(
+            node: &Node<V>,
+            levels: &[&str],
+            first: bool,
+            dollar: bool,
+            out: &mut Vec<(String, V)>,
+        ) {
+            let wild_ok = !(first && dollar);
+            if wild_ok {
+                out.extend(node.hash.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+            let Some((level, rest)) = levels.split_first() else {
+                out.extend(node.here.iter().map(|(k, v)| (k.clone(), v.clone())));
+                return;
+            };
+            if let Some(child) = node.children.get(*level) {
+                walk(child, rest, false, dollar, out);
+            }
+            if wild_ok {
+                if let Some(child) = &node.plus {
+                    walk(child, rest, false, dollar, out);
+                }
+            }
+        }
+        let levels: Vec<&str> = topic.split('/').collect();
+        walk(&self.root, &levels, true, topic.starts_with('$'), out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_filters_are_validated() {
+        assert!(valid_topic_name("a/b"));
+        assert!(valid_topic_name("/"));
+        for bad in ["", "a/+", "a/#", "a\0b"] {
+            assert!(!valid_topic_name(bad), "{bad:?}");
+        }
+        for ok in ["#", "+", "a/+/c", "a/#", "+/+", "/#"] {
+            assert!(valid_filter(ok), "{ok}");
+        }
+        for bad in ["", "a/#/b", "a+", "a/b#", "#/a", "a/++"] {
+            assert!(!valid_filter(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn wildcards_match_as_the_spec_says() {
+        assert!(matches("a/+/c", "a/b/c"));
+        assert!(!matches("a/+/c", "a/b/d"));
+        assert!(matches("a/#", "a"));
+        assert!(matches("a/#", "a/b/c"));
+        assert!(matches("#", "a/b"));
+        assert!(!matches("#", "$SYS/x"));
+        assert!(!matches("+/x", "$SYS/x"));
+        assert!(matches("$SYS/#", "$SYS/x"));
+        assert!(!matches("a/b", "a/b/c"));
+    }
+
+    #[test]
+    fn filter_containment_is_conservative() {
+        assert!(filter_within("sensors/s1/temp", "sensors/s1/#"));
+        assert!(filter_within("sensors/s1/#", "sensors/s1/#"));
+        assert!(filter_within("sensors/+/temp", "sensors/#"));
+        assert!(!filter_within("sensors/#", "sensors/s1/#"));
+        assert!(!filter_within("sensors/+/temp", "sensors/s1/+"));
+        assert!(!filter_within("#", "sensors/#"));
+    }
+
+    #[test]
+    fn the_trie_finds_exactly_the_matching_subscriptions() {
+        let mut t = Trie::default();
+        let subs = ["a/b", "a/+", "a/#", "#", "+/b", "a/b/c", "$SYS/#"];
+        for (i, f) in subs.iter().enumerate() {
+            t.insert(f, &format!("c{i}"), i);
+        }
+        assert_eq!(t.len(), subs.len());
+        for topic in ["a/b", "a", "a/b/c", "x/b", "$SYS/load", "b"] {
+            let mut got: Vec<usize> = Vec::new();
+            let mut out = Vec::new();
+            t.matching(topic, &mut out);
+            got.extend(out.into_iter().map(|(_, v)| v));
+            got.sort();
+            let want: Vec<usize> = subs
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| matches(f, topic))
+                .map(|(i, _)| i)
+                .collect();
+            assert_eq!(got, want, "topic {topic}");
+        }
+        assert!(t.remove("a/+", "c1"));
+        assert!(!t.remove("a/+", "c1"));
+        assert_eq!(t.len(), subs.len() - 1);
+    }
+}
