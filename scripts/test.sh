@@ -13,6 +13,7 @@ step() { printf '\n==> %s\n' "$*"; }
 missing=()
 command -v openssl >/dev/null || missing+=(openssl)
 command -v curl >/dev/null || missing+=(curl)
+command -v mosquitto_pub >/dev/null || missing+=(mosquitto-clients)
 # The npm Lambda runtime client builds a native addon with these.
 command -v cmake >/dev/null || missing+=(cmake)
 command -v autoconf >/dev/null || missing+=(autoconf)

@@ -1,0 +1,564 @@
+//! The embedded MQTT broker against clients we did not write
+//! (`mosquitto_pub`, `mosquitto_sub`), both MQTT 3.1.1 and 5, plus raw
+//! sockets for hostile input.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn host_port(hub: &TestHub) -> (String, String) {
+    let (h, p) = hub.mqtt.rsplit_once(':').unwrap();
+    (h.to_owned(), p.to_owned())
+}
+
+fn pub_(hub: &TestHub, args: &[&str]) -> std::process::Output {
+    let (h, p) = host_port(hub);
+    Command::new("mosquitto_pub")
+        .args(["-h", &h, "-p", &p])
+        .args(args)
+        .output()
+        .expect("mosquitto_pub (apt install mosquitto-clients)")
+}
+
+/// A subscriber collecting `count` messages (or until the timeout).
+fn sub(hub: &TestHub, args: &[&str], count: usize, secs: u32) -> Child {
+    let (h, p) = host_port(hub);
+    let child = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            &h,
+            "-p",
+            &p,
+            "-v",
+            "-C",
+            &count.to_string(),
+            "-W",
+            &secs.to_string(),
+        ])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (apt install mosquitto-clients)");
+    // Give it time to subscribe.
+    std::thread::sleep(Duration::from_millis(300));
+    child
+}
+
+fn lines(c: Child) -> Vec<String> {
+    let out = c.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn hash(password: &str) -> String {
+    let mut child = Command::new(roost_bin())
+        .arg("passwd")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(password.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn hub_with_devices() -> (TestHub, Package) {
+    let hub = TestHub::start(&[]);
+    let manifest = format!(
+        r#"
+[[device]]
+name = "sensor-1"
+password_hash = "{}"
+publish = ["sensors/{{device}}/#"]
+subscribe = ["commands/{{device}}/#"]
+
+[[device]]
+name = "panel"
+password_hash = "{}"
+publish = ["commands/#"]
+subscribe = ["sensors/#"]
+"#,
+        hash("s1-secret"),
+        hash("panel-secret")
+    );
+    let pkg = Package::new(&manifest, &[]);
+    hub.deploy(&pkg.manifest());
+    (hub, pkg)
+}
+
+#[test]
+fn mosquitto_clients_exchange_messages_across_3_1_1_and_5() {
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    let v5 = sub(&hub, &["-t", "a/#", "-q", "2", "-V", "mqttv5"], 3, 10);
+    let v3 = sub(&hub, &["-t", "a/+", "-q", "1", "-V", "mqttv311"], 3, 10);
+    for (topic, msg, qos, version) in [
+        ("a/b", "zero", "0", "mqttv311"),
+        ("a/c", "one", "1", "mqttv5"),
+        ("a/d", "two", "2", "mqttv311"),
+    ] {
+        let out = pub_(&hub, &["-t", topic, "-m", msg, "-q", qos, "-V", version]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let want = vec!["a/b zero".to_string(), "a/c one".into(), "a/d two".into()];
+    assert_eq!(lines(v5), want);
+    assert_eq!(lines(v3), want);
+}
+
+#[test]
+fn retained_messages_reach_late_subscribers_and_an_empty_retain_clears_them() {
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    assert!(
+        pub_(&hub, &["-t", "state/door", "-m", "open", "-r", "-q", "1"])
+            .status
+            .success()
+    );
+    let late = sub(&hub, &["-t", "state/#"], 1, 5);
+    assert_eq!(lines(late), vec!["state/door open"]);
+    assert!(pub_(&hub, &["-t", "state/door", "-n", "-r"])
+        .status
+        .success());
+    let later = sub(&hub, &["-t", "state/#"], 1, 1);
+    assert!(lines(later).is_empty());
+}
+
+#[test]
+fn anonymous_clients_are_refused_unless_allowed_and_devices_need_their_password() {
+    let (hub, _p) = hub_with_devices();
+    let anon = pub_(&hub, &["-t", "x", "-m", "y"]);
+    assert!(
+        !anon.status.success(),
+        "an anonymous client must be refused"
+    );
+    let wrong = pub_(
+        &hub,
+        &[
+            "-u",
+            "sensor-1",
+            "-P",
+            "nope",
+            "-t",
+            "sensors/sensor-1/t",
+            "-m",
+            "1",
+        ],
+    );
+    assert!(!wrong.status.success(), "a wrong password must be refused");
+    let unknown = pub_(
+        &hub,
+        &["-u", "ghost", "-P", "x", "-t", "sensors/ghost/t", "-m", "1"],
+    );
+    assert!(!unknown.status.success());
+    let ok = pub_(
+        &hub,
+        &[
+            "-u",
+            "sensor-1",
+            "-P",
+            "s1-secret",
+            "-i",
+            "sensor-1",
+            "-t",
+            "sensors/sensor-1/t",
+            "-m",
+            "1",
+        ],
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let m = http()
+        .get(format!("{}/metrics", hub.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(m.contains("roost_mqtt_connects_refused_total 3"), "{m}");
+}
+
+#[test]
+fn device_cannot_publish_or_subscribe_outside_its_policy() {
+    let (hub, _p) = hub_with_devices();
+    let panel = sub(
+        &hub,
+        &[
+            "-u",
+            "panel",
+            "-P",
+            "panel-secret",
+            "-t",
+            "sensors/#",
+            "-V",
+            "mqttv5",
+        ],
+        2,
+        4,
+    );
+    // Inside the policy: delivered. Outside: dropped, and MQTT 5 says so.
+    let ok = pub_(
+        &hub,
+        &[
+            "-u",
+            "sensor-1",
+            "-P",
+            "s1-secret",
+            "-t",
+            "sensors/sensor-1/temp",
+            "-m",
+            "21",
+            "-q",
+            "1",
+            "-V",
+            "mqttv5",
+        ],
+    );
+    assert!(ok.status.success());
+    let denied = pub_(
+        &hub,
+        &[
+            "-u",
+            "sensor-1",
+            "-P",
+            "s1-secret",
+            "-t",
+            "sensors/other/temp",
+            "-m",
+            "99",
+            "-q",
+            "1",
+            "-V",
+            "mqttv5",
+        ],
+    );
+    let err = String::from_utf8_lossy(&denied.stderr).to_lowercase()
+        + &String::from_utf8_lossy(&denied.stdout).to_lowercase();
+    assert!(
+        err.contains("not authorized") || !denied.status.success(),
+        "v5 publisher must hear the refusal: {err}"
+    );
+    let v3_denied = pub_(
+        &hub,
+        &[
+            "-u",
+            "sensor-1",
+            "-P",
+            "s1-secret",
+            "-t",
+            "sensors/other/temp",
+            "-m",
+            "98",
+            "-q",
+            "1",
+            "-V",
+            "mqttv311",
+        ],
+    );
+    assert!(
+        v3_denied.status.success(),
+        "3.1.1 has no negative PUBACK; the message is just dropped"
+    );
+    assert_eq!(lines(panel), vec!["sensors/sensor-1/temp 21"]);
+    // A subscription outside the policy is refused in its SUBACK.
+    let (h, p) = host_port(&hub);
+    let out = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            &h,
+            "-p",
+            &p,
+            "-u",
+            "sensor-1",
+            "-P",
+            "s1-secret",
+            "-t",
+            "sensors/#",
+            "-V",
+            "mqttv5",
+            "-W",
+            "2",
+            "-C",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_lowercase()
+        + &String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(
+        text.contains("denied") || text.contains("not authorized") || text.contains("refused"),
+        "{text}"
+    );
+    let m = http()
+        .get(format!("{}/metrics", hub.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(m.contains("roost_mqtt_dropped_by_policy_total 2"), "{m}");
+}
+
+#[test]
+fn another_client_cannot_take_a_devices_client_id() {
+    let (hub, _p) = hub_with_devices();
+    let listener = sub(
+        &hub,
+        &[
+            "-u",
+            "sensor-1",
+            "-P",
+            "s1-secret",
+            "-i",
+            "sensor-1",
+            "-t",
+            "commands/sensor-1/#",
+        ],
+        1,
+        4,
+    );
+    wait_until(
+        "sensor-1 to show as connected",
+        Duration::from_secs(5),
+        || {
+            hub.get_json("/v1/devices")["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["name"] == "sensor-1" && d["connected"] == true)
+        },
+    );
+    // The panel may not use sensor-1's name as its client id.
+    let takeover = pub_(
+        &hub,
+        &[
+            "-u",
+            "panel",
+            "-P",
+            "panel-secret",
+            "-i",
+            "sensor-1",
+            "-t",
+            "commands/sensor-1/x",
+            "-m",
+            "evil",
+        ],
+    );
+    assert!(!takeover.status.success());
+    let cmd = pub_(
+        &hub,
+        &[
+            "-u",
+            "panel",
+            "-P",
+            "panel-secret",
+            "-i",
+            "panel",
+            "-t",
+            "commands/sensor-1/set",
+            "-m",
+            "on",
+            "-q",
+            "1",
+        ],
+    );
+    assert!(cmd.status.success());
+    assert_eq!(lines(listener), vec!["commands/sensor-1/set on"]);
+    let out = hub.cli(&["devices"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("sensor-1") && table.contains("panel"),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_will_is_published_when_a_client_vanishes() {
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    let watcher = sub(&hub, &["-t", "status/#"], 1, 6);
+    // A raw client with a will, killed without DISCONNECT.
+    let mut s = TcpStream::connect(&hub.mqtt).unwrap();
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0b0000_0110, 0, 60];
+    body.extend([0, 1, b'w']);
+    body.extend([0, 8]);
+    body.extend(b"status/w");
+    body.extend([0, 4]);
+    body.extend(b"gone");
+    let mut pkt = vec![0x10, body.len() as u8];
+    pkt.extend(body);
+    s.write_all(&pkt).unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(ack, [0x20, 2, 0, 0]);
+    drop(s);
+    assert_eq!(lines(watcher), vec!["status/w gone"]);
+}
+
+#[test]
+fn a_persistent_session_gets_what_was_published_while_it_was_away() {
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    // Subscribe once with a persistent session, then leave.
+    let first = sub(
+        &hub,
+        &["-i", "keeper", "-c", "-q", "1", "-t", "jobs/#"],
+        1,
+        1,
+    );
+    let _ = lines(first);
+    for i in 0..3 {
+        assert!(
+            pub_(&hub, &["-t", &format!("jobs/{i}"), "-m", "todo", "-q", "1"])
+                .status
+                .success()
+        );
+    }
+    let back = sub(
+        &hub,
+        &["-i", "keeper", "-c", "-q", "1", "-t", "jobs/#"],
+        3,
+        5,
+    );
+    assert_eq!(
+        lines(back),
+        vec!["jobs/0 todo", "jobs/1 todo", "jobs/2 todo"]
+    );
+}
+
+fn connect_raw(hub: &TestHub) -> TcpStream {
+    let mut s = TcpStream::connect(&hub.mqtt).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 0])
+        .unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(ack, [0x20, 2, 0, 0]);
+    s
+}
+
+fn closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 64];
+    matches!(s.read(&mut b), Ok(0) | Err(_)) || matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn hostile_input_harms_only_its_own_connection() {
+    let hub = TestHub::start(&["--allow-anonymous", "--mqtt-max-packet-bytes", "65536"]);
+    let watcher = sub(&hub, &["-t", "ok/#"], 1, 10);
+    // Garbage bytes.
+    let mut g = TcpStream::connect(&hub.mqtt).unwrap();
+    g.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    g.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(closed(&mut g));
+    // A CONNECT claiming a huge remaining length.
+    let mut h = TcpStream::connect(&hub.mqtt).unwrap();
+    h.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    h.write_all(&[0x10, 0xff, 0xff, 0xff, 0x7f]).unwrap();
+    assert!(closed(&mut h));
+    // A remaining length of five bytes.
+    let mut f = TcpStream::connect(&hub.mqtt).unwrap();
+    f.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    f.write_all(&[0x10, 0xff, 0xff, 0xff, 0xff, 0x01]).unwrap();
+    assert!(closed(&mut f));
+    // A publish over the size limit.
+    let mut big = connect_raw(&hub);
+    let mut pkt = vec![0x30, 0x80, 0x80, 0x08];
+    pkt.extend(std::iter::repeat_n(0u8, 64));
+    let _ = big.write_all(&pkt);
+    assert!(closed(&mut big));
+    // A PUBLISH to a topic with a wildcard.
+    let mut w = connect_raw(&hub);
+    w.write_all(&[0x30, 5, 0, 3, b'a', b'/', b'#']).unwrap();
+    assert!(closed(&mut w));
+    // Invalid UTF-8 in a topic.
+    let mut u = connect_raw(&hub);
+    u.write_all(&[0x30, 5, 0, 3, b'a', 0xff, 0xfe]).unwrap();
+    assert!(closed(&mut u));
+    // A SUBSCRIBE with thousands of filters gets its SUBACK (or a clean close).
+    let mut many = connect_raw(&hub);
+    let mut body = vec![0, 1];
+    for i in 0..3000 {
+        let t = format!("m/{i}");
+        body.extend((t.len() as u16).to_be_bytes());
+        body.extend(t.as_bytes());
+        body.push(0);
+    }
+    let mut pkt = vec![0x82];
+    let mut len = body.len();
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        pkt.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    pkt.extend(body);
+    many.write_all(&pkt).unwrap();
+    let mut head = [0u8; 1];
+    many.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], 0x90, "a SUBACK");
+    // Through all of it, everyone else is served.
+    assert!(pub_(&hub, &["-t", "ok/1", "-m", "fine"]).status.success());
+    assert_eq!(lines(watcher), vec!["ok/1 fine"]);
+}
+
+#[test]
+fn a_client_that_never_reads_is_dropped_and_slows_no_one() {
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    // A raw subscriber that never reads its socket.
+    let mut slow = connect_raw(&hub);
+    slow.write_all(&[0x82, 6, 0, 1, 0, 1, b'#', 0]).unwrap();
+    let mut suback = [0u8; 5];
+    slow.read_exact(&mut suback).unwrap();
+    let fast = sub(&hub, &["-t", "flood/last"], 1, 30);
+    let payload = "x".repeat(20_000);
+    let (h, p) = host_port(&hub);
+    // 2,500 messages (50 MB) at the slow reader: more than its outgoing
+    // buffer and the socket's; the broker must cut it off, not buffer it.
+    let mut flood = Command::new("mosquitto_pub")
+        .args(["-h", &h, "-p", &p, "-t", "flood/bulk", "-l", "-q", "0"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = flood.stdin.take().unwrap();
+        for _ in 0..2500 {
+            writeln!(stdin, "{payload}").unwrap();
+        }
+    }
+    assert!(flood.wait().unwrap().success());
+    assert!(pub_(&hub, &["-t", "flood/last", "-m", "done"])
+        .status
+        .success());
+    assert_eq!(lines(fast), vec!["flood/last done"]);
+    wait_until(
+        "the slow client to be dropped",
+        Duration::from_secs(10),
+        || {
+            http()
+                .get(format!("{}/metrics", hub.url))
+                .send()
+                .unwrap()
+                .text()
+                .unwrap()
+                .contains("roost_mqtt_slow_clients_dropped_total 1")
+        },
+    );
+}
