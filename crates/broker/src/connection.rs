@@ -2,10 +2,12 @@
 //! packet loop (publish, subscribe, QoS flows, keep-alive) until the client
 //! leaves, breaks the protocol or stops reading.
 
+use crate::persist::background;
 use crate::policy::{verify_password, Policy};
 use crate::topic::{matches, valid_filter, valid_topic_name};
 use crate::{route, Broker, Message, Outbound, Session, SubOptions};
 use bytes::{BufMut, Bytes, BytesMut};
+use futures::stream::{FuturesOrdered, StreamExt};
 use mqtt5_protocol::packet::connack::ConnAckPacket;
 use mqtt5_protocol::packet::connect::ConnectPacket;
 use mqtt5_protocol::packet::disconnect::DisconnectPacket;
@@ -91,6 +93,34 @@ fn next_frame(buf: &mut BytesMut, max: usize, version: u8) -> Option<Frame> {
     })
 }
 
+/// Reads until one whole packet is buffered (a free function so the packet
+/// loop can borrow the connection's other fields at the same time).
+async fn read_frame(
+    stream: &mut TcpStream,
+    rbuf: &mut BytesMut,
+    broker: &Broker,
+    version: u8,
+) -> Option<Frame> {
+    loop {
+        if let Some(f) = next_frame(rbuf, broker.inner.config.max_packet_bytes, version) {
+            return Some(f);
+        }
+        let n = stream.read_buf(rbuf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        broker
+            .inner
+            .stats
+            .bytes_in
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// An acknowledgement (encoded) that may go out once its publish is durable.
+type PendingAck =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Bytes, String>> + Send>>;
+
 struct Conn {
     broker: Broker,
     stream: TcpStream,
@@ -104,8 +134,12 @@ struct Conn {
     next_pid: u16,
     /// Outgoing QoS 1/2 publishes not yet acknowledged, by packet id.
     inflight: HashMap<u16, Message>,
-    /// Outgoing QoS 2 publishes acknowledged with PUBREC, awaiting PUBCOMP.
-    released: HashSet<u16>,
+    /// Outgoing QoS 2 publishes acknowledged with PUBREC, awaiting PUBCOMP
+    /// (packet id → stored message id).
+    released: HashMap<u16, u64>,
+    /// Acknowledgements waiting for their publish to be durable, in order.
+    acks: FuturesOrdered<PendingAck>,
+    persistent: bool,
     /// Incoming QoS 2 packet ids received and not yet released.
     incoming_qos2: HashSet<u16>,
     pending: VecDeque<Message>,
@@ -126,7 +160,9 @@ pub(crate) async fn run(broker: Broker, stream: TcpStream, peer: SocketAddr) {
         aliases: HashMap::new(),
         next_pid: 0,
         inflight: HashMap::new(),
-        released: HashSet::new(),
+        released: HashMap::new(),
+        acks: FuturesOrdered::new(),
+        persistent: false,
         incoming_qos2: HashSet::new(),
         pending: VecDeque::new(),
         will: None,
@@ -164,24 +200,7 @@ pub(crate) async fn run(broker: Broker, stream: TcpStream, peer: SocketAddr) {
 
 impl Conn {
     async fn read_frame(&mut self) -> Option<Frame> {
-        loop {
-            if let Some(f) = next_frame(
-                &mut self.rbuf,
-                self.broker.inner.config.max_packet_bytes,
-                self.version,
-            ) {
-                return Some(f);
-            }
-            let n = self.stream.read_buf(&mut self.rbuf).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            self.broker
-                .inner
-                .stats
-                .bytes_in
-                .fetch_add(n as u64, Ordering::Relaxed);
-        }
+        read_frame(&mut self.stream, &mut self.rbuf, &self.broker, self.version).await
     }
 
     fn queue<P: MqttPacket>(&mut self, p: &P) {
@@ -282,6 +301,7 @@ impl Conn {
                 retain: w.retain,
                 properties: Properties::new(),
                 from: client_id.clone(),
+                id: 0,
             });
         }
         let persistent = if self.version == 5 {
@@ -315,6 +335,7 @@ impl Conn {
                     subscriptions: HashMap::new(),
                     queue: VecDeque::new(),
                     device: None,
+                    qos2_in: HashSet::new(),
                 });
             session_present =
                 !c.clean_start && (!session.subscriptions.is_empty() || !session.queue.is_empty());
@@ -322,7 +343,21 @@ impl Conn {
             session.persistent = persistent;
             session.device = (!policy.device.name.is_empty()).then(|| policy.device.name.clone());
             queued = std::mem::take(&mut session.queue);
+            self.incoming_qos2 = session.qos2_in.clone();
         }
+        if let Some(p) = &self.broker.inner.persist {
+            // Submitted in order, ahead of anything this session does next.
+            if c.clean_start || !persistent {
+                background(p.drop_session(&client_id));
+            }
+            if persistent {
+                background(p.save_session(
+                    &client_id,
+                    (!policy.device.name.is_empty()).then_some(policy.device.name.as_str()),
+                ));
+            }
+        }
+        self.persistent = persistent;
         self.client_id = client_id;
         self.policy = policy;
         if self.version == 5 {
@@ -361,12 +396,34 @@ impl Conn {
         Some((rx, c.keep_alive))
     }
 
+    /// A stored message reached this persistent session: drop its row.
+    fn forget_stored(&self, id: u64) {
+        if id != 0 && self.persistent {
+            if let Some(p) = &self.broker.inner.persist {
+                background(p.delivered(&self.client_id, id));
+            }
+        }
+    }
+
+    /// Sends `ack` once `durable` (if any) is on disk, after earlier acks.
+    fn ack_after<P: MqttPacket>(&mut self, ack: &P, durable: Option<crate::Done>) {
+        let mut buf = BytesMut::new();
+        let _ = ack.encode(&mut buf);
+        let bytes = buf.freeze();
+        self.acks.push_back(Box::pin(async move {
+            if let Some(d) = durable {
+                d.await?;
+            }
+            Ok(bytes)
+        }));
+    }
+
     fn next_packet_id(&mut self) -> u16 {
         loop {
             self.next_pid = self.next_pid.wrapping_add(1);
             if self.next_pid != 0
                 && !self.inflight.contains_key(&self.next_pid)
-                && !self.released.contains(&self.next_pid)
+                && !self.released.contains_key(&self.next_pid)
             {
                 return self.next_pid;
             }
@@ -431,7 +488,7 @@ impl Conn {
                 }
             };
             tokio::select! {
-                frame = self.read_frame() => {
+                frame = read_frame(&mut self.stream, &mut self.rbuf, &self.broker, self.version) => {
                     last_heard = Instant::now();
                     match frame {
                         None => return false,
@@ -458,6 +515,14 @@ impl Conn {
                         },
                     }
                 }
+                Some(ack) = self.acks.next(), if !self.acks.is_empty() => match ack {
+                    Ok(bytes) => self.wbuf.put_slice(&bytes),
+                    Err(e) => {
+                        tracing::error!(client = %self.client_id, error = %e, "a publish could not be made durable; disconnecting so the client sends it again");
+                        let _ = self.flush().await;
+                        return false;
+                    }
+                },
                 out = rx.recv() => match out {
                     Some(Outbound::Deliver(m)) => {
                         self.deliver(m);
@@ -493,25 +558,47 @@ impl Conn {
         match p {
             Packet::Publish(p) => self.on_publish(p),
             Packet::PubAck(a) => {
-                self.inflight.remove(&a.packet_id);
+                if let Some(m) = self.inflight.remove(&a.packet_id) {
+                    self.forget_stored(m.id);
+                }
                 self.drain_pending();
                 Step::Continue
             }
             Packet::PubRec(r) => {
-                if self.inflight.remove(&r.packet_id).is_some() {
-                    self.released.insert(r.packet_id);
+                if let Some(m) = self.inflight.remove(&r.packet_id) {
+                    self.released.insert(r.packet_id, m.id);
                 }
                 self.queue(&PubRelPacket::new(r.packet_id));
                 Step::Continue
             }
             Packet::PubComp(c) => {
-                self.released.remove(&c.packet_id);
+                if let Some(id) = self.released.remove(&c.packet_id) {
+                    self.forget_stored(id);
+                }
                 self.drain_pending();
                 Step::Continue
             }
             Packet::PubRel(r) => {
-                self.incoming_qos2.remove(&r.packet_id);
-                self.queue(&PubCompPacket::new(r.packet_id));
+                if self.incoming_qos2.remove(&r.packet_id) {
+                    if let Some(s) = self
+                        .broker
+                        .inner
+                        .state
+                        .lock()
+                        .sessions
+                        .get_mut(&self.client_id)
+                    {
+                        s.qos2_in.remove(&r.packet_id);
+                    }
+                    if let (true, Some(p)) = (self.persistent, &self.broker.inner.persist) {
+                        background(p.qos2_released(&self.client_id, r.packet_id));
+                    }
+                }
+                // The PUBCOMP follows any PUBREC/PUBACK still waiting.
+                let mut comp = BytesMut::new();
+                let _ = PubCompPacket::new(r.packet_id).encode(&mut comp);
+                let comp = comp.freeze();
+                self.acks.push_back(Box::pin(async move { Ok(comp) }));
                 Step::Continue
             }
             Packet::Subscribe(s) => self.on_subscribe(s),
@@ -524,6 +611,9 @@ impl Conn {
                 let mut st = self.broker.inner.state.lock();
                 for f in &u.filters {
                     let had = st.subs.remove(f, &self.client_id);
+                    if let (true, Some(p)) = (self.persistent, &self.broker.inner.persist) {
+                        background(p.drop_subscription(&self.client_id, f));
+                    }
                     if let Some(s) = st.sessions.get_mut(&self.client_id) {
                         s.subscriptions.remove(f);
                     }
@@ -588,6 +678,7 @@ impl Conn {
         let duplicate_qos2 = qos == 2
             && p.packet_id
                 .is_some_and(|id| self.incoming_qos2.contains(&id));
+        let mut durable = None;
         if allowed && !duplicate_qos2 {
             let mut props = Properties::new();
             if self.version == 5 {
@@ -597,7 +688,7 @@ impl Conn {
                     }
                 }
             }
-            route(
+            durable = route(
                 &self.broker.inner,
                 Message {
                     topic,
@@ -606,6 +697,7 @@ impl Conn {
                     retain: p.retain,
                     properties: props,
                     from: self.client_id.clone(),
+                    id: 0,
                 },
             );
         }
@@ -613,26 +705,54 @@ impl Conn {
         match (qos, p.packet_id) {
             (1, Some(id)) => {
                 if refused {
-                    self.queue(&PubAckPacket::new_with_reason(
-                        id,
-                        ReasonCode::NotAuthorized,
-                    ));
+                    self.ack_after(
+                        &PubAckPacket::new_with_reason(id, ReasonCode::NotAuthorized),
+                        None,
+                    );
                 } else {
-                    self.queue(&PubAckPacket::new(id));
+                    // Acknowledged only once it is on disk for every
+                    // persistent session it was queued for.
+                    self.ack_after(&PubAckPacket::new(id), durable);
                 }
             }
             (2, Some(id)) => {
                 if refused {
-                    self.queue(&PubRecPacket::new_with_reason(
-                        id,
-                        ReasonCode::NotAuthorized,
-                    ));
+                    self.ack_after(
+                        &PubRecPacket::new_with_reason(id, ReasonCode::NotAuthorized),
+                        None,
+                    );
                 } else {
-                    self.incoming_qos2.insert(id);
-                    self.queue(&PubRecPacket::new(id));
+                    let mut durable = durable;
+                    if self.incoming_qos2.insert(id) {
+                        if let Some(s) = self
+                            .broker
+                            .inner
+                            .state
+                            .lock()
+                            .sessions
+                            .get_mut(&self.client_id)
+                        {
+                            s.qos2_in.insert(id);
+                        }
+                        if let (true, Some(p)) = (self.persistent, &self.broker.inner.persist) {
+                            let state = p.qos2_received(&self.client_id, id);
+                            durable = Some(match durable {
+                                Some(d) => Box::pin(async move {
+                                    d.await?;
+                                    state.await
+                                }),
+                                None => state,
+                            });
+                        }
+                    }
+                    self.ack_after(&PubRecPacket::new(id), durable);
                 }
             }
-            (0, _) => {}
+            (0, _) => {
+                if let Some(d) = durable {
+                    background(d);
+                }
+            }
             _ => return Step::Broken(ReasonCode::ProtocolError),
         }
         Step::Continue
@@ -666,6 +786,15 @@ impl Conn {
                         .get(&self.client_id)
                         .is_some_and(|s| s.subscriptions.contains_key(&f.filter));
                     st.subs.insert(&f.filter, &self.client_id, opts);
+                    if let (true, Some(p)) = (self.persistent, &self.broker.inner.persist) {
+                        background(p.save_subscription(
+                            &self.client_id,
+                            &f.filter,
+                            opts.qos,
+                            opts.no_local,
+                            opts.retain_as_published,
+                        ));
+                    }
                     if let Some(sess) = st.sessions.get_mut(&self.client_id) {
                         sess.subscriptions.insert(f.filter.clone(), opts);
                     }
@@ -743,7 +872,9 @@ impl Conn {
         drop(st);
         if !clean {
             if let Some(w) = self.will.take() {
-                route(&self.broker.inner, w);
+                if let Some(d) = route(&self.broker.inner, w) {
+                    background(d);
+                }
             }
         }
         tracing::debug!(client = %self.client_id, clean, "MQTT client left");

@@ -9,9 +9,11 @@
 //! keep-alive; it knows nothing of tasks or HTTP.
 
 mod connection;
+mod persist;
 pub mod policy;
 pub mod topic;
 
+pub use persist::{Done, Persistence, Queued, Restore};
 pub use policy::{Device, Devices, Policy};
 
 use bytes::Bytes;
@@ -58,6 +60,8 @@ pub struct Message {
     pub properties: Properties,
     /// The client id that published it (for no-local).
     pub from: String,
+    /// Its id in the store when queued for persistent sessions (0: not stored).
+    pub id: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -81,6 +85,8 @@ pub(crate) struct Session {
     pub subscriptions: HashMap<String, SubOptions>,
     pub queue: VecDeque<Message>,
     pub device: Option<String>,
+    /// Incoming QoS 2 packet ids received and not yet released.
+    pub qos2_in: std::collections::HashSet<u16>,
 }
 
 #[derive(Default)]
@@ -110,6 +116,8 @@ pub(crate) struct Inner {
     pub devices: RwLock<Arc<Devices>>,
     pub stats: Stats,
     pub next_conn: AtomicU64,
+    pub persist: Option<Arc<dyn Persistence>>,
+    pub next_msg: AtomicU64,
 }
 
 /// A running broker. Cheap to clone.
@@ -127,14 +135,86 @@ pub struct DeviceState {
 }
 
 impl Broker {
+    /// A broker that keeps nothing across restarts.
     pub fn new(config: BrokerConfig) -> Self {
+        Self::with_persistence(config, None, Restore::default())
+    }
+
+    /// A broker whose persistent sessions, queued QoS 1/2 messages and
+    /// retained messages live in `persist`, starting from `restore`.
+    pub fn with_persistence(
+        config: BrokerConfig,
+        persist: Option<Arc<dyn Persistence>>,
+        restore: Restore,
+    ) -> Self {
+        let mut state = State::default();
+        let mut max_id = 0;
+        for (client, device) in restore.sessions {
+            state.sessions.insert(
+                client,
+                Session {
+                    conn: None,
+                    persistent: true,
+                    subscriptions: HashMap::new(),
+                    queue: VecDeque::new(),
+                    device,
+                    qos2_in: Default::default(),
+                },
+            );
+        }
+        for (client, filter, qos, no_local, rap) in restore.subscriptions {
+            if let Some(s) = state.sessions.get_mut(&client) {
+                let opts = SubOptions {
+                    qos,
+                    no_local,
+                    retain_as_published: rap,
+                };
+                s.subscriptions.insert(filter.clone(), opts);
+                state.subs.insert(&filter, &client, opts);
+            }
+        }
+        for q in restore.queue {
+            max_id = max_id.max(q.id);
+            if let Some(s) = state.sessions.get_mut(&q.client_id) {
+                s.queue.push_back(Message {
+                    topic: q.topic,
+                    payload: Bytes::from(q.payload),
+                    qos: q.qos,
+                    retain: q.retain,
+                    properties: Properties::new(),
+                    from: String::new(),
+                    id: q.id,
+                });
+            }
+        }
+        for (client, pid) in restore.qos2_in {
+            if let Some(s) = state.sessions.get_mut(&client) {
+                s.qos2_in.insert(pid);
+            }
+        }
+        for (topic, payload, qos) in restore.retained {
+            state.retained.insert(
+                topic.clone(),
+                Message {
+                    topic,
+                    payload: Bytes::from(payload),
+                    qos,
+                    retain: true,
+                    properties: Properties::new(),
+                    from: String::new(),
+                    id: 0,
+                },
+            );
+        }
         Self {
             inner: Arc::new(Inner {
                 config,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(state),
                 devices: RwLock::new(Arc::new(Devices::default())),
                 stats: Stats::default(),
                 next_conn: AtomicU64::new(1),
+                persist,
+                next_msg: AtomicU64::new(max_id + 1),
             }),
         }
     }
@@ -211,9 +291,10 @@ impl Broker {
         out
     }
 
-    /// Publishes a message from inside the hub (routes, tasks).
-    pub fn publish(&self, message: Message) {
-        route(&self.inner, message);
+    /// Publishes a message from inside the hub (routes, tasks); resolves
+    /// once it is durable for every persistent session it was queued for.
+    pub fn publish(&self, message: Message) -> Option<Done> {
+        route(&self.inner, message)
     }
 
     /// Prometheus text for the broker's counters, names prefixed `roost_mqtt_`.
@@ -313,7 +394,8 @@ impl Broker {
 /// Delivers a message to every matching subscription (and keeps it if it
 /// is retained). Never blocks: a connection whose buffer is full is told to
 /// go, an offline persistent session queues up to its limit.
-pub(crate) fn route(inner: &Inner, msg: Message) {
+pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
+    let mut writes: Vec<Done> = Vec::new();
     let mut st = inner.state.lock();
     if msg.retain {
         if msg.payload.is_empty() {
@@ -321,7 +403,11 @@ pub(crate) fn route(inner: &Inner, msg: Message) {
         } else {
             st.retained.insert(msg.topic.clone(), msg.clone());
         }
+        if let Some(p) = &inner.persist {
+            writes.push(p.retain(&msg.topic, msg.payload.to_vec(), msg.qos));
+        }
     }
+    let mut queued: Vec<Queued> = Vec::new();
     let mut matched = Vec::new();
     st.subs.matching(&msg.topic, &mut matched);
     // A client subscribed through several filters gets the message once, at
@@ -340,6 +426,9 @@ pub(crate) fn route(inner: &Inner, msg: Message) {
             .or_insert(opts);
     }
     let limit = inner.config.session_queue_limit;
+    if msg.qos > 0 && inner.persist.is_some() {
+        msg.id = inner.next_msg.fetch_add(1, Ordering::Relaxed);
+    }
     for (client, opts) in best {
         let Some(session) = st.sessions.get_mut(&client) else {
             continue;
@@ -347,6 +436,18 @@ pub(crate) fn route(inner: &Inner, msg: Message) {
         let mut m = msg.clone();
         m.qos = m.qos.min(opts.qos);
         m.retain = opts.retain_as_published && msg.retain;
+        if session.persistent && m.qos > 0 && m.id != 0 {
+            queued.push(Queued {
+                client_id: client.clone(),
+                id: m.id,
+                topic: m.topic.clone(),
+                payload: m.payload.to_vec(),
+                qos: m.qos,
+                retain: m.retain,
+            });
+        } else {
+            m.id = 0;
+        }
         match &session.conn {
             Some((_, tx)) if tx.try_send(Outbound::Deliver(m.clone())).is_err() => {
                 inner
@@ -373,4 +474,19 @@ pub(crate) fn route(inner: &Inner, msg: Message) {
             None => {}
         }
     }
+    drop(st);
+    if let Some(p) = &inner.persist {
+        if !queued.is_empty() {
+            writes.push(p.enqueue(queued, limit));
+        }
+    }
+    if writes.is_empty() {
+        return None;
+    }
+    Some(Box::pin(async move {
+        for w in writes {
+            w.await?;
+        }
+        Ok(())
+    }))
 }

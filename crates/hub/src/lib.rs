@@ -6,6 +6,7 @@
 //! lifecycle (persist → admit → run → record, retry with backoff, recover
 //! after a crash), task logs and metrics. Knows nothing of HTTP.
 
+mod broker_store;
 mod calls;
 mod deploy;
 pub mod logs;
@@ -188,7 +189,20 @@ impl Hub {
         });
         let metrics = Metrics::default();
         metrics.memory_budget_mb.set(config.memory_budget_mb as i64);
-        let broker = roost_broker::Broker::new(config.broker.clone());
+        let restored = broker_store::restore(&store)?;
+        if !restored.sessions.is_empty() || !restored.retained.is_empty() {
+            tracing::info!(
+                sessions = restored.sessions.len(),
+                queued = restored.queue.len(),
+                retained = restored.retained.len(),
+                "restored the broker's persistent sessions and retained messages"
+            );
+        }
+        let broker = roost_broker::Broker::with_persistence(
+            config.broker.clone(),
+            Some(Arc::new(broker_store::BrokerStore(store.clone()))),
+            restored,
+        );
         let hub = Hub {
             inner: Arc::new(HubInner {
                 broker,

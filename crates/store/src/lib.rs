@@ -10,9 +10,11 @@
 mod calls;
 mod demand;
 mod deployments;
+mod mqtt;
 
 pub use calls::{NewCall, StoredCall};
 pub use deployments::StoredDeployment;
+pub use mqtt::{MqttSnapshot, StoredMessage};
 
 use parking_lot::Mutex;
 use rusqlite::Connection;
@@ -68,6 +70,37 @@ CREATE TABLE IF NOT EXISTS task_demand (
     rate       REAL NOT NULL,
     service_s  REAL NOT NULL,
     updated_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mqtt_sessions (
+    client_id TEXT PRIMARY KEY,
+    device    TEXT
+);
+CREATE TABLE IF NOT EXISTS mqtt_subscriptions (
+    client_id TEXT NOT NULL,
+    filter    TEXT NOT NULL,
+    qos       INTEGER NOT NULL,
+    no_local  INTEGER NOT NULL,
+    retain_as_published INTEGER NOT NULL,
+    PRIMARY KEY (client_id, filter)
+);
+CREATE TABLE IF NOT EXISTS mqtt_queue (
+    client_id TEXT NOT NULL,
+    id        INTEGER NOT NULL,
+    topic     TEXT NOT NULL,
+    payload   BLOB NOT NULL,
+    qos       INTEGER NOT NULL,
+    retain    INTEGER NOT NULL,
+    PRIMARY KEY (client_id, id)
+);
+CREATE TABLE IF NOT EXISTS mqtt_qos2_in (
+    client_id TEXT NOT NULL,
+    packet_id INTEGER NOT NULL,
+    PRIMARY KEY (client_id, packet_id)
+);
+CREATE TABLE IF NOT EXISTS mqtt_retained (
+    topic   TEXT PRIMARY KEY,
+    payload BLOB NOT NULL,
+    qos     INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS calls_by_status ON calls(status);
 CREATE INDEX IF NOT EXISTS calls_by_finish ON calls(finished_ms) WHERE finished_ms IS NOT NULL;
@@ -134,6 +167,15 @@ impl Store {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, StoreError> {
+        self.submit(f).await
+    }
+
+    /// Queues `f` for the writer now (writes run in the order they were
+    /// submitted) and returns a future that resolves once it is on disk.
+    fn submit<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<R, StoreError>> + Send + 'static {
         let (tx, rx) = oneshot::channel::<Result<R, StoreError>>();
         let job: Job = Box::new(move |conn| {
             // A savepoint per write, so one failing write leaves the rest of
@@ -157,14 +199,16 @@ impl Store {
                 }
             }
         });
-        {
-            let w = self.writer.lock();
-            let Some(w) = w.as_ref() else {
+        let sent = match self.writer.lock().as_ref() {
+            Some(w) => w.send(job).is_ok(),
+            None => false,
+        };
+        async move {
+            if !sent {
                 return Err(StoreError::Closed);
-            };
-            w.send(job).map_err(|_| StoreError::Closed)?;
+            }
+            rx.await.map_err(|_| StoreError::Closed)?
         }
-        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     fn read<R>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> Result<R, StoreError> {

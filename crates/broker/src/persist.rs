@@ -1,0 +1,63 @@
+//! What the broker keeps across restarts, behind a trait so the broker
+//! knows nothing of the store's SQL: the hub implements it with the store.
+//! Every method submits its write at once (writes run in the order they
+//! were submitted) and returns a future that resolves when it is on disk.
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub type Done = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// A message queued for one persistent session.
+#[derive(Clone, Debug)]
+pub struct Queued {
+    pub client_id: String,
+    pub id: u64,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+}
+
+/// The broker's durable state as loaded at start.
+#[derive(Debug, Default)]
+pub struct Restore {
+    /// (client id, device)
+    pub sessions: Vec<(String, Option<String>)>,
+    /// (client id, filter, qos, no_local, retain_as_published)
+    pub subscriptions: Vec<(String, String, u8, bool, bool)>,
+    pub queue: Vec<Queued>,
+    pub qos2_in: Vec<(String, u16)>,
+    /// (topic, payload, qos)
+    pub retained: Vec<(String, Vec<u8>, u8)>,
+}
+
+pub trait Persistence: Send + Sync {
+    fn save_session(&self, client_id: &str, device: Option<&str>) -> Done;
+    fn drop_session(&self, client_id: &str) -> Done;
+    fn save_subscription(
+        &self,
+        client_id: &str,
+        filter: &str,
+        qos: u8,
+        no_local: bool,
+        retain_as_published: bool,
+    ) -> Done;
+    fn drop_subscription(&self, client_id: &str, filter: &str) -> Done;
+    /// Queues messages for persistent sessions, at most `limit` per session.
+    fn enqueue(&self, messages: Vec<Queued>, limit: usize) -> Done;
+    fn delivered(&self, client_id: &str, id: u64) -> Done;
+    fn qos2_received(&self, client_id: &str, packet_id: u16) -> Done;
+    fn qos2_released(&self, client_id: &str, packet_id: u16) -> Done;
+    /// Keeps a retained message (an empty payload clears it).
+    fn retain(&self, topic: &str, payload: Vec<u8>, qos: u8) -> Done;
+}
+
+/// Runs a write nobody waits for, logging a failure.
+pub(crate) fn background(done: Done) {
+    tokio::spawn(async move {
+        if let Err(e) = done.await {
+            tracing::error!(error = %e, "the broker could not save its state");
+        }
+    });
+}

@@ -1,0 +1,88 @@
+//! Keeps the broker's durable state in the hub's store: the adapter between
+//! the broker's `Persistence` trait and the store (which owns the SQL).
+
+use roost_broker::{Done, Persistence, Queued, Restore};
+use roost_store::{Store, StoredMessage};
+use std::sync::Arc;
+
+pub(crate) struct BrokerStore(pub Arc<Store>);
+
+fn done(
+    f: impl std::future::Future<Output = Result<(), roost_store::StoreError>> + Send + 'static,
+) -> Done {
+    Box::pin(async move { f.await.map_err(|e| e.to_string()) })
+}
+
+impl Persistence for BrokerStore {
+    fn save_session(&self, client_id: &str, device: Option<&str>) -> Done {
+        done(self.0.mqtt_save_session(client_id, device))
+    }
+    fn drop_session(&self, client_id: &str) -> Done {
+        done(self.0.mqtt_drop_session(client_id))
+    }
+    fn save_subscription(
+        &self,
+        client_id: &str,
+        filter: &str,
+        qos: u8,
+        no_local: bool,
+        rap: bool,
+    ) -> Done {
+        done(
+            self.0
+                .mqtt_save_subscription(client_id, filter, qos, no_local, rap),
+        )
+    }
+    fn drop_subscription(&self, client_id: &str, filter: &str) -> Done {
+        done(self.0.mqtt_drop_subscription(client_id, filter))
+    }
+    fn enqueue(&self, messages: Vec<Queued>, limit: usize) -> Done {
+        let rows = messages
+            .into_iter()
+            .map(|m| StoredMessage {
+                client_id: m.client_id,
+                id: m.id as i64,
+                topic: m.topic,
+                payload: m.payload,
+                qos: m.qos,
+                retain: m.retain,
+            })
+            .collect();
+        done(self.0.mqtt_enqueue(rows, limit))
+    }
+    fn delivered(&self, client_id: &str, id: u64) -> Done {
+        done(self.0.mqtt_delivered(client_id, id as i64))
+    }
+    fn qos2_received(&self, client_id: &str, packet_id: u16) -> Done {
+        done(self.0.mqtt_qos2_received(client_id, packet_id))
+    }
+    fn qos2_released(&self, client_id: &str, packet_id: u16) -> Done {
+        done(self.0.mqtt_qos2_released(client_id, packet_id))
+    }
+    fn retain(&self, topic: &str, payload: Vec<u8>, qos: u8) -> Done {
+        done(self.0.mqtt_retain(topic, payload, qos))
+    }
+}
+
+/// The broker's state as the store holds it.
+pub(crate) fn restore(store: &Store) -> Result<Restore, roost_store::StoreError> {
+    let s = store.mqtt_load()?;
+    Ok(Restore {
+        sessions: s.sessions,
+        subscriptions: s.subscriptions,
+        queue: s
+            .queue
+            .into_iter()
+            .map(|m| Queued {
+                client_id: m.client_id,
+                id: m.id as u64,
+                topic: m.topic,
+                payload: m.payload,
+                qos: m.qos,
+                retain: m.retain,
+            })
+            .collect(),
+        qos2_in: s.qos2_in,
+        retained: s.retained,
+    })
+}

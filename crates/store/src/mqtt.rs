@@ -1,0 +1,202 @@
+//! The broker's durable state: persistent sessions, their subscriptions and
+//! queued QoS 1/2 messages, incoming QoS 2 packet ids not yet released, and
+//! retained messages. Writes are submitted in order and group-committed;
+//! the broker acknowledges a publish only once its rows are on disk.
+
+use crate::{Store, StoreError};
+use rusqlite::params;
+use std::future::Future;
+
+type Done = std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+
+/// A message waiting for a persistent session.
+#[derive(Clone, Debug)]
+pub struct StoredMessage {
+    pub client_id: String,
+    pub id: i64,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+}
+
+/// Everything the broker restores at start.
+#[derive(Debug, Default)]
+pub struct MqttSnapshot {
+    /// (client id, device name)
+    pub sessions: Vec<(String, Option<String>)>,
+    /// (client id, filter, qos, no_local, retain_as_published)
+    pub subscriptions: Vec<(String, String, u8, bool, bool)>,
+    pub queue: Vec<StoredMessage>,
+    pub qos2_in: Vec<(String, u16)>,
+    /// (topic, payload, qos)
+    pub retained: Vec<(String, Vec<u8>, u8)>,
+}
+
+impl Store {
+    pub fn mqtt_save_session(&self, client_id: &str, device: Option<&str>) -> Done {
+        let (c, d) = (client_id.to_owned(), device.map(str::to_owned));
+        Box::pin(self.submit(move |conn| {
+            conn.execute(
+                "INSERT INTO mqtt_sessions (client_id, device) VALUES (?1, ?2)
+                 ON CONFLICT(client_id) DO UPDATE SET device = ?2",
+                params![c, d],
+            )
+            .map(|_| ())
+        }))
+    }
+
+    /// Forgets a session with its subscriptions, queue and QoS 2 state.
+    pub fn mqtt_drop_session(&self, client_id: &str) -> Done {
+        let c = client_id.to_owned();
+        Box::pin(self.submit(move |conn| {
+            for table in [
+                "mqtt_sessions",
+                "mqtt_subscriptions",
+                "mqtt_queue",
+                "mqtt_qos2_in",
+            ] {
+                conn.execute(
+                    &format!("DELETE FROM {table} WHERE client_id = ?1"),
+                    params![c],
+                )?;
+            }
+            Ok(())
+        }))
+    }
+
+    pub fn mqtt_save_subscription(
+        &self,
+        client_id: &str,
+        filter: &str,
+        qos: u8,
+        no_local: bool,
+        rap: bool,
+    ) -> Done {
+        let (c, f) = (client_id.to_owned(), filter.to_owned());
+        Box::pin(self.submit(move |conn| {
+            conn.execute(
+                "INSERT INTO mqtt_subscriptions (client_id, filter, qos, no_local, retain_as_published) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(client_id, filter) DO UPDATE SET qos = ?3, no_local = ?4, retain_as_published = ?5",
+                params![c, f, qos, no_local, rap],
+            )
+            .map(|_| ())
+        }))
+    }
+
+    pub fn mqtt_drop_subscription(&self, client_id: &str, filter: &str) -> Done {
+        let (c, f) = (client_id.to_owned(), filter.to_owned());
+        Box::pin(self.submit(move |conn| {
+            conn.execute(
+                "DELETE FROM mqtt_subscriptions WHERE client_id = ?1 AND filter = ?2",
+                params![c, f],
+            )
+            .map(|_| ())
+        }))
+    }
+
+    /// Queues messages for persistent sessions, keeping at most `limit` per
+    /// session (the oldest go first).
+    pub fn mqtt_enqueue(&self, messages: Vec<StoredMessage>, limit: usize) -> Done {
+        Box::pin(self.submit(move |conn| {
+            let mut insert = conn.prepare_cached(
+                "INSERT OR REPLACE INTO mqtt_queue (client_id, id, topic, payload, qos, retain) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for m in &messages {
+                insert.execute(params![m.client_id, m.id, m.topic, m.payload, m.qos, m.retain])?;
+            }
+            let mut trim = conn.prepare_cached(
+                "DELETE FROM mqtt_queue WHERE client_id = ?1 AND id NOT IN
+                 (SELECT id FROM mqtt_queue WHERE client_id = ?1 ORDER BY id DESC LIMIT ?2)",
+            )?;
+            let mut seen = std::collections::HashSet::new();
+            for m in &messages {
+                if seen.insert(m.client_id.clone()) {
+                    trim.execute(params![m.client_id, limit as i64])?;
+                }
+            }
+            Ok(())
+        }))
+    }
+
+    /// A queued message was delivered and acknowledged.
+    pub fn mqtt_delivered(&self, client_id: &str, id: i64) -> Done {
+        let c = client_id.to_owned();
+        Box::pin(self.submit(move |conn| {
+            conn.execute(
+                "DELETE FROM mqtt_queue WHERE client_id = ?1 AND id = ?2",
+                params![c, id],
+            )
+            .map(|_| ())
+        }))
+    }
+
+    pub fn mqtt_qos2_received(&self, client_id: &str, packet_id: u16) -> Done {
+        let c = client_id.to_owned();
+        Box::pin(self.submit(move |conn| {
+            conn.execute(
+                "INSERT OR IGNORE INTO mqtt_qos2_in (client_id, packet_id) VALUES (?1, ?2)",
+                params![c, packet_id],
+            )
+            .map(|_| ())
+        }))
+    }
+
+    pub fn mqtt_qos2_released(&self, client_id: &str, packet_id: u16) -> Done {
+        let c = client_id.to_owned();
+        Box::pin(self.submit(move |conn| {
+            conn.execute(
+                "DELETE FROM mqtt_qos2_in WHERE client_id = ?1 AND packet_id = ?2",
+                params![c, packet_id],
+            )
+            .map(|_| ())
+        }))
+    }
+
+    /// Keeps (or, with an empty payload, clears) a retained message.
+    pub fn mqtt_retain(&self, topic: &str, payload: Vec<u8>, qos: u8) -> Done {
+        let t = topic.to_owned();
+        Box::pin(self.submit(move |conn| {
+            if payload.is_empty() {
+                conn.execute("DELETE FROM mqtt_retained WHERE topic = ?1", params![t])
+            } else {
+                conn.execute(
+                    "INSERT INTO mqtt_retained (topic, payload, qos) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(topic) DO UPDATE SET payload = ?2, qos = ?3",
+                    params![t, payload, qos],
+                )
+            }
+            .map(|_| ())
+        }))
+    }
+
+    pub fn mqtt_load(&self) -> Result<MqttSnapshot, StoreError> {
+        self.read(|c| {
+            let mut snap = MqttSnapshot::default();
+            let mut st = c.prepare("SELECT client_id, device FROM mqtt_sessions")?;
+            snap.sessions = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+            let mut st = c.prepare("SELECT client_id, filter, qos, no_local, retain_as_published FROM mqtt_subscriptions")?;
+            snap.subscriptions = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+                .collect::<Result<_, _>>()?;
+            let mut st = c.prepare("SELECT client_id, id, topic, payload, qos, retain FROM mqtt_queue ORDER BY client_id, id")?;
+            snap.queue = st
+                .query_map([], |r| {
+                    Ok(StoredMessage {
+                        client_id: r.get(0)?,
+                        id: r.get(1)?,
+                        topic: r.get(2)?,
+                        payload: r.get(3)?,
+                        qos: r.get(4)?,
+                        retain: r.get(5)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut st = c.prepare("SELECT client_id, packet_id FROM mqtt_qos2_in")?;
+            snap.qos2_in = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+            let mut st = c.prepare("SELECT topic, payload, qos FROM mqtt_retained")?;
+            snap.retained = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+            Ok(snap)
+        })
+    }
+}
