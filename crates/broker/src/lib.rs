@@ -118,7 +118,12 @@ pub(crate) struct Inner {
     pub next_conn: AtomicU64,
     pub persist: Option<Arc<dyn Persistence>>,
     pub next_msg: AtomicU64,
+    /// Sees every message MQTT clients publish (the hub's route table).
+    pub tap: RwLock<Option<Tap>>,
 }
+
+/// A hook called with (topic, payload) of each message a client publishes.
+pub type Tap = Arc<dyn Fn(&str, &Bytes) + Send + Sync>;
 
 /// A running broker. Cheap to clone.
 #[derive(Clone)]
@@ -215,8 +220,14 @@ impl Broker {
                 next_conn: AtomicU64::new(1),
                 persist,
                 next_msg: AtomicU64::new(max_id + 1),
+                tap: RwLock::new(None),
             }),
         }
+    }
+
+    /// Sets the hook that sees every message clients publish.
+    pub fn set_tap(&self, tap: Tap) {
+        *self.inner.tap.write() = Some(tap);
     }
 
     /// Replaces the device list (from a deployment).
@@ -475,6 +486,12 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
         }
     }
     drop(st);
+    if !msg.from.is_empty() {
+        let tap = inner.tap.read().clone();
+        if let Some(tap) = tap {
+            tap(&msg.topic, &msg.payload);
+        }
+    }
     if let Some(p) = &inner.persist {
         if !queued.is_empty() {
             writes.push(p.enqueue(queued, limit));

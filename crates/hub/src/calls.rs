@@ -435,6 +435,11 @@ async fn run(
         Ok(_) => "succeeded",
         Err(f) => f.code.as_str(),
     };
+    if let Ok(out) = &result {
+        // Every succeeded output feeds the task:NAME routes.
+        let routes = inner.routes.read().clone();
+        routes.on_task_output(&spec.name, out);
+    }
     let m = &inner.metrics;
     m.count(spec.name.as_str(), result.is_ok());
     m.calls

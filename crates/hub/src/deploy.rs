@@ -22,6 +22,7 @@ pub struct DeployReport {
     pub deployment: i64,
     pub tasks: Vec<String>,
     pub devices: Vec<String>,
+    pub routes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +41,11 @@ pub enum DeployError {
 
 type Tasks = HashMap<TaskName, Arc<dyn PreparedTask>>;
 /// A validated, prepared deployment, ready to switch to.
-type Prepared = (Tasks, Vec<roost_model::DeviceSpec>);
+type Prepared = (
+    Tasks,
+    Vec<roost_model::DeviceSpec>,
+    Vec<roost_model::RouteSpec>,
+);
 
 impl Hub {
     /// Validates and applies a deployment package (a gzipped tar holding
@@ -199,7 +204,7 @@ impl Hub {
             }
         }
         if problems.is_empty() {
-            Ok((tasks, manifest.devices))
+            Ok((tasks, manifest.devices, manifest.routes))
         } else {
             Err(DeployError::Invalid(problems))
         }
@@ -226,7 +231,15 @@ impl Hub {
         Ok(spec)
     }
 
-    async fn switch_to(&self, id: Option<i64>, (tasks, devices): Prepared) -> DeployReport {
+    async fn switch_to(&self, id: Option<i64>, (tasks, devices, routes): Prepared) -> DeployReport {
+        let table = roost_routes::RouteTable::build(
+            &routes,
+            Arc::new(crate::routing::HubHooks {
+                hub: Arc::downgrade(&self.inner),
+            }),
+            self.inner.route_stats.clone(),
+        );
+        *self.inner.routes.write() = Arc::new(table);
         self.inner.broker.set_devices(roost_broker::Devices::new(
             devices
                 .iter()
@@ -272,6 +285,7 @@ impl Hub {
             deployment: id.unwrap_or(0),
             tasks: names,
             devices: devices.into_iter().map(|d| d.name).collect(),
+            routes: routes.len(),
         }
     }
 

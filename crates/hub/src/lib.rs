@@ -11,6 +11,7 @@ mod calls;
 mod deploy;
 pub mod logs;
 pub mod metrics;
+mod routing;
 
 pub use calls::{CallError, CallView, TaskView};
 pub use deploy::{DeployError, DeployReport};
@@ -131,6 +132,8 @@ pub(crate) struct HubInner {
     pub metrics: Metrics,
     pub wasm: Arc<roost_runtime_wasm::WasmRuntime>,
     pub broker: roost_broker::Broker,
+    pub routes: RwLock<Arc<roost_routes::RouteTable>>,
+    pub route_stats: Arc<roost_routes::RouteStats>,
 }
 
 /// A running hub. Cheap to clone.
@@ -198,6 +201,7 @@ impl Hub {
                 "restored the broker's persistent sessions and retained messages"
             );
         }
+        let route_stats = Arc::new(roost_routes::RouteStats::default());
         let broker = roost_broker::Broker::with_persistence(
             config.broker.clone(),
             Some(Arc::new(broker_store::BrokerStore(store.clone()))),
@@ -206,6 +210,10 @@ impl Hub {
         let hub = Hub {
             inner: Arc::new(HubInner {
                 broker,
+                routes: RwLock::new(Arc::new(roost_routes::RouteTable::empty(
+                    route_stats.clone(),
+                ))),
+                route_stats,
                 config,
                 store,
                 scheduler,
@@ -220,6 +228,18 @@ impl Hub {
                 wasm,
             }),
         };
+        {
+            // Messages devices publish go through the route table.
+            let weak = Arc::downgrade(&hub.inner);
+            hub.inner
+                .broker
+                .set_tap(Arc::new(move |topic: &str, payload: &bytes::Bytes| {
+                    if let Some(inner) = weak.upgrade() {
+                        let routes = inner.routes.read().clone();
+                        routes.on_device_message(topic, payload);
+                    }
+                }));
+        }
         hub.load_active_deployment().await;
         hub.recover_async_calls().await?;
         hub.spawn_retention_sweeper();
@@ -264,10 +284,17 @@ impl Hub {
             }
         }
         let mut text = m.encode();
+        let r = &self.inner.route_stats;
+        let routes = format!(
+            "# HELP roost_route_deliveries Route deliveries by outcome\n# TYPE roost_route_deliveries counter\nroost_route_deliveries_total{{outcome=\"delivered\"}} {}\nroost_route_deliveries_total{{outcome=\"retried\"}} {}\nroost_route_deliveries_total{{outcome=\"failed\"}} {}\n",
+            r.delivered.load(std::sync::atomic::Ordering::Relaxed),
+            r.retried.load(std::sync::atomic::Ordering::Relaxed),
+            r.failed.load(std::sync::atomic::Ordering::Relaxed),
+        );
         // The broker keeps its own counters; its block goes before the
         // OpenMetrics end marker.
         let eof = text.rfind("# EOF").unwrap_or(text.len());
-        text.insert_str(eof, &self.inner.broker.metrics_text());
+        text.insert_str(eof, &(self.inner.broker.metrics_text() + &routes));
         text
     }
 

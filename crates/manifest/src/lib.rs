@@ -8,7 +8,8 @@
 //! the hub.
 
 use roost_model::{
-    Access, DeviceSpec, Limits, Resource, RuntimeKind, TaskCode, TaskName, TaskSpec,
+    Access, DeviceSpec, Limits, Resource, RouteDestination, RouteSource, RouteSpec, RuntimeKind,
+    TaskCode, TaskName, TaskSpec,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -39,6 +40,7 @@ impl std::fmt::Display for Problem {
 pub struct Manifest {
     pub tasks: Vec<TaskSpec>,
     pub devices: Vec<DeviceSpec>,
+    pub routes: Vec<RouteSpec>,
 }
 
 pub const DEFAULT_MEMORY_MB: u32 = 64;
@@ -123,6 +125,7 @@ pub fn parse(text: &str, root: &Path) -> Result<Manifest, Vec<Problem>> {
     };
     let mut tasks = Vec::new();
     let mut devices = Vec::new();
+    let mut raw_routes: Vec<Value> = Vec::new();
     for (key, value) in &doc {
         match key.as_str() {
             "task" => {
@@ -173,7 +176,14 @@ pub fn parse(text: &str, root: &Path) -> Result<Manifest, Vec<Problem>> {
                     }
                 }
             }
-            "route" | "secret" => c.problem(
+            "route" => {
+                let Some(list) = value.as_array() else {
+                    c.problem("route", show(value), "write routes as [[route]] tables");
+                    continue;
+                };
+                raw_routes = list.clone();
+            }
+            "secret" => c.problem(
                 key.clone(),
                 String::new(),
                 format!(
@@ -183,11 +193,149 @@ pub fn parse(text: &str, root: &Path) -> Result<Manifest, Vec<Problem>> {
             other => c.problem(other, String::new(), "unknown section; expected [[task]]"),
         }
     }
+    // Routes last: they name the manifest's tasks.
+    let task_names: HashSet<TaskName> = tasks.iter().map(|t| t.name.clone()).collect();
+    let mut routes = Vec::new();
+    for (i, r) in raw_routes.iter().enumerate() {
+        if let Some(r) = route(&mut c, &format!("route[{i}]"), r, &task_names) {
+            routes.push(r);
+        }
+    }
     if c.problems.is_empty() {
-        Ok(Manifest { tasks, devices })
+        Ok(Manifest {
+            tasks,
+            devices,
+            routes,
+        })
     } else {
         Err(c.problems)
     }
+}
+
+/// `5s`, `500ms`, `2m`, `1h` as milliseconds (at least 100 ms).
+fn every_ms(s: &str) -> Option<u64> {
+    let (n, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))?;
+    let n: u64 = n.parse().ok()?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    (ms >= 100).then_some(ms)
+}
+
+fn route(c: &mut Checker, field: &str, r: &Value, tasks: &HashSet<TaskName>) -> Option<RouteSpec> {
+    let Some(t) = r.as_table() else {
+        c.problem(
+            field,
+            show(r),
+            "each [[route]] must be a table with from and to",
+        );
+        return None;
+    };
+    for k in t.keys() {
+        if k != "from" && k != "to" {
+            c.problem(
+                format!("{field}.{k}"),
+                String::new(),
+                "unknown field; a route has from and to",
+            );
+        }
+    }
+    let task = |c: &mut Checker, f: &str, name: &str| -> Option<TaskName> {
+        match TaskName::parse(name) {
+            Ok(n) if tasks.contains(&n) => Some(n),
+            _ => {
+                c.problem(
+                    f,
+                    format!("{name:?}"),
+                    "no task of this name in the manifest",
+                );
+                None
+            }
+        }
+    };
+    let from = string(c, t, field, "from").and_then(|s| {
+        let f = format!("{field}.from");
+        match s.split_once(':') {
+            Some(("device", filter)) if topic_filter_ok(filter) => {
+                Some(RouteSource::Device(filter.to_owned()))
+            }
+            Some(("device", _)) => {
+                c.problem(f, format!("{s:?}"), "not a valid MQTT topic filter");
+                None
+            }
+            Some(("task", name)) => task(c, &f, name).map(RouteSource::Task),
+            Some(("timer", every)) => match every_ms(every) {
+                Some(ms) => Some(RouteSource::Timer(ms)),
+                None => {
+                    c.problem(
+                        f,
+                        format!("{s:?}"),
+                        "write the period like 500ms, 5s, 2m or 1h (at least 100ms)",
+                    );
+                    None
+                }
+            },
+            Some(("shadow" | "cloud", _)) => {
+                c.problem(
+                    f,
+                    format!("{s:?}"),
+                    "shadow and cloud sources are not supported by this hub yet",
+                );
+                None
+            }
+            _ => {
+                c.problem(
+                    f,
+                    format!("{s:?}"),
+                    "a source is device:FILTER, task:NAME or timer:EVERY",
+                );
+                None
+            }
+        }
+    });
+    let to = string(c, t, field, "to").and_then(|s| {
+        let f = format!("{field}.to");
+        match s.split_once(':') {
+            Some(("task", name)) => task(c, &f, name).map(RouteDestination::Task),
+            Some(("device", topic)) if topic_filter_ok(topic) && !topic.contains(['+', '#']) => {
+                Some(RouteDestination::Device(topic.to_owned()))
+            }
+            Some(("device", _)) => {
+                c.problem(
+                    f,
+                    format!("{s:?}"),
+                    "not a topic a message can be published to (no wildcards)",
+                );
+                None
+            }
+            Some(("shadow" | "cloud", _)) => {
+                c.problem(
+                    f,
+                    format!("{s:?}"),
+                    "shadow and cloud destinations are not supported by this hub yet",
+                );
+                None
+            }
+            _ => {
+                c.problem(
+                    f,
+                    format!("{s:?}"),
+                    "a destination is task:NAME or device:TOPIC",
+                );
+                None
+            }
+        }
+    });
+    Some(RouteSpec {
+        from: from?,
+        to: to?,
+    })
 }
 
 /// A device name: its MQTT user name and client id.

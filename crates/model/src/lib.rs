@@ -278,4 +278,6 @@ mod tests {
 }
 
 pub mod task;
-pub use task::{Access, DeviceSpec, Resource, TaskCode, TaskSpec};
+pub use task::{
+    Access, DeviceSpec, Resource, RouteDestination, RouteSource, RouteSpec, TaskCode, TaskSpec,
+};

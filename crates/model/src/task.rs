@@ -70,3 +70,29 @@ pub struct DeviceSpec {
     /// Topic filters it may subscribe to.
     pub subscribe: Vec<String>,
 }
+
+/// Where a route takes its messages from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RouteSource {
+    /// Messages devices publish to topics matching a filter.
+    Device(String),
+    /// Each succeeded output of a task.
+    Task(crate::TaskName),
+    /// A tick every so many milliseconds.
+    Timer(u64),
+}
+
+/// Where a route sends them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RouteDestination {
+    /// A durable async call of the task, the message as its input.
+    Task(crate::TaskName),
+    /// A publish to a device topic.
+    Device(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteSpec {
+    pub from: RouteSource,
+    pub to: RouteDestination,
+}

@@ -664,3 +664,73 @@ fn acknowledged_qos1_messages_and_retained_ones_survive_kill_9() {
     let again = persistent_raw_consumer(&hub, "keeper", "jobs/#", Duration::from_secs(1));
     assert!(again.is_empty(), "{again:?}");
 }
+
+#[test]
+fn a_device_message_flows_through_a_task_to_another_device() {
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    let manifest = task("thermostat", "echo.wat", "")
+        + r#"
+[[route]]
+from = "device:sensors/+/temperature"
+to = "task:thermostat"
+
+[[route]]
+from = "task:thermostat"
+to = "device:commands/heater-1/set"
+"#;
+    let pkg = Package::new(&manifest, &["echo.wat"]);
+    hub.deploy(&pkg.manifest());
+    let heater = sub(&hub, &["-t", "commands/heater-1/set", "-q", "1"], 1, 10);
+    assert!(pub_(
+        &hub,
+        &["-t", "sensors/s1/temperature", "-m", "19.5", "-q", "1"]
+    )
+    .status
+    .success());
+    // Not matching the route: nothing happens.
+    assert!(pub_(&hub, &["-t", "sensors/s1/humidity", "-m", "40"])
+        .status
+        .success());
+    assert_eq!(lines(heater), vec!["commands/heater-1/set 19.5"]);
+    let m = http()
+        .get(format!("{}/metrics", hub.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        m.contains(r#"roost_route_deliveries_total{outcome="delivered"} 2"#),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_timer_route_calls_its_task_and_bad_routes_are_refused() {
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    let manifest = task("tick", "echo.wat", "")
+        + "[[route]]\nfrom = \"timer:200ms\"\nto = \"task:tick\"\n[[route]]\nfrom = \"task:tick\"\nto = \"device:ticks\"\n";
+    let pkg = Package::new(&manifest, &["echo.wat"]);
+    hub.deploy(&pkg.manifest());
+    let ticks = sub(&hub, &["-t", "ticks"], 2, 10);
+    let got = lines(ticks);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got[0].starts_with("ticks {\"time_ms\":"), "{got:?}");
+
+    let bad = Package::new(
+        &(task("a", "echo.wat", "")
+            + "[[route]]\nfrom = \"device:a/#/b\"\nto = \"task:nope\"\n[[route]]\nfrom = \"timer:soon\"\nto = \"device:x/+\"\n[[route]]\nfrom = \"shadow:lamp\"\nto = \"task:a\"\n"),
+        &["echo.wat"],
+    );
+    let out = hub.cli(&["deploy", bad.manifest().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for f in [
+        "route[0].from",
+        "route[0].to",
+        "route[1].from",
+        "route[1].to",
+        "route[2].from",
+    ] {
+        assert!(err.contains(f), "{f} missing in {err}");
+    }
+}

@@ -529,3 +529,44 @@ fn another_local_process_cannot_take_a_workers_calls() {
     assert_eq!(r.status(), 200);
     assert!(hub.log_text().contains("refused a Runtime API connection"));
 }
+
+#[test]
+fn a_routed_message_reaches_a_python_handler_with_its_topic() {
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    let manifest = py_task("on-event", "app.topic", "")
+        + "[[route]]\nfrom = \"device:events/#\"\nto = \"task:on-event\"\n[[route]]\nfrom = \"task:on-event\"\nto = \"device:seen\"\n";
+    let pkg = package(&manifest, &["py"]);
+    hub.deploy(&pkg.manifest());
+    let (h, p) = hub.mqtt.rsplit_once(':').unwrap();
+    let seen = std::process::Command::new("mosquitto_sub")
+        .args(["-h", h, "-p", p, "-t", "seen", "-C", "1", "-W", "15"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let ok = std::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            h,
+            "-p",
+            p,
+            "-t",
+            "events/door",
+            "-m",
+            r#"{"open": true}"#,
+            "-q",
+            "1",
+        ])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let out = seen.wait_with_output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(
+        v["topic"],
+        "events/door",
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(v["event"]["open"], true);
+}

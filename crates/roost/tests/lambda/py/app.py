@@ -52,3 +52,8 @@ def noisy(event, context):
 
 def huge(event, context):
     return "y" * (7 << 20)
+
+
+def topic(event, context):
+    custom = getattr(context.client_context, "custom", None) or {}
+    return {"topic": custom.get("topic"), "event": event}

@@ -1,0 +1,53 @@
+//! The route table's hooks into the hub: a routed message becomes a durable
+//! async call, or a publish through the broker.
+
+use crate::{Hub, HubInner};
+use async_trait::async_trait;
+use bytes::Bytes;
+use roost_model::TaskName;
+use std::sync::Weak;
+
+pub(crate) struct HubHooks {
+    pub hub: Weak<HubInner>,
+}
+
+#[async_trait]
+impl roost_routes::Hooks for HubHooks {
+    async fn call_task(
+        &self,
+        task: &TaskName,
+        input: Bytes,
+        topic: Option<String>,
+    ) -> Result<(), String> {
+        let inner = self.hub.upgrade().ok_or("the hub is shutting down")?;
+        let env = topic
+            .map(|t| vec![("ROOST_TOPIC".to_owned(), t)])
+            .unwrap_or_default();
+        Hub { inner }
+            .call_async(task.as_str(), input, env)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn publish(&self, topic: &str, payload: Bytes) -> Result<(), String> {
+        let inner = self.hub.upgrade().ok_or("the hub is shutting down")?;
+        let done = inner.broker.publish(roost_broker::Message {
+            topic: topic.to_owned(),
+            payload,
+            qos: 1,
+            retain: false,
+            properties: Default::default(),
+            from: String::new(),
+            id: 0,
+        });
+        if let Some(done) = done {
+            tokio::spawn(async move {
+                if let Err(e) = done.await {
+                    tracing::error!(error = %e, "a routed message could not be stored");
+                }
+            });
+        }
+        Ok(())
+    }
+}
