@@ -886,3 +886,90 @@ enum Step {
     Clean,
     Broken(ReasonCode),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn drain(bytes: &[u8], max: usize, version: u8) -> Vec<String> {
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        while let Some(f) = next_frame(&mut buf, max, version) {
+            let stop = !matches!(f, Frame::Packet(_));
+            out.push(format!("{f:?}").chars().take(40).collect());
+            if stop {
+                break;
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// Whatever arrives, the decoder returns a packet, "need more",
+        /// "too large" or "malformed": it never panics or loops.
+        #[test]
+        fn arbitrary_bytes_never_break_the_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..512), v5 in any::<bool>()) {
+            let _ = drain(&bytes, 256, if v5 { 5 } else { 4 });
+        }
+
+        /// Arbitrary bytes behind a valid fixed header of each packet type.
+        #[test]
+        fn arbitrary_bodies_never_break_the_decoder(kind in 1u8..16, flags in 0u8..16, body in proptest::collection::vec(any::<u8>(), 0..120)) {
+            let mut bytes = vec![(kind << 4) | flags, body.len() as u8];
+            bytes.extend(body);
+            let _ = drain(&bytes, 1 << 20, 5);
+            let _ = drain(&bytes, 1 << 20, 4);
+        }
+
+        /// Valid publishes survive encode, framing at any split, and decode.
+        #[test]
+        fn publishes_round_trip(topic in "[a-z]{1,8}(/[a-z0-9]{1,8}){0,4}", payload in proptest::collection::vec(any::<u8>(), 0..300), qos in 0u8..3, split in 0usize..400, v5 in any::<bool>()) {
+            let mut p = if v5 {
+                PublishPacket::new(topic.clone(), payload.clone(), QoS::from(qos))
+            } else {
+                PublishPacket::new_v311(topic.clone(), payload.clone(), QoS::from(qos))
+            };
+            if qos > 0 {
+                p.packet_id = Some(7);
+            }
+            let mut wire = BytesMut::new();
+            p.encode(&mut wire).unwrap();
+            let split = split.min(wire.len());
+            let mut buf = BytesMut::from(&wire[..split]);
+            let version = if v5 { 5 } else { 4 };
+            let first = next_frame(&mut buf, 1 << 20, version);
+            if split < wire.len() {
+                prop_assert!(first.is_none(), "a partial packet must wait for more bytes");
+                buf.extend_from_slice(&wire[split..]);
+            } else {
+                prop_assert!(first.is_some());
+                buf = BytesMut::from(&wire[..]);
+            }
+            match next_frame(&mut buf, 1 << 20, version) {
+                Some(Frame::Packet(Packet::Publish(d))) => {
+                    prop_assert_eq!(d.topic_name, topic);
+                    prop_assert_eq!(d.payload, payload);
+                    prop_assert_eq!(d.qos as u8, qos);
+                }
+                other => prop_assert!(false, "decoded {:?}", other.map(|f| format!("{f:?}"))),
+            }
+        }
+    }
+
+    #[test]
+    fn a_huge_remaining_length_is_refused_before_buffering() {
+        let mut buf = BytesMut::from(&[0x30u8, 0xff, 0xff, 0xff, 0x7f][..]);
+        assert!(matches!(
+            next_frame(&mut buf, 1 << 20, 4),
+            Some(Frame::TooLarge)
+        ));
+        let mut buf = BytesMut::from(&[0x30u8, 0xff, 0xff, 0xff, 0xff, 0x01][..]);
+        assert!(matches!(
+            next_frame(&mut buf, 1 << 20, 4),
+            Some(Frame::Malformed(_))
+        ));
+    }
+}
