@@ -25,7 +25,13 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+/// A client's byte stream: plain TCP or TLS.
+pub(crate) trait Stream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send
+{
+}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+type TcpStream = Box<dyn Stream>;
 use tokio::sync::mpsc;
 
 /// Time a client gets to send CONNECT.
@@ -145,9 +151,17 @@ struct Conn {
     pending: VecDeque<Message>,
     will: Option<Message>,
     peer: SocketAddr,
+    cert_device: Option<String>,
 }
 
-pub(crate) async fn run(broker: Broker, stream: TcpStream, peer: SocketAddr) {
+/// Serves one client. `cert_device` is the device a verified TLS client
+/// certificate names, if any: that client is authenticated by it.
+pub(crate) async fn run(
+    broker: Broker,
+    stream: TcpStream,
+    peer: SocketAddr,
+    cert_device: Option<String>,
+) {
     let mut conn = Conn {
         conn_id: broker.inner.next_conn.fetch_add(1, Ordering::Relaxed),
         broker,
@@ -167,6 +181,7 @@ pub(crate) async fn run(broker: Broker, stream: TcpStream, peer: SocketAddr) {
         pending: VecDeque::new(),
         will: None,
         peer,
+        cert_device,
     };
     let connect = match tokio::time::timeout(CONNECT_TIMEOUT, conn.read_frame()).await {
         Ok(Some(Frame::Packet(Packet::Connect(c)))) => c,
@@ -244,7 +259,25 @@ impl Conn {
             return None;
         }
         let devices = self.broker.inner.devices.read().clone();
+        let by_cert = self
+            .cert_device
+            .as_ref()
+            .and_then(|d| devices.get(d).cloned());
+        if let (Some(name), None) = (&self.cert_device, &by_cert) {
+            tracing::info!(peer = %self.peer, certificate = %name, "refused: the client certificate names no deployed device");
+            self.refuse(ReasonCode::NotAuthorized, 5);
+            return None;
+        }
         let policy = match &c.username {
+            _ if by_cert.is_some() => {
+                let p = by_cert.expect("checked");
+                if c.username.as_deref().is_some_and(|u| u != p.device.name) {
+                    tracing::info!(peer = %self.peer, "refused: the user name is not the certificate's device");
+                    self.refuse(ReasonCode::NotAuthorized, 5);
+                    return None;
+                }
+                p
+            }
             None if self.broker.inner.config.allow_anonymous => Policy::anonymous(),
             None => {
                 tracing::info!(peer = %self.peer, "refused an anonymous client (start the hub with --allow-anonymous to accept them)");

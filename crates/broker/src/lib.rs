@@ -11,6 +11,7 @@
 mod connection;
 mod persist;
 pub mod policy;
+pub mod tls;
 pub mod topic;
 
 pub use persist::{Done, Persistence, Queued, Restore};
@@ -249,7 +250,45 @@ impl Broker {
             let _ = stream.set_nodelay(true);
             let broker = self.clone();
             tokio::spawn(async move {
-                connection::run(broker, stream, peer).await;
+                connection::run(broker, Box::new(stream), peer, None).await;
+            });
+        }
+    }
+
+    /// Serves MQTT over TLS. With a client CA in `tls`, clients present
+    /// certificates; a verified certificate's common name is the device it
+    /// authenticates.
+    pub async fn serve_tls(self, listener: tokio::net::TcpListener, tls: tls::MqttTls) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "MQTT/TLS accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let broker = self.clone();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let handshake = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    acceptor.accept(stream),
+                )
+                .await;
+                let Ok(Ok(tls)) = handshake else {
+                    tracing::debug!(%peer, "TLS handshake failed");
+                    return;
+                };
+                let device = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| tls::common_name(c.as_ref()));
+                connection::run(broker, Box::new(tls), peer, device).await;
             });
         }
     }

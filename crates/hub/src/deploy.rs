@@ -245,7 +245,7 @@ impl Hub {
                 .iter()
                 .map(|d| roost_broker::Device {
                     name: d.name.clone(),
-                    password_hash: Some(d.password_hash.clone()),
+                    password_hash: d.password_hash.clone(),
                     publish: d.publish.clone(),
                     subscribe: d.subscribe.clone(),
                 })

@@ -382,9 +382,10 @@ fn device(c: &mut Checker, field: &str, t: &toml::Table) -> Option<DeviceSpec> {
             None
         }
     });
-    let hash = string(c, t, field, "password_hash").and_then(|h| {
-        match argon2::password_hash::PasswordHash::new(h) {
-            Ok(p) if p.algorithm.as_str().starts_with("argon2") => Some(h.to_owned()),
+    let hash = match t.get("password_hash") {
+        None => Some(None),
+        Some(Value::String(h)) => match argon2::password_hash::PasswordHash::new(h) {
+            Ok(p) if p.algorithm.as_str().starts_with("argon2") => Some(Some(h.to_owned())),
             _ => {
                 c.problem(
                     format!("{field}.password_hash"),
@@ -393,8 +394,16 @@ fn device(c: &mut Checker, field: &str, t: &toml::Table) -> Option<DeviceSpec> {
                 );
                 None
             }
+        },
+        Some(v) => {
+            c.problem(
+                format!("{field}.password_hash"),
+                show(v),
+                "must be a string from `roost passwd`",
+            );
+            None
         }
-    });
+    };
     let mut filters = |key: &str| -> Option<Vec<String>> {
         match t.get(key) {
             None => Some(Vec::new()),

@@ -63,8 +63,9 @@ pub struct TaskSpec {
 pub struct DeviceSpec {
     /// Its MQTT user name and client id.
     pub name: String,
-    /// argon2 PHC string from `roost passwd`.
-    pub password_hash: String,
+    /// argon2 PHC string from `roost passwd`; without one, the device can
+    /// only log in with a client certificate over TLS.
+    pub password_hash: Option<String>,
     /// Topic filters it may publish to; `{device}` is its own name.
     pub publish: Vec<String>,
     /// Topic filters it may subscribe to.

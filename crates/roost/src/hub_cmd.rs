@@ -20,6 +20,19 @@ pub struct HubOpts {
     /// Port 0 picks a free port (written to DATA_DIR/endpoints.json).
     #[arg(long, env = "ROOST_MQTT", default_value = "127.0.0.1:1883")]
     mqtt: SocketAddr,
+    /// Address of an MQTT-over-TLS listener (needs --mqtt-tls-cert and --mqtt-tls-key).
+    #[arg(long, env = "ROOST_MQTTS", requires_all = ["mqtt_tls_cert", "mqtt_tls_key"])]
+    mqtts: Option<SocketAddr>,
+    /// PEM certificate chain of the MQTT TLS listener.
+    #[arg(long, env = "ROOST_MQTT_TLS_CERT")]
+    mqtt_tls_cert: Option<PathBuf>,
+    /// PEM private key of the MQTT TLS listener.
+    #[arg(long, env = "ROOST_MQTT_TLS_KEY")]
+    mqtt_tls_key: Option<PathBuf>,
+    /// PEM CA whose client certificates authenticate devices: the
+    /// certificate's common name is the device's name.
+    #[arg(long, env = "ROOST_MQTT_TLS_CLIENT_CA")]
+    mqtt_tls_client_ca: Option<PathBuf>,
     /// Accept MQTT clients that give no user name (they may publish and
     /// subscribe anywhere). Off by default: devices log in with their name.
     #[arg(long, env = "ROOST_ALLOW_ANONYMOUS")]
@@ -144,6 +157,19 @@ async fn serve(opts: HubOpts) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen for MQTT on {} (is mosquitto or another hub running? try --mqtt 127.0.0.1:0)", opts.mqtt))?;
     let mqtt_addr = mqtt_listener.local_addr()?;
+    let mqtts = match (opts.mqtts, &opts.mqtt_tls_cert, &opts.mqtt_tls_key) {
+        (Some(a), Some(cert), Some(key)) => {
+            let tls =
+                roost_broker::tls::MqttTls::load(cert, key, opts.mqtt_tls_client_ca.as_deref())
+                    .context("cannot set up MQTT over TLS")?;
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen for MQTT/TLS on {a}"))?;
+            Some((l, tls))
+        }
+        _ => None,
+    };
+    let mqtts_addr = mqtts.as_ref().and_then(|(l, _)| l.local_addr().ok());
     let hub = Hub::start(config).await.with_context(|| {
         format!(
             "cannot start the hub with data dir {}",
@@ -164,10 +190,14 @@ async fn serve(opts: HubOpts) -> Result<()> {
         "http"
     };
     tokio::spawn(hub.broker().clone().serve(mqtt_listener));
+    if let Some((l, tls)) = mqtts {
+        tokio::spawn(hub.broker().clone().serve_tls(l, tls));
+    }
     let endpoints = serde_json::json!({
         "http": addr.to_string(),
         "url": format!("{scheme}://{addr}"),
         "mqtt": mqtt_addr.to_string(),
+        "mqtts": mqtts_addr.map(|a| a.to_string()),
     });
     std::fs::write(
         opts.data_dir.join("endpoints.json"),

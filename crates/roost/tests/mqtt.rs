@@ -734,3 +734,189 @@ fn a_timer_route_calls_its_task_and_bad_routes_are_refused() {
         assert!(err.contains(f), "{f} missing in {err}");
     }
 }
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_device_logs_in_over_tls_with_its_client_certificate() {
+    let pki = tempfile::tempdir().unwrap();
+    let d = pki.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=roost test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
+    std::fs::write(
+        d.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.pem",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=sensor-1",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+        ],
+    );
+    std::fs::write(
+        d.join("client.ext"),
+        "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-extfile",
+            "client.ext",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            "client.pem",
+        ],
+    );
+    let p = |f: &str| d.join(f).display().to_string();
+    let hub = TestHub::start(&[
+        "--mqtts",
+        "127.0.0.1:0",
+        "--mqtt-tls-cert",
+        &p("server.pem"),
+        "--mqtt-tls-key",
+        &p("server.key"),
+        "--mqtt-tls-client-ca",
+        &p("ca.pem"),
+    ]);
+    let manifest = format!(
+        "[[device]]\nname = \"sensor-1\"\npublish = [\"sensors/{{device}}/#\"]\n\n[[device]]\nname = \"panel\"\npassword_hash = \"{}\"\nsubscribe = [\"sensors/#\"]\n",
+        hash("panel-secret")
+    );
+    let pkg = Package::new(&manifest, &[]);
+    hub.deploy(&pkg.manifest());
+    let endpoints: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(hub.data_dir.join("endpoints.json")).unwrap(),
+    )
+    .unwrap();
+    let mqtts = endpoints["mqtts"].as_str().unwrap().to_owned();
+    let (h, port) = mqtts.rsplit_once(':').unwrap();
+    let panel = sub(
+        &hub,
+        &["-u", "panel", "-P", "panel-secret", "-t", "sensors/#"],
+        1,
+        10,
+    );
+    let tls_pub = |extra: &[&str]| {
+        Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                h,
+                "-p",
+                port,
+                "--cafile",
+                &p("ca.pem"),
+                "-t",
+                "sensors/sensor-1/t",
+                "-m",
+                "over tls",
+                "-q",
+                "1",
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // No certificate: the TLS handshake is refused.
+    assert!(!tls_pub(&[]).status.success());
+    // With sensor-1's certificate: authenticated as sensor-1, no password.
+    let ok = tls_pub(&["--cert", &p("client.pem"), "--key", &p("client.key")]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(lines(panel), vec!["sensors/sensor-1/t over tls"]);
+    // The certificate does not let it claim to be another device.
+    let other = tls_pub(&[
+        "--cert",
+        &p("client.pem"),
+        "--key",
+        &p("client.key"),
+        "-u",
+        "panel",
+    ]);
+    assert!(!other.status.success());
+}
