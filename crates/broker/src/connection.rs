@@ -111,6 +111,9 @@ async fn read_frame(
         if let Some(f) = next_frame(rbuf, broker.inner.config.max_packet_bytes, version) {
             return Some(f);
         }
+        if rbuf.capacity() - rbuf.len() < 256 {
+            rbuf.reserve(if rbuf.is_empty() { 512 } else { 4096 });
+        }
         let n = stream.read_buf(rbuf).await.ok()?;
         if n == 0 {
             return None;
@@ -166,8 +169,9 @@ pub(crate) async fn run(
         conn_id: broker.inner.next_conn.fetch_add(1, Ordering::Relaxed),
         broker,
         stream,
-        rbuf: BytesMut::with_capacity(4096),
-        wbuf: BytesMut::with_capacity(4096),
+        // Buffers grow with the packets; an idle connection holds little.
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
         version: 4,
         client_id: String::new(),
         policy: Policy::anonymous(),
@@ -231,6 +235,9 @@ impl Conn {
         let n = self.wbuf.len();
         self.stream.write_all(&self.wbuf).await?;
         self.wbuf.clear();
+        if self.wbuf.capacity() > 64 << 10 {
+            self.wbuf = BytesMut::new();
+        }
         self.broker
             .inner
             .stats
@@ -369,6 +376,7 @@ impl Conn {
                     queue: VecDeque::new(),
                     device: None,
                     qos2_in: HashSet::new(),
+                    backlogged_since: None,
                 });
             session_present =
                 !c.clean_start && (!session.subscriptions.is_empty() || !session.queue.is_empty());

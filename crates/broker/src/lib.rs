@@ -34,9 +34,12 @@ pub struct BrokerConfig {
     pub max_packet_bytes: usize,
     /// Messages kept for an offline persistent session; older ones are dropped.
     pub session_queue_limit: usize,
-    /// Messages waiting to be written to one connection; past it the client
-    /// is too slow and is disconnected.
+    /// Messages waiting to be written to one connection; past it messages
+    /// for that client are dropped.
     pub outgoing_buffer: usize,
+    /// How long a client's buffer may stay full before the client is
+    /// disconnected as not reading.
+    pub slow_client_grace: std::time::Duration,
 }
 
 impl Default for BrokerConfig {
@@ -45,7 +48,8 @@ impl Default for BrokerConfig {
             allow_anonymous: false,
             max_packet_bytes: 1 << 20,
             session_queue_limit: 1000,
-            outgoing_buffer: 1000,
+            outgoing_buffer: 10_000,
+            slow_client_grace: std::time::Duration::from_secs(5),
         }
     }
 }
@@ -88,6 +92,8 @@ pub(crate) struct Session {
     pub device: Option<String>,
     /// Incoming QoS 2 packet ids received and not yet released.
     pub qos2_in: std::collections::HashSet<u16>,
+    /// Since when its connection's buffer has been full.
+    pub backlogged_since: Option<std::time::Instant>,
 }
 
 #[derive(Default)]
@@ -107,6 +113,7 @@ pub struct Stats {
     pub dropped_by_policy: AtomicU64,
     pub dropped_queue_full: AtomicU64,
     pub slow_clients_dropped: AtomicU64,
+    pub dropped_slow: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
 }
@@ -165,6 +172,7 @@ impl Broker {
                     queue: VecDeque::new(),
                     device,
                     qos2_in: Default::default(),
+                    backlogged_since: None,
                 },
             );
         }
@@ -426,6 +434,12 @@ impl Broker {
             vec![(String::new(), g(&s.slow_clients_dropped))],
         );
         line(
+            "dropped_slow_client",
+            "counter",
+            "Messages not delivered because the client's buffer was full",
+            vec![(String::new(), g(&s.dropped_slow))],
+        );
+        line(
             "bytes_in",
             "counter",
             "Bytes received",
@@ -499,18 +513,29 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
             m.id = 0;
         }
         match &session.conn {
-            Some((_, tx)) if tx.try_send(Outbound::Deliver(m.clone())).is_err() => {
-                inner
-                    .stats
-                    .slow_clients_dropped
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(client = %client, "client is not reading; disconnecting it");
-                session.conn = None;
-                if session.persistent && m.qos > 0 && session.queue.len() < limit {
-                    session.queue.push_back(m);
+            Some((_, tx)) => match tx.try_send(Outbound::Deliver(m)) {
+                Ok(()) => session.backlogged_since = None,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // Its buffer is full: this message is not delivered
+                    // (a persistent session still has it in the store for
+                    // its next connection). A client that stays this far
+                    // behind is not reading: it is let go.
+                    inner.stats.dropped_slow.fetch_add(1, Ordering::Relaxed);
+                    let since = *session
+                        .backlogged_since
+                        .get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= inner.config.slow_client_grace {
+                        inner
+                            .stats
+                            .slow_clients_dropped
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(client = %client, "client is not reading; disconnecting it");
+                        session.conn = None;
+                        session.backlogged_since = None;
+                    }
                 }
-            }
-            Some(_) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            },
             None if session.persistent && m.qos > 0 => {
                 if session.queue.len() >= limit {
                     session.queue.pop_front();

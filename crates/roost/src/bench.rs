@@ -32,6 +32,12 @@ pub struct BenchOpts {
     /// Concurrent connections for throughput and async.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Messages per MQTT throughput measurement.
+    #[arg(long, default_value_t = 100_000)]
+    mqtt_messages: u64,
+    /// Idle MQTT connections for the memory measurement.
+    #[arg(long, default_value_t = 10_000)]
+    idle_connections: usize,
     /// Python with awslambdaric, for the process benchmarks.
     #[arg(long, env = "PYTHON", default_value = "python3")]
     python: String,
@@ -52,6 +58,7 @@ pub fn run(opts: BenchOpts) -> Result<()> {
         "process",
         "pss",
         "burst",
+        "mqtt",
     ];
     if !known.contains(&opts.which.as_str()) {
         bail!(
@@ -92,6 +99,12 @@ pub fn run(opts: BenchOpts) -> Result<()> {
     }
     if all || opts.which == "burst" {
         rt.block_on(bench_burst(&opts))?;
+    }
+    if all || opts.which == "mqtt" {
+        rt.block_on(crate::mqtt_bench::run(
+            opts.mqtt_messages,
+            opts.idle_connections,
+        ))?;
     }
     Ok(())
 }

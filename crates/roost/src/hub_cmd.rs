@@ -40,6 +40,14 @@ pub struct HubOpts {
     /// Largest MQTT packet accepted, in bytes.
     #[arg(long, env = "ROOST_MQTT_MAX_PACKET", default_value_t = 1 << 20)]
     mqtt_max_packet_bytes: usize,
+    /// Messages waiting to be written to one MQTT client; past it, messages
+    /// for that client are dropped.
+    #[arg(long, env = "ROOST_MQTT_OUTGOING_BUFFER", default_value_t = 10_000)]
+    mqtt_outgoing_buffer: usize,
+    /// Seconds a client's buffer may stay full before it is disconnected
+    /// as not reading.
+    #[arg(long, env = "ROOST_MQTT_SLOW_CLIENT_GRACE_S", default_value_t = 5)]
+    mqtt_slow_client_grace_s: u64,
     /// Messages kept for an offline persistent MQTT session.
     #[arg(long, env = "ROOST_MQTT_SESSION_QUEUE", default_value_t = 1000)]
     mqtt_session_queue: usize,
@@ -144,6 +152,8 @@ async fn serve(opts: HubOpts) -> Result<()> {
     config.broker.allow_anonymous = opts.allow_anonymous;
     config.broker.max_packet_bytes = opts.mqtt_max_packet_bytes;
     config.broker.session_queue_limit = opts.mqtt_session_queue;
+    config.broker.outgoing_buffer = opts.mqtt_outgoing_buffer.max(1);
+    config.broker.slow_client_grace = Duration::from_secs(opts.mqtt_slow_client_grace_s);
     let listener = tokio::net::TcpListener::bind(opts.http)
         .await
         .with_context(|| {

@@ -6,6 +6,7 @@ mod bench;
 mod client;
 mod example;
 mod hub_cmd;
+mod mqtt_bench;
 mod pack;
 
 use clap::{Parser, Subcommand};

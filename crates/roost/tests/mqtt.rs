@@ -579,7 +579,13 @@ fn hostile_input_harms_only_its_own_connection() {
 
 #[test]
 fn a_client_that_never_reads_is_dropped_and_slows_no_one() {
-    let hub = TestHub::start(&["--allow-anonymous"]);
+    let hub = TestHub::start(&[
+        "--allow-anonymous",
+        "--mqtt-outgoing-buffer",
+        "100",
+        "--mqtt-slow-client-grace-s",
+        "1",
+    ]);
     // A raw subscriber that never reads its socket.
     let mut slow = connect_raw(&hub);
     slow.write_all(&[0x82, 6, 0, 1, 0, 1, b'#', 0]).unwrap();
@@ -588,20 +594,22 @@ fn a_client_that_never_reads_is_dropped_and_slows_no_one() {
     let fast = sub(&hub, &["-t", "flood/last"], 1, 30);
     let payload = "x".repeat(20_000);
     let (h, p) = host_port(&hub);
-    // 2,500 messages (50 MB) at the slow reader: more than its outgoing
-    // buffer and the socket's; the broker must cut it off, not buffer it.
-    let mut flood = Command::new("mosquitto_pub")
-        .args(["-h", &h, "-p", &p, "-t", "flood/bulk", "-l", "-q", "0"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        let mut stdin = flood.stdin.take().unwrap();
-        for _ in 0..2500 {
-            writeln!(stdin, "{payload}").unwrap();
+    // Keep the slow reader's buffer full for longer than its grace.
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let mut flood = Command::new("mosquitto_pub")
+            .args(["-h", &h, "-p", &p, "-t", "flood/bulk", "-l", "-q", "0"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            let mut stdin = flood.stdin.take().unwrap();
+            for _ in 0..500 {
+                writeln!(stdin, "{payload}").unwrap();
+            }
         }
+        assert!(flood.wait().unwrap().success());
     }
-    assert!(flood.wait().unwrap().success());
     assert!(pub_(&hub, &["-t", "flood/last", "-m", "done"])
         .status
         .success());
