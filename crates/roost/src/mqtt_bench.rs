@@ -192,15 +192,12 @@ async fn throughput(addr: &str, subs: usize, n: u64, qos: QoS, persistent: bool)
         readers.push(tokio::spawn(async move {
             let mut got = 0;
             while got < n {
-                match c.next().await? {
-                    Packet::Publish(p) => {
-                        got += 1;
-                        received.fetch_add(1, Ordering::Relaxed);
-                        if let Some(id) = p.packet_id {
-                            c.send(&PubAckPacket::new(id)).await?;
-                        }
+                if let Packet::Publish(p) = c.next().await? {
+                    got += 1;
+                    received.fetch_add(1, Ordering::Relaxed);
+                    if let Some(id) = p.packet_id {
+                        c.send(&PubAckPacket::new(id)).await?;
                     }
-                    _ => {}
                 }
             }
             Ok::<_, anyhow::Error>(())
