@@ -566,10 +566,10 @@ impl Conn {
                 },
                 out = rx.recv() => match out {
                     Some(Outbound::Deliver(m)) => {
-                        self.deliver(m);
+                        self.deliver(*m);
                         // Batch whatever else is waiting into one write.
                         while let Ok(Outbound::Deliver(m)) = rx.try_recv() {
-                            self.deliver(m);
+                            self.deliver(*m);
                         }
                     }
                     Some(Outbound::TakenOver) => {

@@ -79,7 +79,9 @@ pub(crate) struct SubOptions {
 /// What the broker hands a connection.
 #[derive(Debug)]
 pub(crate) enum Outbound {
-    Deliver(Message),
+    /// Boxed: the channel preallocates slots, and an idle connection should
+    /// cost a few bytes per slot, not a whole message each.
+    Deliver(Box<Message>),
     /// Another connection took over this session.
     TakenOver,
 }
@@ -513,7 +515,7 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
             m.id = 0;
         }
         match &session.conn {
-            Some((_, tx)) => match tx.try_send(Outbound::Deliver(m)) {
+            Some((_, tx)) => match tx.try_send(Outbound::Deliver(Box::new(m))) {
                 Ok(()) => session.backlogged_since = None,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     // Its buffer is full: this message is not delivered

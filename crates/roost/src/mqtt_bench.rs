@@ -103,7 +103,7 @@ impl Client {
 struct Broker {
     child: Child,
     addr: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Broker {
@@ -149,11 +149,7 @@ fn start_hub() -> Result<Broker> {
         .spawn()?;
     let addr = format!("127.0.0.1:{port}");
     wait_port(&addr)?;
-    Ok(Broker {
-        child,
-        addr,
-        _dir: dir,
-    })
+    Ok(Broker { child, addr, dir })
 }
 
 fn start_mosquitto() -> Result<Broker> {
@@ -173,11 +169,7 @@ fn start_mosquitto() -> Result<Broker> {
         .context("mosquitto is needed for this baseline (apt install mosquitto)")?;
     let addr = format!("127.0.0.1:{port}");
     wait_port(&addr)?;
-    Ok(Broker {
-        child,
-        addr,
-        _dir: dir,
-    })
+    Ok(Broker { child, addr, dir })
 }
 
 /// `subs` subscribers on one topic; one publisher sends `n` messages at
@@ -247,14 +239,24 @@ async fn throughput(addr: &str, subs: usize, n: u64, qos: QoS, persistent: bool)
 
 /// Publish-to-deliver latency, one message at a time, QoS 0.
 async fn latency(addr: &str, n: usize) -> Result<(f64, f64)> {
+    latency_between(addr, n, "lat/t", "lat/t").await
+}
+
+/// Latency from a publish on `to_topic`... to its arrival on `from_topic`.
+async fn latency_between(
+    addr: &str,
+    n: usize,
+    publish_to: &str,
+    watch: &str,
+) -> Result<(f64, f64)> {
     let mut s = Client::connect(addr, "lat-sub", true).await?;
-    s.subscribe("lat/t", QoS::AtMostOnce).await?;
+    s.subscribe(watch, QoS::AtMostOnce).await?;
     let mut p = Client::connect(addr, "lat-pub", true).await?;
     let mut samples = Vec::with_capacity(n);
     for i in 0..n + 200 {
         let t = Instant::now();
         p.send(&PublishPacket::new_v311(
-            "lat/t",
+            publish_to,
             b"ping".to_vec(),
             QoS::AtMostOnce,
         ))
@@ -348,6 +350,30 @@ pub async fn run(n: u64, idle: usize) -> Result<()> {
         "  memory per idle connection mosquitto {:>6.0} B   roost {:>6.0} B   ({idle} connections)",
         mi, hi
     );
+    // Route dispatch: device message -> durable async call of a wasm task ->
+    // its output -> a device topic, against a plain publish on the same hub.
+    let h = start_hub()?;
+    let endpoints: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        h.dir.path().join("endpoints.json"),
+    )?)?;
+    let http = endpoints["http"].as_str().unwrap_or_default().to_owned();
+    let manifest = "[[task]]\nname = \"echo\"\nruntime = \"wasm\"\ncode = \"echo.wat\"\n\n[[route]]\nfrom = \"device:rt/in\"\nto = \"task:echo\"\n\n[[route]]\nfrom = \"task:echo\"\nto = \"device:rt/out\"\n";
+    let package = crate::example::package(&[
+        ("manifest.toml", manifest),
+        ("echo.wat", crate::example::FILES[1].1),
+    ])?;
+    let r = reqwest::Client::new()
+        .post(format!("http://{http}/v1/deployments"))
+        .body(package)
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("deploy failed: {}", r.text().await?);
+    }
+    let (dp50, dp99) = latency_between(&h.addr, 1000, "rt/direct", "rt/direct").await?;
+    let (rp50, rp99) = latency_between(&h.addr, 1000, "rt/in", "rt/out").await?;
+    drop(h);
+    println!("  route device -> task -> device p50 / p99  {rp50:>7.1} / {rp99:>7.1} us   (plain publish on the same hub {dp50:.1} / {dp99:.1} us; the call is made durable on the way)");
     println!("  (mosquitto runs with persistence off: it keeps QoS 1 messages in memory; roost writes them for persistent sessions before the PUBACK)");
     Ok(())
 }
