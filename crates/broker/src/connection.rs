@@ -448,6 +448,11 @@ impl Conn {
 
     /// Sends `ack` once `durable` (if any) is on disk, after earlier acks.
     fn ack_after<P: MqttPacket>(&mut self, ack: &P, durable: Option<crate::Done>) {
+        if durable.is_none() && self.acks.is_empty() {
+            // Nothing to wait for and nothing ahead of it: straight out.
+            self.queue(ack);
+            return;
+        }
         let mut buf = BytesMut::new();
         let _ = ack.encode(&mut buf);
         let bytes = buf.freeze();

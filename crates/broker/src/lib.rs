@@ -478,19 +478,11 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
     st.subs.matching(&msg.topic, &mut matched);
     // A client subscribed through several filters gets the message once, at
     // the highest QoS granted.
-    let mut best: HashMap<String, SubOptions> = HashMap::new();
-    for (client, opts) in matched {
-        if opts.no_local && client == msg.from {
-            continue;
-        }
-        best.entry(client)
-            .and_modify(|o| {
-                if opts.qos > o.qos {
-                    *o = opts
-                }
-            })
-            .or_insert(opts);
-    }
+    matched.retain(|(client, opts)| !(opts.no_local && *client == msg.from));
+    // Sort by client, best QoS first, and keep the first of each client.
+    matched.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.qos.cmp(&a.1.qos)));
+    matched.dedup_by(|later, first| later.0 == first.0);
+    let best = matched;
     let limit = inner.config.session_queue_limit;
     if msg.qos > 0 && inner.persist.is_some() {
         msg.id = inner.next_msg.fetch_add(1, Ordering::Relaxed);
