@@ -362,7 +362,7 @@ impl Conn {
             if c.clean_start {
                 if let Some(old) = st.sessions.remove(&client_id) {
                     for f in old.subscriptions.keys() {
-                        st.subs.remove(f, &client_id);
+                        st.remove_sub(&client_id, f);
                     }
                 }
             }
@@ -418,7 +418,7 @@ impl Conn {
             .ok();
             p.add(
                 PropertyId::SharedSubscriptionAvailable,
-                mqtt5_protocol::PropertyValue::Byte(0),
+                mqtt5_protocol::PropertyValue::Byte(1),
             )
             .ok();
             if c.client_id.is_empty() {
@@ -656,7 +656,7 @@ impl Conn {
                 };
                 let mut st = self.broker.inner.state.lock();
                 for f in &u.filters {
-                    let had = st.subs.remove(f, &self.client_id);
+                    let had = st.remove_sub(&self.client_id, f);
                     if let (true, Some(p)) = (self.persistent, &self.broker.inner.persist) {
                         background(p.drop_subscription(&self.client_id, f));
                     }
@@ -814,11 +814,17 @@ impl Conn {
         {
             let mut st = self.broker.inner.state.lock();
             for f in &s.filters {
-                let code = if f.filter.starts_with("$share/") {
-                    SubAckReasonCode::SharedSubscriptionsNotSupported
-                } else if !valid_filter(&f.filter) {
+                let shared = crate::split_shared(&f.filter);
+                let inner_filter = shared.map(|(_, inner)| inner).unwrap_or(&f.filter);
+                let code = if f.filter.starts_with("$share/") && shared.is_none() {
+                    // A malformed shared subscription. (3.1.1 clients may use
+                    // well-formed ones too, as with mosquitto.)
                     SubAckReasonCode::TopicFilterInvalid
-                } else if !self.policy.may_subscribe(&f.filter) {
+                } else if shared.is_some() && f.options.no_local {
+                    SubAckReasonCode::UnspecifiedError
+                } else if !valid_filter(inner_filter) {
+                    SubAckReasonCode::TopicFilterInvalid
+                } else if !self.policy.may_subscribe(inner_filter) {
                     tracing::warn!(client = %self.client_id, device = %self.policy.device.name, filter = %f.filter, "subscription outside the device's policy refused");
                     SubAckReasonCode::NotAuthorized
                 } else {
@@ -831,7 +837,7 @@ impl Conn {
                         .sessions
                         .get(&self.client_id)
                         .is_some_and(|s| s.subscriptions.contains_key(&f.filter));
-                    st.subs.insert(&f.filter, &self.client_id, opts);
+                    st.add_sub(&self.client_id, &f.filter, opts);
                     if let (true, Some(p)) = (self.persistent, &self.broker.inner.persist) {
                         background(p.save_subscription(
                             &self.client_id,
@@ -845,11 +851,13 @@ impl Conn {
                         sess.subscriptions.insert(f.filter.clone(), opts);
                     }
                     use mqtt5_protocol::packet::subscribe::RetainHandling;
-                    let send_retained = match f.options.retain_handling {
-                        RetainHandling::SendAtSubscribe => true,
-                        RetainHandling::SendAtSubscribeIfNew => !existed,
-                        RetainHandling::DoNotSend => false,
-                    };
+                    // Retained messages are not sent for shared subscriptions.
+                    let send_retained = shared.is_none()
+                        && match f.options.retain_handling {
+                            RetainHandling::SendAtSubscribe => true,
+                            RetainHandling::SendAtSubscribeIfNew => !existed,
+                            RetainHandling::DoNotSend => false,
+                        };
                     if send_retained {
                         for m in st.retained.values() {
                             if matches(&f.filter, &m.topic) {
@@ -911,7 +919,7 @@ impl Conn {
                 }
             } else if let Some(s) = st.sessions.remove(&self.client_id) {
                 for f in s.subscriptions.keys() {
-                    st.subs.remove(f, &self.client_id);
+                    st.remove_sub(&self.client_id, f);
                 }
             }
         }

@@ -103,6 +103,61 @@ pub(crate) struct State {
     pub sessions: HashMap<String, Session>,
     pub subs: Trie<SubOptions>,
     pub retained: HashMap<String, Message>,
+    /// Shared subscriptions (`$share/GROUP/FILTER`): the trie holds one key
+    /// per group and filter, the members take turns.
+    pub shared: Trie<()>,
+    pub shared_members: HashMap<String, SharedGroup>,
+}
+
+#[derive(Default)]
+pub(crate) struct SharedGroup {
+    pub members: Vec<(String, SubOptions)>,
+    pub next: usize,
+}
+
+/// `$share/GROUP/FILTER` → (GROUP, FILTER), if well formed.
+pub(crate) fn split_shared(f: &str) -> Option<(&str, &str)> {
+    let rest = f.strip_prefix("$share/")?;
+    let (group, filter) = rest.split_once('/')?;
+    (!group.is_empty() && !group.contains(['+', '#']) && topic::valid_filter(filter))
+        .then_some((group, filter))
+}
+
+impl State {
+    /// Adds (or replaces) a client's subscription, plain or shared.
+    pub fn add_sub(&mut self, client: &str, filter: &str, opts: SubOptions) {
+        match split_shared(filter) {
+            Some((group, inner)) => {
+                let key = format!("{group}\0{inner}");
+                self.shared.insert(inner, &key, ());
+                let g = self.shared_members.entry(key).or_default();
+                g.members.retain(|(c, _)| c != client);
+                g.members.push((client.to_owned(), opts));
+            }
+            None => self.subs.insert(filter, client, opts),
+        }
+    }
+
+    /// Removes a client's subscription; true if it had one.
+    pub fn remove_sub(&mut self, client: &str, filter: &str) -> bool {
+        match split_shared(filter) {
+            Some((group, inner)) => {
+                let key = format!("{group}\0{inner}");
+                let Some(g) = self.shared_members.get_mut(&key) else {
+                    return false;
+                };
+                let before = g.members.len();
+                g.members.retain(|(c, _)| c != client);
+                let removed = g.members.len() != before;
+                if g.members.is_empty() {
+                    self.shared_members.remove(&key);
+                    self.shared.remove(inner, &key);
+                }
+                removed
+            }
+            None => self.subs.remove(filter, client),
+        }
+    }
 }
 
 /// Counters for metrics.
@@ -186,7 +241,7 @@ impl Broker {
                     retain_as_published: rap,
                 };
                 s.subscriptions.insert(filter.clone(), opts);
-                state.subs.insert(&filter, &client, opts);
+                state.add_sub(&client, &filter, opts);
             }
         }
         for q in restore.queue {
@@ -478,6 +533,31 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
     st.subs.matching(&msg.topic, &mut matched);
     // A client subscribed through several filters gets the message once, at
     // the highest QoS granted.
+    let mut groups = Vec::new();
+    st.shared.matching(&msg.topic, &mut groups);
+    for (key, ()) in groups {
+        // One member of each matching group gets it: the next connected
+        // one in turn (or, if none is connected, the next one).
+        let State {
+            shared_members,
+            sessions,
+            ..
+        } = &mut *st;
+        let Some(g) = shared_members.get_mut(&key) else {
+            continue;
+        };
+        let n = g.members.len();
+        let pick = (0..n)
+            .map(|i| (g.next + i) % n)
+            .find(|&i| {
+                sessions
+                    .get(&g.members[i].0)
+                    .is_some_and(|s| s.conn.is_some())
+            })
+            .unwrap_or(g.next % n);
+        g.next = pick + 1;
+        matched.push(g.members[pick].clone());
+    }
     matched.retain(|(client, opts)| !(opts.no_local && *client == msg.from));
     // Sort by client, best QoS first, and keep the first of each client.
     matched.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.qos.cmp(&a.1.qos)));

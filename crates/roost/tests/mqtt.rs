@@ -442,7 +442,11 @@ fn a_persistent_session_gets_what_was_published_while_it_was_away() {
 /// QoS 1, acknowledges every message it gets for `listen`, then says
 /// goodbye: unlike mosquitto_sub -C, it never leaves with unsent PUBACKs.
 fn persistent_raw_consumer(hub: &TestHub, id: &str, filter: &str, listen: Duration) -> Vec<String> {
-    let mut s = TcpStream::connect(&hub.mqtt).unwrap();
+    persistent_raw_consumer_at(&hub.mqtt, id, filter, listen)
+}
+
+fn persistent_raw_consumer_at(addr: &str, id: &str, filter: &str, listen: Duration) -> Vec<String> {
+    let mut s = TcpStream::connect(addr).unwrap();
     let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0, 0, 60];
     body.extend((id.len() as u16).to_be_bytes());
     body.extend(id.as_bytes());
@@ -927,4 +931,48 @@ fn a_device_logs_in_over_tls_with_its_client_certificate() {
         "panel",
     ]);
     assert!(!other.status.success());
+}
+
+#[test]
+fn a_shared_subscription_spreads_messages_over_its_members() {
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    let all = sub(&hub, &["-t", "jobs/#", "-q", "1"], 10, 10);
+    let members: Vec<_> = ["worker-a", "worker-b"]
+        .iter()
+        .map(|id| {
+            let hub_mqtt = hub.mqtt.clone();
+            let id = id.to_string();
+            std::thread::spawn(move || {
+                persistent_raw_consumer_at(
+                    &hub_mqtt,
+                    &id,
+                    "$share/workers/jobs/#",
+                    Duration::from_secs(3),
+                )
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..10 {
+        assert!(
+            pub_(&hub, &["-t", &format!("jobs/{i}"), "-m", "x", "-q", "1"])
+                .status
+                .success()
+        );
+    }
+    let got: Vec<Vec<String>> = members.into_iter().map(|m| m.join().unwrap()).collect();
+    assert_eq!(
+        got[0].len() + got[1].len(),
+        10,
+        "each message to exactly one member: {got:?}"
+    );
+    assert!(
+        !got[0].is_empty() && !got[1].is_empty(),
+        "both members take turns: {got:?}"
+    );
+    assert_eq!(
+        lines(all).len(),
+        10,
+        "a plain subscriber still gets everything"
+    );
 }
