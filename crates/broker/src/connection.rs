@@ -149,6 +149,8 @@ struct Conn {
     /// Acknowledgements waiting for their publish to be durable, in order.
     acks: FuturesOrdered<PendingAck>,
     persistent: bool,
+    /// MQTT 5 session expiry: how long the session outlives the connection.
+    session_expiry: Option<Duration>,
     /// Incoming QoS 2 packet ids received and not yet released.
     incoming_qos2: HashSet<u16>,
     pending: VecDeque<Message>,
@@ -181,6 +183,7 @@ pub(crate) async fn run(
         released: HashMap::new(),
         acks: FuturesOrdered::new(),
         persistent: false,
+        session_expiry: None,
         incoming_qos2: HashSet::new(),
         pending: VecDeque::new(),
         will: None,
@@ -342,6 +345,7 @@ impl Conn {
                 properties: Properties::new(),
                 from: client_id.clone(),
                 id: 0,
+                expires_at: None,
             });
         }
         let persistent = if self.version == 5 {
@@ -377,10 +381,12 @@ impl Conn {
                     device: None,
                     qos2_in: HashSet::new(),
                     backlogged_since: None,
+                    last_conn: 0,
                 });
             session_present =
                 !c.clean_start && (!session.subscriptions.is_empty() || !session.queue.is_empty());
             session.conn = Some((self.conn_id, tx));
+            session.last_conn = self.conn_id;
             session.persistent = persistent;
             session.device = (!policy.device.name.is_empty()).then(|| policy.device.name.clone());
             queued = std::mem::take(&mut session.queue);
@@ -399,6 +405,12 @@ impl Conn {
             }
         }
         self.persistent = persistent;
+        self.session_expiry = match c.properties.get_session_expiry_interval() {
+            Some(s) if self.version == 5 && s > 0 && s < u32::MAX => {
+                Some(Duration::from_secs(s as u64))
+            }
+            _ => None,
+        };
         self.client_id = client_id;
         self.policy = policy;
         if self.version == 5 {
@@ -464,6 +476,34 @@ impl Conn {
         }));
     }
 
+    /// Forgets the session `expiry` after this connection ended, unless a
+    /// client has taken it up again by then.
+    fn expire_later(&self, expiry: Duration) {
+        let broker = self.broker.clone();
+        let client = self.client_id.clone();
+        let conn_id = self.conn_id;
+        tokio::spawn(async move {
+            tokio::time::sleep(expiry).await;
+            let mut st = broker.inner.state.lock();
+            let idle = st
+                .sessions
+                .get(&client)
+                .is_some_and(|s| s.conn.is_none() && s.last_conn == conn_id);
+            if idle {
+                if let Some(s) = st.sessions.remove(&client) {
+                    for f in s.subscriptions.keys() {
+                        st.remove_sub(&client, f);
+                    }
+                }
+                drop(st);
+                if let Some(p) = &broker.inner.persist {
+                    background(p.drop_session(&client));
+                }
+                tracing::debug!(client = %client, "session expired");
+            }
+        });
+    }
+
     fn next_packet_id(&mut self) -> u16 {
         loop {
             self.next_pid = self.next_pid.wrapping_add(1);
@@ -482,10 +522,29 @@ impl Conn {
             self.pending.push_back(m);
             return;
         }
+        let remaining = m
+            .expires_at
+            .map(|t| t.saturating_duration_since(Instant::now()));
+        if remaining.is_some_and(|r| r.is_zero()) {
+            // Expired while it waited: dropped, as MQTT 5 says.
+            self.forget_stored(m.id);
+            return;
+        }
         let qos = QoS::from(m.qos);
         let mut p = if self.version == 5 {
             let mut p = PublishPacket::new(m.topic.clone(), m.payload.to_vec(), qos);
             p.properties = m.properties.clone();
+            if let Some(r) = remaining {
+                // The receiver sees what is left of the expiry.
+                let mut props = Properties::new();
+                for (id, v) in m.properties.iter() {
+                    if id != PropertyId::MessageExpiryInterval {
+                        let _ = props.add(id, v.clone());
+                    }
+                }
+                props.set_message_expiry_interval(r.as_secs().max(1) as u32);
+                p.properties = props;
+            }
             p
         } else {
             PublishPacket::new_v311(m.topic.clone(), m.payload.to_vec(), qos)
@@ -744,6 +803,10 @@ impl Conn {
                     properties: props,
                     from: self.client_id.clone(),
                     id: 0,
+                    expires_at: p
+                        .properties
+                        .get_message_expiry_interval()
+                        .map(|s| Instant::now() + Duration::from_secs(s as u64)),
                 },
             );
         }
@@ -916,6 +979,9 @@ impl Conn {
                     for m in unacked.into_iter().rev() {
                         s.queue.push_front(m);
                     }
+                }
+                if let Some(expiry) = self.session_expiry {
+                    self.expire_later(expiry);
                 }
             } else if let Some(s) = st.sessions.remove(&self.client_id) {
                 for f in s.subscriptions.keys() {

@@ -67,6 +67,8 @@ pub struct Message {
     pub from: String,
     /// Its id in the store when queued for persistent sessions (0: not stored).
     pub id: u64,
+    /// When it stops being worth delivering (MQTT 5 message expiry).
+    pub expires_at: Option<std::time::Instant>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -96,6 +98,8 @@ pub(crate) struct Session {
     pub qos2_in: std::collections::HashSet<u16>,
     /// Since when its connection's buffer has been full.
     pub backlogged_since: Option<std::time::Instant>,
+    /// The last connection that held it (for session expiry).
+    pub last_conn: u64,
 }
 
 #[derive(Default)]
@@ -230,6 +234,7 @@ impl Broker {
                     device,
                     qos2_in: Default::default(),
                     backlogged_since: None,
+                    last_conn: 0,
                 },
             );
         }
@@ -255,6 +260,7 @@ impl Broker {
                     properties: Properties::new(),
                     from: String::new(),
                     id: q.id,
+                    expires_at: None,
                 });
             }
         }
@@ -274,6 +280,7 @@ impl Broker {
                     properties: Properties::new(),
                     from: String::new(),
                     id: 0,
+                    expires_at: None,
                 },
             );
         }

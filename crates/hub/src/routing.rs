@@ -40,6 +40,7 @@ impl roost_routes::Hooks for HubHooks {
             properties: Default::default(),
             from: String::new(),
             id: 0,
+            expires_at: None,
         });
         if let Some(done) = done {
             tokio::spawn(async move {

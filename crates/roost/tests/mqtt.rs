@@ -976,3 +976,108 @@ fn a_shared_subscription_spreads_messages_over_its_members() {
         "a plain subscriber still gets everything"
     );
 }
+
+#[test]
+fn expired_messages_and_expired_sessions_are_dropped() {
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    let v5 = ["-V", "mqttv5"];
+    // A persistent MQTT 5 session that waits for QoS 1 messages.
+    let first = sub(
+        &hub,
+        &[
+            &v5[..],
+            &["-i", "keeper", "-c", "-x", "60", "-q", "1", "-t", "m/#"],
+        ]
+        .concat(),
+        1,
+        1,
+    );
+    let _ = lines(first);
+    let expiring = pub_(
+        &hub,
+        &[
+            &v5[..],
+            &[
+                "-t",
+                "m/short",
+                "-m",
+                "stale",
+                "-q",
+                "1",
+                "-D",
+                "publish",
+                "message-expiry-interval",
+                "1",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(expiring.status.success());
+    let lasting = pub_(
+        &hub,
+        &[
+            &v5[..],
+            &[
+                "-t",
+                "m/long",
+                "-m",
+                "fresh",
+                "-q",
+                "1",
+                "-D",
+                "publish",
+                "message-expiry-interval",
+                "60",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(lasting.status.success());
+    std::thread::sleep(Duration::from_millis(2200));
+    let back = sub(
+        &hub,
+        &[
+            &v5[..],
+            &["-i", "keeper", "-c", "-x", "60", "-q", "1", "-t", "m/#"],
+        ]
+        .concat(),
+        1,
+        5,
+    );
+    assert_eq!(
+        lines(back),
+        vec!["m/long fresh"],
+        "the expired message is not delivered"
+    );
+
+    // A session with a 1 s expiry is gone 1 s after its client left.
+    let brief = sub(
+        &hub,
+        &[
+            &v5[..],
+            &["-i", "brief", "-c", "-x", "1", "-q", "1", "-t", "s/#"],
+        ]
+        .concat(),
+        1,
+        1,
+    );
+    let _ = lines(brief);
+    std::thread::sleep(Duration::from_millis(1800));
+    assert!(pub_(&hub, &["-t", "s/1", "-m", "late", "-q", "1"])
+        .status
+        .success());
+    let gone = sub(
+        &hub,
+        &[
+            &v5[..],
+            &["-i", "brief", "-c", "-x", "1", "-q", "1", "-t", "t/none"],
+        ]
+        .concat(),
+        1,
+        1,
+    );
+    assert!(
+        lines(gone).is_empty(),
+        "an expired session keeps no subscriptions or queue"
+    );
+}
