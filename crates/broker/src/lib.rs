@@ -327,6 +327,53 @@ impl Broker {
         }
     }
 
+    /// Serves MQTT over WebSockets (subprotocol `mqtt`, binary frames), for
+    /// browsers and clients behind HTTP-only networks.
+    pub async fn serve_websocket(self, listener: tokio::net::TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "MQTT/WebSocket accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let broker = self.clone();
+            tokio::spawn(async move {
+                use async_tungstenite::tungstenite::handshake::server::{Request, Response};
+                let pick_mqtt = |req: &Request, mut resp: Response| {
+                    let offers_mqtt = req
+                        .headers()
+                        .get_all("sec-websocket-protocol")
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .flat_map(|v| v.split(','))
+                        .any(|p| p.trim() == "mqtt");
+                    if offers_mqtt {
+                        resp.headers_mut().insert(
+                            "sec-websocket-protocol",
+                            "mqtt".parse().expect("static header"),
+                        );
+                    }
+                    Ok(resp)
+                };
+                let handshake = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    async_tungstenite::tokio::accept_hdr_async(stream, pick_mqtt),
+                )
+                .await;
+                let Ok(Ok(ws)) = handshake else {
+                    tracing::debug!(%peer, "WebSocket handshake failed");
+                    return;
+                };
+                let io = ws_stream_tungstenite::WsStream::new(ws);
+                connection::run(broker, Box::new(io), peer, None).await;
+            });
+        }
+    }
+
     /// Serves MQTT over TLS. With a client CA in `tls`, clients present
     /// certificates; a verified certificate's common name is the device it
     /// authenticates.

@@ -20,6 +20,9 @@ pub struct HubOpts {
     /// Port 0 picks a free port (written to DATA_DIR/endpoints.json).
     #[arg(long, env = "ROOST_MQTT", default_value = "127.0.0.1:1883")]
     mqtt: SocketAddr,
+    /// Address of an MQTT-over-WebSockets listener (subprotocol `mqtt`).
+    #[arg(long, env = "ROOST_MQTT_WS")]
+    mqtt_ws: Option<SocketAddr>,
     /// Address of an MQTT-over-TLS listener (needs --mqtt-tls-cert and --mqtt-tls-key).
     #[arg(long, env = "ROOST_MQTTS", requires_all = ["mqtt_tls_cert", "mqtt_tls_key"])]
     mqtts: Option<SocketAddr>,
@@ -180,6 +183,15 @@ async fn serve(opts: HubOpts) -> Result<()> {
         _ => None,
     };
     let mqtts_addr = mqtts.as_ref().and_then(|(l, _)| l.local_addr().ok());
+    let mqtt_ws = match opts.mqtt_ws {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen for MQTT/WebSocket on {a}"))?,
+        ),
+        None => None,
+    };
+    let mqtt_ws_addr = mqtt_ws.as_ref().and_then(|l| l.local_addr().ok());
     let hub = Hub::start(config).await.with_context(|| {
         format!(
             "cannot start the hub with data dir {}",
@@ -203,11 +215,15 @@ async fn serve(opts: HubOpts) -> Result<()> {
     if let Some((l, tls)) = mqtts {
         tokio::spawn(hub.broker().clone().serve_tls(l, tls));
     }
+    if let Some(l) = mqtt_ws {
+        tokio::spawn(hub.broker().clone().serve_websocket(l));
+    }
     let endpoints = serde_json::json!({
         "http": addr.to_string(),
         "url": format!("{scheme}://{addr}"),
         "mqtt": mqtt_addr.to_string(),
         "mqtts": mqtts_addr.map(|a| a.to_string()),
+        "mqtt_ws": mqtt_ws_addr.map(|a| a.to_string()),
     });
     std::fs::write(
         opts.data_dir.join("endpoints.json"),

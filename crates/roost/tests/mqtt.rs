@@ -1081,3 +1081,51 @@ fn expired_messages_and_expired_sessions_are_dropped() {
         "an expired session keeps no subscriptions or queue"
     );
 }
+
+#[test]
+fn paho_talks_to_the_broker_over_websockets_and_tcp_with_mqtt_5() {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let hub = TestHub::start(&["--allow-anonymous", "--mqtt-ws", "127.0.0.1:0"]);
+    let endpoints: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(hub.data_dir.join("endpoints.json")).unwrap(),
+    )
+    .unwrap();
+    let ws = endpoints["mqtt_ws"].as_str().unwrap().to_owned();
+    let script = r#"
+import sys, paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+(ws_host, ws_port), (tcp_host, tcp_port) = [a.rsplit(":", 1) for a in sys.argv[1:3]]
+got = []
+def on_message(c, u, m):
+    props = dict(m.properties.UserProperty) if hasattr(m.properties, "UserProperty") else {}
+    got.append((m.topic, m.payload.decode(), props.get("origin")))
+sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-ws", transport="websockets", protocol=mqtt.MQTTv5)
+sub.on_message = on_message
+sub.connect(ws_host, int(ws_port))
+sub.subscribe("ws/#", qos=1)
+sub.loop_start()
+import time; time.sleep(0.5)
+pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-tcp", protocol=mqtt.MQTTv5)
+pub.connect(tcp_host, int(tcp_port))
+pub.loop_start()
+props = Properties(PacketTypes.PUBLISH)
+props.UserProperty = ("origin", "paho")
+pub.publish("ws/hello", "over websockets", qos=1, properties=props).wait_for_publish(5)
+deadline = time.time() + 5
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+print(got)
+assert got == [("ws/hello", "over websockets", "paho")], got
+"#;
+    let out = Command::new(&python)
+        .args(["-c", script, &ws, &hub.mqtt])
+        .output()
+        .expect("python with paho-mqtt (scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
