@@ -329,6 +329,8 @@ impl Broker {
 
     /// Serves MQTT over WebSockets (subprotocol `mqtt`, binary frames), for
     /// browsers and clients behind HTTP-only networks.
+    // The handshake callback's Result type is tungstenite's, not ours.
+    #[allow(clippy::result_large_err)]
     pub async fn serve_websocket(self, listener: tokio::net::TcpListener) {
         loop {
             let (stream, peer) = match listener.accept().await {
