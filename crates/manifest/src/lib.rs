@@ -129,19 +129,10 @@ pub fn parse(text: &str, root: &Path) -> Result<Manifest, Vec<Problem>> {
     for (key, value) in &doc {
         match key.as_str() {
             "task" => {
-                let Some(list) = value.as_array() else {
-                    c.problem("task", show(value), "write tasks as [[task]] tables");
-                    continue;
-                };
                 let mut names = HashSet::new();
-                for (i, t) in list.iter().enumerate() {
-                    let field = format!("task[{i}]");
-                    let Some(t) = t.as_table() else {
-                        c.problem(field, show(t), "each [[task]] must be a table");
-                        continue;
-                    };
+                for (field, t) in tables(&mut c, key, value) {
                     if let Some(spec) = task(&mut c, &field, t, &root) {
-                        if !names.insert(spec.name.clone()) {
+                        if !names.insert(spec.name.to_string()) {
                             c.problem(
                                 format!("{field}.name"),
                                 spec.name.to_string(),
@@ -153,17 +144,8 @@ pub fn parse(text: &str, root: &Path) -> Result<Manifest, Vec<Problem>> {
                 }
             }
             "device" => {
-                let Some(list) = value.as_array() else {
-                    c.problem("device", show(value), "write devices as [[device]] tables");
-                    continue;
-                };
                 let mut names = HashSet::new();
-                for (i, d) in list.iter().enumerate() {
-                    let field = format!("device[{i}]");
-                    let Some(d) = d.as_table() else {
-                        c.problem(field, show(d), "each [[device]] must be a table");
-                        continue;
-                    };
+                for (field, d) in tables(&mut c, key, value) {
                     if let Some(dev) = device(&mut c, &field, d) {
                         if !names.insert(dev.name.clone()) {
                             c.problem(
@@ -210,6 +192,24 @@ pub fn parse(text: &str, root: &Path) -> Result<Manifest, Vec<Problem>> {
     } else {
         Err(c.problems)
     }
+}
+
+/// The tables of an array of tables (`[[key]]`), each with its field name
+/// (`key[i]`); anything else is a problem.
+fn tables<'a>(c: &mut Checker, key: &str, value: &'a Value) -> Vec<(String, &'a toml::Table)> {
+    let Some(list) = value.as_array() else {
+        c.problem(key, show(value), format!("write these as [[{key}]] tables"));
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, item) in list.iter().enumerate() {
+        let field = format!("{key}[{i}]");
+        match item.as_table() {
+            Some(t) => out.push((field, t)),
+            None => c.problem(field, show(item), format!("each [[{key}]] must be a table")),
+        }
+    }
+    out
 }
 
 /// `5s`, `500ms`, `2m`, `1h` as milliseconds (at least 100 ms).

@@ -12,16 +12,6 @@ fn hub_with(tasks: &str, modules: &[&str], args: &[&str]) -> (TestHub, Package) 
     (hub, pkg)
 }
 
-fn error_code(resp: reqwest::blocking::Response) -> (u16, String, String) {
-    let status = resp.status().as_u16();
-    let v: serde_json::Value = resp.json().unwrap();
-    (
-        status,
-        v["error"]["code"].as_str().unwrap_or("").to_owned(),
-        v["error"]["message"].as_str().unwrap_or("").to_owned(),
-    )
-}
-
 #[test]
 fn sync_call_returns_the_output() {
     let (hub, _p) = hub_with(&task("echo", "echo.wat", ""), &["echo.wat"], &[]);
@@ -75,12 +65,12 @@ fn nested_calls_never_deadlock_a_full_hub_and_stop_at_the_depth_limit() {
 #[test]
 fn unknown_task_is_404() {
     let (hub, _p) = hub_with(&task("echo", "echo.wat", ""), &["echo.wat"], &[]);
-    let (status, code, msg) = error_code(hub.call("nope", "x"));
+    let (status, code, msg) = error_of(hub.call("nope", "x"));
     assert_eq!((status, code.as_str()), (404, "unknown_task"));
     assert!(msg.contains("roost tasks"));
-    let (status, code, _) = error_code(hub.call("../../etc", "x"));
+    let (status, code, _) = error_of(hub.call("../../etc", "x"));
     assert_eq!(status, 404, "{code}");
-    let (status, code, _) = error_code(
+    let (status, code, _) = error_of(
         http()
             .get(format!(
                 "{}/v1/calls/0123456789abcdef0123456789abcdef",
@@ -95,9 +85,9 @@ fn unknown_task_is_404() {
 #[test]
 fn oversized_input_is_413() {
     let (hub, _p) = hub_with(&task("echo", "echo.wat", ""), &["echo.wat"], &[]);
-    let (status, code, _) = error_code(hub.call("echo", vec![b'x'; (6 << 20) + 1]));
+    let (status, code, _) = error_of(hub.call("echo", vec![b'x'; (6 << 20) + 1]));
     assert_eq!((status, code.as_str()), (413, "input_too_large"));
-    let (status, code, _) = error_code(hub.call_async("echo", vec![b'x'; (1 << 20) + 1]));
+    let (status, code, _) = error_of(hub.call_async("echo", vec![b'x'; (1 << 20) + 1]));
     assert_eq!((status, code.as_str()), (413, "input_too_large"));
     // Right at the limits is fine.
     assert_eq!(hub.call_async("echo", vec![b'x'; 1 << 20]).status(), 202);
@@ -110,10 +100,10 @@ fn a_trapping_task_fails_with_task_error_and_the_hub_keeps_serving() {
         + &task("echo", "echo.wat", "")
         + &task("exit3", "exit3.wat", "");
     let (hub, _p) = hub_with(&tasks, &["trap.wat", "echo.wat", "exit3.wat"], &[]);
-    let (status, code, msg) = error_code(hub.call("trap", ""));
+    let (status, code, msg) = error_of(hub.call("trap", ""));
     assert_eq!((status, code.as_str()), (502, "task_error"));
     assert!(msg.contains("unreachable"), "{msg}");
-    let (status, code, msg) = error_code(hub.call("exit3", ""));
+    let (status, code, msg) = error_of(hub.call("exit3", ""));
     assert_eq!((status, code.as_str()), (502, "task_error"));
     assert!(msg.contains("status 3"), "{msg}");
     assert_eq!(hub.call("echo", "alive").text().unwrap(), "alive");
@@ -133,7 +123,7 @@ fn a_task_looping_forever_times_out_while_other_tasks_run() {
     // While the loop spins, another task answers.
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(hub.call("echo", "meanwhile").text().unwrap(), "meanwhile");
-    let (status, code, msg) = error_code(spinner.join().unwrap());
+    let (status, code, msg) = error_of(spinner.join().unwrap());
     assert_eq!((status, code.as_str()), (504, "timeout"));
     assert!(msg.contains("timeout_ms = 500"), "{msg}");
 }
@@ -143,7 +133,7 @@ fn a_sleeping_task_times_out_too() {
     let tasks = task("sleep", "sleep.wat", "timeout_ms = 300");
     let (hub, _p) = hub_with(&tasks, &["sleep.wat"], &[]);
     assert_eq!(hub.call("sleep", "10").text().unwrap(), "slept\n");
-    let (status, code, _) = error_code(hub.call("sleep", "60000"));
+    let (status, code, _) = error_of(hub.call("sleep", "60000"));
     assert_eq!((status, code.as_str()), (504, "timeout"));
 }
 
@@ -151,7 +141,7 @@ fn a_sleeping_task_times_out_too() {
 fn a_task_growing_memory_without_end_fails_with_memory_limit() {
     let tasks = task("grow", "grow.wat", "memory_mb = 8") + &task("echo", "echo.wat", "");
     let (hub, _p) = hub_with(&tasks, &["grow.wat", "echo.wat"], &[]);
-    let (status, code, msg) = error_code(hub.call("grow", ""));
+    let (status, code, msg) = error_of(hub.call("grow", ""));
     assert_eq!((status, code.as_str()), (502, "memory_limit"));
     assert!(msg.contains("memory_mb = 8"), "{msg}");
     assert_eq!(hub.call("echo", "ok").text().unwrap(), "ok");
@@ -213,7 +203,7 @@ fn a_task_sees_only_the_resources_it_declares_with_their_access() {
     ) + &task("no-grant", "readfile.wat", "");
     let (hub, _p) = hub_with(&tasks, &["readfile.wat", "writefile.wat"], &[]);
     assert_eq!(hub.call("read", "").text().unwrap(), "sensor data");
-    let (status, _, _) = error_code(hub.call("write-ro", "x"));
+    let (status, _, _) = error_of(hub.call("write-ro", "x"));
     assert_eq!(status, 502, "a read-only resource must refuse writes");
     assert!(!data.path().join("out.txt").exists());
     assert_eq!(hub.call("write-rw", "written by a task").status(), 200);
@@ -221,7 +211,7 @@ fn a_task_sees_only_the_resources_it_declares_with_their_access() {
         std::fs::read_to_string(data.path().join("out.txt")).unwrap(),
         "written by a task"
     );
-    let (status, _, _) = error_code(hub.call("no-grant", ""));
+    let (status, _, _) = error_of(hub.call("no-grant", ""));
     assert_eq!(status, 502, "a task without the resource sees no files");
 }
 

@@ -49,16 +49,6 @@ fn py_task(name: &str, handler: &str, extra: &str) -> String {
     )
 }
 
-fn error_of(r: reqwest::blocking::Response) -> (u16, String, String) {
-    let status = r.status().as_u16();
-    let v: serde_json::Value = r.json().unwrap();
-    (
-        status,
-        v["error"]["code"].as_str().unwrap_or("").into(),
-        v["error"]["message"].as_str().unwrap_or("").into(),
-    )
-}
-
 #[test]
 fn an_unmodified_python_handler_runs_with_the_lambda_environment() {
     let hub = TestHub::start(&["--region", "eu-west-1"]);

@@ -245,3 +245,14 @@ pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// (status, error code, error message) of an error answer.
+pub fn error_of(resp: reqwest::blocking::Response) -> (u16, String, String) {
+    let status = resp.status().as_u16();
+    let v: serde_json::Value = resp.json().unwrap();
+    (
+        status,
+        v["error"]["code"].as_str().unwrap_or("").to_owned(),
+        v["error"]["message"].as_str().unwrap_or("").to_owned(),
+    )
+}
