@@ -1129,3 +1129,69 @@ assert got == [("ws/hello", "over websockets", "paho")], got
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn an_offline_session_keeps_only_its_newest_messages_up_to_its_limit() {
+    let hub = TestHub::start(&["--allow-anonymous", "--mqtt-session-queue", "3"]);
+    let _ = persistent_raw_consumer(&hub, "capped", "q/#", Duration::from_millis(300));
+    for i in 0..5 {
+        assert!(pub_(&hub, &["-t", &format!("q/{i}"), "-m", "m", "-q", "1"])
+            .status
+            .success());
+    }
+    let back = persistent_raw_consumer(&hub, "capped", "q/#", Duration::from_secs(1));
+    assert_eq!(back, vec!["q/2 m", "q/3 m", "q/4 m"]);
+    let m = http()
+        .get(format!("{}/metrics", hub.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(m.contains("roost_mqtt_dropped_queue_full_total 2"), "{m}");
+}
+
+#[test]
+fn a_flood_from_one_client_slows_no_one_else() {
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    // One client publishes as fast as it can, for the whole test.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooder = {
+        let addr = hub.mqtt.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.write_all(&[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 0])
+                .unwrap();
+            let mut ack = [0u8; 4];
+            s.read_exact(&mut ack).unwrap();
+            let mut burst = Vec::new();
+            for _ in 0..1000 {
+                burst.extend([
+                    0x30, 12, 0, 5, b'f', b'l', b'o', b'o', b'd', b'x', b'x', b'x', b'x', b'x',
+                ]);
+            }
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if s.write_all(&burst).is_err() {
+                    break;
+                }
+                sent += 1000;
+            }
+            sent
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // Meanwhile, other clients are served.
+    for i in 0..5 {
+        let watcher = sub(&hub, &["-t", "calm/#", "-q", "1"], 1, 10);
+        assert!(
+            pub_(&hub, &["-t", &format!("calm/{i}"), "-m", "ok", "-q", "1"])
+                .status
+                .success()
+        );
+        assert_eq!(lines(watcher), vec![format!("calm/{i} ok")]);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flooder.join().unwrap();
+    assert!(sent > 10_000, "the flood really ran ({sent} messages)");
+}
