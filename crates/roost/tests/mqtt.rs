@@ -1195,3 +1195,114 @@ fn a_flood_from_one_client_slows_no_one_else() {
     let sent = flooder.join().unwrap();
     assert!(sent > 10_000, "the flood really ran ({sent} messages)");
 }
+
+#[test]
+fn a_silent_client_is_cut_off_after_its_keep_alive_and_its_will_goes_out() {
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    let watcher = sub(&hub, &["-t", "status/#"], 1, 10);
+    // Keep-alive 1 s, a will, and then silence (the socket stays open).
+    let mut s = TcpStream::connect(&hub.mqtt).unwrap();
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0b0000_0110, 0, 1];
+    body.extend([0, 1, b'k']);
+    body.extend([0, 8]);
+    body.extend(b"status/k");
+    body.extend([0, 6]);
+    body.extend(b"silent");
+    s.write_all(&[&[0x10, body.len() as u8][..], &body].concat())
+        .unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(lines(watcher), vec!["status/k silent"]);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "not before the keep-alive ran out"
+    );
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(closed(&mut s), "the broker closed the connection");
+}
+
+#[test]
+fn mqtt5_topic_aliases_stand_for_their_topic() {
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    let watcher = sub(&hub, &["-t", "al/#", "-V", "mqttv5"], 2, 10);
+    let mut s = TcpStream::connect(&hub.mqtt).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // CONNECT, MQTT 5, clean start, keep-alive 60, no properties, empty id.
+    s.write_all(&[
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0, 0, 0,
+    ])
+    .unwrap();
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], 0x20);
+    let mut rest = vec![0u8; head[1] as usize];
+    s.read_exact(&mut rest).unwrap();
+    assert_eq!(rest[1], 0, "CONNACK success");
+    // Topic plus alias 1, then the alias alone.
+    s.write_all(&[
+        0x30, 13, 0, 4, b'a', b'l', b'/', b'x', 3, 0x23, 0, 1, b'o', b'n', b'e',
+    ])
+    .unwrap();
+    s.write_all(&[0x30, 9, 0, 0, 3, 0x23, 0, 1, b't', b'w', b'o'])
+        .unwrap();
+    assert_eq!(lines(watcher), vec!["al/x one", "al/x two"]);
+    // An alias never set is a protocol error: the client is disconnected.
+    s.write_all(&[0x30, 9, 0, 0, 3, 0x23, 0, 9, b'b', b'a', b'd'])
+        .unwrap();
+    assert!(closed(&mut s));
+}
+
+#[test]
+fn a_qos2_message_is_delivered_once_even_when_resent_across_a_kill_9() {
+    let mut hub = TestHub::start(&["--allow-anonymous"]);
+    let _ = persistent_raw_consumer(&hub, "sink", "x2/#", Duration::from_millis(300));
+    let connect = |hub: &TestHub| {
+        let mut s = TcpStream::connect(&hub.mqtt).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Persistent session "p2" (clean session off).
+        s.write_all(&[
+            0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0, 0, 60, 0, 2, b'p', b'2',
+        ])
+        .unwrap();
+        let mut ack = [0u8; 4];
+        s.read_exact(&mut ack).unwrap();
+        assert_eq!(ack[3], 0);
+        s
+    };
+    let publish = |dup: bool| {
+        let mut p = vec![
+            0x34 | if dup { 0x08 } else { 0 },
+            12,
+            0,
+            4,
+            b'x',
+            b'2',
+            b'/',
+            b'a',
+            0,
+            7,
+        ];
+        p.extend(b"once");
+        p
+    };
+    let mut s = connect(&hub);
+    s.write_all(&publish(false)).unwrap();
+    let mut rec = [0u8; 4];
+    s.read_exact(&mut rec).unwrap();
+    assert_eq!(rec, [0x50, 2, 0, 7], "PUBREC");
+    drop(s);
+    hub.kill9();
+    hub.launch();
+    // The publisher sends it again (as a client unsure of the PUBREC may).
+    let mut s = connect(&hub);
+    s.write_all(&publish(true)).unwrap();
+    s.read_exact(&mut rec).unwrap();
+    assert_eq!(rec, [0x50, 2, 0, 7]);
+    s.write_all(&[0x62, 2, 0, 7]).unwrap();
+    let mut comp = [0u8; 4];
+    s.read_exact(&mut comp).unwrap();
+    assert_eq!(comp, [0x70, 2, 0, 7], "PUBCOMP");
+    let got = persistent_raw_consumer(&hub, "sink", "x2/#", Duration::from_secs(1));
+    assert_eq!(got, vec!["x2/a once"], "exactly once");
+}
