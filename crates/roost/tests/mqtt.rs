@@ -44,8 +44,25 @@ fn sub(hub: &TestHub, args: &[&str], count: usize, secs: u32) -> Child {
         .spawn()
         .expect("mosquitto_sub (apt install mosquitto-clients)");
     // Give it time to subscribe.
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(500));
     child
+}
+
+/// Waits until the device shows as connected (its login is done).
+fn wait_connected(hub: &TestHub, device: &str) {
+    wait_until(
+        &format!("{device} to be connected"),
+        Duration::from_secs(20),
+        || {
+            hub.get_json("/v1/devices")["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["name"] == device && d["connected"] == true)
+        },
+    );
+    // ...and its SUBSCRIBE, sent right after the CONNACK, handled.
+    std::thread::sleep(Duration::from_millis(200));
 }
 
 fn lines(c: Child) -> Vec<String> {
@@ -211,6 +228,7 @@ fn device_cannot_publish_or_subscribe_outside_its_policy() {
         2,
         4,
     );
+    wait_connected(&hub, "panel");
     // Inside the policy: delivered. Outside: dropped, and MQTT 5 says so.
     let ok = pub_(
         &hub,
@@ -891,6 +909,7 @@ fn a_device_logs_in_over_tls_with_its_client_certificate() {
         1,
         10,
     );
+    wait_connected(&hub, "panel");
     let tls_pub = |extra: &[&str]| {
         Command::new("mosquitto_pub")
             .args([
