@@ -1102,7 +1102,7 @@ fn expired_messages_and_expired_sessions_are_dropped() {
 }
 
 #[test]
-fn paho_talks_to_the_broker_over_websockets_and_tcp_with_mqtt_5() {
+fn paho_talks_to_the_broker_over_websockets_and_tcp_with_mqtt_5_and_3_1_1() {
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let hub = TestHub::start(&["--allow-anonymous", "--mqtt-ws", "127.0.0.1:0"]);
     let endpoints: serde_json::Value = serde_json::from_str(
@@ -1136,6 +1136,19 @@ while not got and time.time() < deadline:
     time.sleep(0.05)
 print(got)
 assert got == [("ws/hello", "over websockets", "paho")], got
+# MQTT 3.1.1 with paho too: a QoS 2 round trip over TCP.
+got311 = []
+old = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-311", protocol=mqtt.MQTTv311)
+old.on_message = lambda c, u, m: got311.append((m.topic, m.payload.decode(), m.qos))
+old.connect(tcp_host, int(tcp_port))
+old.subscribe("v3/#", qos=2)
+old.loop_start()
+time.sleep(0.5)
+pub.publish("v3/x", "three-one-one", qos=2).wait_for_publish(5)
+deadline = time.time() + 5
+while not got311 and time.time() < deadline:
+    time.sleep(0.05)
+assert got311 == [("v3/x", "three-one-one", 2)], got311
 "#;
     let out = Command::new(&python)
         .args(["-c", script, &ws, &hub.mqtt])
