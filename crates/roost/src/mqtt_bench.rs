@@ -176,17 +176,22 @@ fn start_mosquitto() -> Result<Broker> {
 /// `qos`, keeping at most `window` unreceived. Returns deliveries/s.
 async fn throughput(addr: &str, subs: usize, n: u64, qos: QoS, persistent: bool) -> Result<f64> {
     let received = Arc::new(AtomicU64::new(0));
+    // Wakes the publisher when subscribers make progress (no busy waiting:
+    // the load generator should not take the CPU the brokers need).
+    let progress = Arc::new(tokio::sync::Notify::new());
     let mut readers = Vec::new();
     for i in 0..subs {
         let mut c = Client::connect(addr, &format!("bench-sub-{i}"), !persistent).await?;
         c.subscribe("bench/t", qos).await?;
         let received = received.clone();
+        let progress = progress.clone();
         readers.push(tokio::spawn(async move {
             let mut got = 0;
             while got < n {
                 if let Packet::Publish(p) = c.next().await? {
                     got += 1;
                     received.fetch_add(1, Ordering::Relaxed);
+                    progress.notify_one();
                     if let Some(id) = p.packet_id {
                         c.send(&PubAckPacket::new(id)).await?;
                     }
@@ -206,7 +211,7 @@ async fn throughput(addr: &str, subs: usize, n: u64, qos: QoS, persistent: bool)
         // Stay within the window of unreceived messages, as a real
         // publisher with flow control would.
         while sent.saturating_sub(received.load(Ordering::Relaxed) / subs as u64) > window {
-            tokio::task::yield_now().await;
+            let _ = tokio::time::timeout(Duration::from_millis(5), progress.notified()).await;
         }
         let mut m = PublishPacket::new_v311("bench/t", payload.clone(), qos);
         if qos != QoS::AtMostOnce {

@@ -37,11 +37,11 @@ impl Store {
     pub fn mqtt_save_session(&self, client_id: &str, device: Option<&str>) -> Done {
         let (c, d) = (client_id.to_owned(), device.map(str::to_owned));
         Box::pin(self.submit(move |conn| {
-            conn.execute(
+            conn.prepare_cached(
                 "INSERT INTO mqtt_sessions (client_id, device) VALUES (?1, ?2)
                  ON CONFLICT(client_id) DO UPDATE SET device = ?2",
-                params![c, d],
-            )
+            )?
+            .execute(params![c, d])
             .map(|_| ())
         }))
     }
@@ -75,11 +75,8 @@ impl Store {
     ) -> Done {
         let (c, f) = (client_id.to_owned(), filter.to_owned());
         Box::pin(self.submit(move |conn| {
-            conn.execute(
-                "INSERT INTO mqtt_subscriptions (client_id, filter, qos, no_local, retain_as_published) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT(client_id, filter) DO UPDATE SET qos = ?3, no_local = ?4, retain_as_published = ?5",
-                params![c, f, qos, no_local, rap],
-            )
+            conn.prepare_cached("INSERT INTO mqtt_subscriptions (client_id, filter, qos, no_local, retain_as_published) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(client_id, filter) DO UPDATE SET qos = ?3, no_local = ?4, retain_as_published = ?5")?.execute(params![c, f, qos, no_local, rap])
             .map(|_| ())
         }))
     }
@@ -87,10 +84,10 @@ impl Store {
     pub fn mqtt_drop_subscription(&self, client_id: &str, filter: &str) -> Done {
         let (c, f) = (client_id.to_owned(), filter.to_owned());
         Box::pin(self.submit(move |conn| {
-            conn.execute(
+            conn.prepare_cached(
                 "DELETE FROM mqtt_subscriptions WHERE client_id = ?1 AND filter = ?2",
-                params![c, f],
-            )
+            )?
+            .execute(params![c, f])
             .map(|_| ())
         }))
     }
@@ -123,21 +120,19 @@ impl Store {
     pub fn mqtt_delivered(&self, client_id: &str, id: i64) -> Done {
         let c = client_id.to_owned();
         Box::pin(self.submit(move |conn| {
-            conn.execute(
-                "DELETE FROM mqtt_queue WHERE client_id = ?1 AND id = ?2",
-                params![c, id],
-            )
-            .map(|_| ())
+            conn.prepare_cached("DELETE FROM mqtt_queue WHERE client_id = ?1 AND id = ?2")?
+                .execute(params![c, id])
+                .map(|_| ())
         }))
     }
 
     pub fn mqtt_qos2_received(&self, client_id: &str, packet_id: u16) -> Done {
         let c = client_id.to_owned();
         Box::pin(self.submit(move |conn| {
-            conn.execute(
+            conn.prepare_cached(
                 "INSERT OR IGNORE INTO mqtt_qos2_in (client_id, packet_id) VALUES (?1, ?2)",
-                params![c, packet_id],
-            )
+            )?
+            .execute(params![c, packet_id])
             .map(|_| ())
         }))
     }
@@ -145,11 +140,9 @@ impl Store {
     pub fn mqtt_qos2_released(&self, client_id: &str, packet_id: u16) -> Done {
         let c = client_id.to_owned();
         Box::pin(self.submit(move |conn| {
-            conn.execute(
-                "DELETE FROM mqtt_qos2_in WHERE client_id = ?1 AND packet_id = ?2",
-                params![c, packet_id],
-            )
-            .map(|_| ())
+            conn.prepare_cached("DELETE FROM mqtt_qos2_in WHERE client_id = ?1 AND packet_id = ?2")?
+                .execute(params![c, packet_id])
+                .map(|_| ())
         }))
     }
 
@@ -158,13 +151,14 @@ impl Store {
         let t = topic.to_owned();
         Box::pin(self.submit(move |conn| {
             if payload.is_empty() {
-                conn.execute("DELETE FROM mqtt_retained WHERE topic = ?1", params![t])
+                conn.prepare_cached("DELETE FROM mqtt_retained WHERE topic = ?1")?
+                    .execute(params![t])
             } else {
-                conn.execute(
+                conn.prepare_cached(
                     "INSERT INTO mqtt_retained (topic, payload, qos) VALUES (?1, ?2, ?3)
                      ON CONFLICT(topic) DO UPDATE SET payload = ?2, qos = ?3",
-                    params![t, payload, qos],
-                )
+                )?
+                .execute(params![t, payload, qos])
             }
             .map(|_| ())
         }))
