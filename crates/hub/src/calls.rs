@@ -511,4 +511,44 @@ impl TaskCaller for NestedCaller {
         ))
         .await
     }
+
+    async fn publish(
+        &self,
+        from: &CallContext,
+        topic: &str,
+        payload: Bytes,
+    ) -> Result<(), Failure> {
+        let Some(inner) = self.hub.upgrade() else {
+            return Err(Failure::new(
+                FailureCode::Unavailable,
+                "the hub is shutting down",
+            ));
+        };
+        if !roost_broker::topic::valid_topic_name(topic) {
+            return Err(Failure::new(
+                FailureCode::TaskError,
+                format!("{topic:?} is not a topic a message can be published to"),
+            ));
+        }
+        let done = inner.broker.publish(roost_broker::Message {
+            topic: topic.to_owned(),
+            payload,
+            qos: 1,
+            retain: false,
+            properties: Default::default(),
+            from: String::new(),
+            id: 0,
+            expires_at: None,
+        });
+        if let Some(done) = done {
+            done.await.map_err(|e| {
+                Failure::new(
+                    FailureCode::Unavailable,
+                    format!("the message could not be stored: {e}"),
+                )
+            })?;
+        }
+        tracing::debug!(task = %from.task, topic, "task published");
+        Ok(())
+    }
 }

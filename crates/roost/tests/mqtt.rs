@@ -1338,3 +1338,15 @@ fn a_qos2_message_is_delivered_once_even_when_resent_across_a_kill_9() {
     let got = persistent_raw_consumer(&hub, "sink", "x2/#", Duration::from_secs(1));
     assert_eq!(got, vec!["x2/a once"], "exactly once");
 }
+
+#[test]
+fn a_wasm_task_publishes_through_the_host_import() {
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    let pkg = Package::new(&task("announce", "publish.wat", ""), &["publish.wat"]);
+    hub.deploy(&pkg.manifest());
+    let watcher = sub(&hub, &["-t", "out/#", "-q", "1"], 1, 10);
+    let r = hub.call("announce", "the door is open");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().unwrap(), "published");
+    assert_eq!(lines(watcher), vec!["out/published the door is open"]);
+}

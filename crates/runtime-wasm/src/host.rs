@@ -9,6 +9,10 @@
 //! (import "roost" "result_read" (func (param i32 i32) (result i32)))
 //!     ;; result_read(ptr, len): copies the next bytes of the last result
 //!     ;; into memory, returns how many were copied (0 once all were read)
+//! (import "roost" "publish" (func (param i32 i32 i32 i32) (result i32)))
+//!     ;; publish(topic_ptr, topic_len, payload_ptr, payload_len)
+//!     ;; 0: published (QoS 1) through the hub's MQTT broker
+//!     ;; < 0: failed; the result holds why (-100 bad arguments or topic)
 //! ```
 //! The callee runs synchronously through the hub's communications manager,
 //! exactly like an HTTP call, on the caller's reservation.
@@ -110,6 +114,53 @@ pub(crate) fn add_to_linker(linker: &mut Linker<CallState>) -> wasmtime::Result<
                             .host
                             .set_result(Bytes::from(f.message.into_bytes()));
                         status
+                    }
+                }
+            })
+        },
+    )?;
+    linker.func_wrap_async(
+        "roost",
+        "publish",
+        |mut caller: Caller<'_, CallState>,
+         (topic_ptr, topic_len, p_ptr, p_len): (i32, i32, i32, i32)| {
+            Box::new(async move {
+                let (Some(topic), Some(payload)) = (
+                    read_guest(&mut caller, topic_ptr, topic_len),
+                    read_guest(&mut caller, p_ptr, p_len),
+                ) else {
+                    caller.data_mut().host.set_result(Bytes::from_static(
+                        b"bad arguments: pointers or lengths outside memory",
+                    ));
+                    return STATUS_BAD_ARGUMENTS as i32;
+                };
+                let Ok(topic) = String::from_utf8(topic) else {
+                    caller
+                        .data_mut()
+                        .host
+                        .set_result(Bytes::from_static(b"bad arguments: topic is not UTF-8"));
+                    return STATUS_BAD_ARGUMENTS as i32;
+                };
+                let Some(ctx) = caller.data().host.context.clone() else {
+                    caller
+                        .data_mut()
+                        .host
+                        .set_result(Bytes::from_static(b"publishing is not available here"));
+                    return status_of(FailureCode::Unavailable) as i32;
+                };
+                match ctx.calls.publish(&ctx, &topic, Bytes::from(payload)).await {
+                    Ok(()) => 0,
+                    Err(f) => {
+                        let status = if f.code == FailureCode::TaskError {
+                            STATUS_BAD_ARGUMENTS
+                        } else {
+                            status_of(f.code)
+                        };
+                        caller
+                            .data_mut()
+                            .host
+                            .set_result(Bytes::from(f.message.into_bytes()));
+                        status as i32
                     }
                 }
             })

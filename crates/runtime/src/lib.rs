@@ -126,10 +126,15 @@ pub struct CallContext {
     pub logs: Arc<dyn LogSink>,
 }
 
-/// Lets a running task call another task (intra-task communication).
+/// Lets a running task call another task (intra-task communication) and
+/// publish to the hub's MQTT broker.
 #[async_trait]
 pub trait TaskCaller: Send + Sync {
     async fn call(&self, from: &CallContext, task: &str, input: Bytes) -> Result<Bytes, Failure>;
+    /// Publishes `payload` to `topic` (QoS 1); resolves once it is durable
+    /// for every persistent session it was queued for.
+    async fn publish(&self, from: &CallContext, topic: &str, payload: Bytes)
+        -> Result<(), Failure>;
 }
 
 /// Receives a task's log lines (its stderr, for wasm).
