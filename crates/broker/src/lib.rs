@@ -71,6 +71,23 @@ pub struct Message {
     pub expires_at: Option<std::time::Instant>,
 }
 
+impl Message {
+    /// A QoS 1 message the hub itself publishes (a route, a task): it has
+    /// no client behind it, so it feeds no `device:` route.
+    pub fn from_hub(topic: &str, payload: Bytes) -> Self {
+        Message {
+            topic: topic.to_owned(),
+            payload,
+            qos: 1,
+            retain: false,
+            properties: Properties::new(),
+            from: String::new(),
+            id: 0,
+            expires_at: None,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct SubOptions {
     pub qos: u8,

@@ -130,14 +130,14 @@ impl Hub {
             })
     }
 
-    /// Runs a call and waits for its output.
-    pub async fn call_sync(
+    /// Checks the input's size, finds the task and takes a place in the
+    /// queue for a call from outside.
+    fn queue_call(
         &self,
         task: &str,
-        input: Bytes,
-        env: Vec<(String, String)>,
-    ) -> Result<Bytes, CallError> {
-        let limit = self.inner.config.max_sync_input;
+        input: &Bytes,
+        limit: usize,
+    ) -> Result<(Arc<dyn PreparedTask>, Ticket), CallError> {
         if input.len() > limit {
             return Err(CallError::InputTooLarge {
                 size: input.len(),
@@ -146,6 +146,17 @@ impl Hub {
         }
         let prepared = self.task(task)?;
         let ticket = self.submit(prepared.as_ref(), true)?;
+        Ok((prepared, ticket))
+    }
+
+    /// Runs a call and waits for its output.
+    pub async fn call_sync(
+        &self,
+        task: &str,
+        input: Bytes,
+        env: Vec<(String, String)>,
+    ) -> Result<Bytes, CallError> {
+        let (prepared, ticket) = self.queue_call(task, &input, self.inner.config.max_sync_input)?;
         let permit = ticket.admitted().await.map_err(CallError::Rejected)?;
         self.inner
             .metrics
@@ -173,17 +184,10 @@ impl Hub {
         input: Bytes,
         env: Vec<(String, String)>,
     ) -> Result<CallId, CallError> {
-        let limit = self.inner.config.max_async_input;
-        if input.len() > limit {
-            return Err(CallError::InputTooLarge {
-                size: input.len(),
-                limit,
-            });
-        }
-        let prepared = self.task(task)?;
         // Take the place in the queue first (this is the bound check), then
         // persist; the call only runs after both.
-        let ticket = self.submit(prepared.as_ref(), true)?;
+        let (prepared, ticket) =
+            self.queue_call(task, &input, self.inner.config.max_async_input)?;
         let id = new_call_id();
         self.inner
             .store
@@ -530,16 +534,9 @@ impl TaskCaller for NestedCaller {
                 format!("{topic:?} is not a topic a message can be published to"),
             ));
         }
-        let done = inner.broker.publish(roost_broker::Message {
-            topic: topic.to_owned(),
-            payload,
-            qos: 1,
-            retain: false,
-            properties: Default::default(),
-            from: String::new(),
-            id: 0,
-            expires_at: None,
-        });
+        let done = inner
+            .broker
+            .publish(roost_broker::Message::from_hub(topic, payload));
         if let Some(done) = done {
             done.await.map_err(|e| {
                 Failure::new(

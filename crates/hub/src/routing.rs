@@ -32,16 +32,9 @@ impl roost_routes::Hooks for HubHooks {
 
     fn publish(&self, topic: &str, payload: Bytes) -> Result<(), String> {
         let inner = self.hub.upgrade().ok_or("the hub is shutting down")?;
-        let done = inner.broker.publish(roost_broker::Message {
-            topic: topic.to_owned(),
-            payload,
-            qos: 1,
-            retain: false,
-            properties: Default::default(),
-            from: String::new(),
-            id: 0,
-            expires_at: None,
-        });
+        let done = inner
+            .broker
+            .publish(roost_broker::Message::from_hub(topic, payload));
         if let Some(done) = done {
             tokio::spawn(async move {
                 if let Err(e) = done.await {
