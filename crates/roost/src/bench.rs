@@ -198,17 +198,29 @@ fn stats(mut v: Vec<Duration>) -> Stats {
     }
 }
 
-async fn bench_http(opts: &BenchOpts) -> Result<()> {
-    let hub = HubProcess::start(&["--example"])?;
-    let mut s = connect(&hub.addr).await?;
-    // Warm up both paths.
+/// A call path measured against the bare `/healthz` round trip on one
+/// kept-alive connection: 200 warm-up pairs, then `n` of each, interleaved
+/// in batches of 100 so drift (CPU frequency, other load) hits both.
+struct Paired {
+    bare: Stats,
+    call: Stats,
+    /// Sequential calls/s on the call path.
+    calls_per_s: f64,
+}
+
+async fn against_healthz(
+    addr: &str,
+    path: &'static str,
+    body: &'static [u8],
+    n: usize,
+) -> Result<Paired> {
+    let mut s = connect(addr).await?;
     for _ in 0..200 {
         round_trip(&mut s, "GET", "/healthz", b"").await?;
-        round_trip(&mut s, "POST", "/v1/tasks/echo/calls", b"0123456789abcdef").await?;
+        round_trip(&mut s, "POST", path, body).await?;
     }
     let (mut bare, mut call) = (Vec::new(), Vec::new());
-    // Interleave in batches so drift (CPU frequency, other load) hits both.
-    for _ in 0..(opts.calls / 100).max(1) {
+    for _ in 0..(n / 100).max(1) {
         for _ in 0..100 {
             let t = Instant::now();
             round_trip(&mut s, "GET", "/healthz", b"").await?;
@@ -216,32 +228,52 @@ async fn bench_http(opts: &BenchOpts) -> Result<()> {
         }
         for _ in 0..100 {
             let t = Instant::now();
-            let st =
-                round_trip(&mut s, "POST", "/v1/tasks/echo/calls", b"0123456789abcdef").await?;
+            let st = round_trip(&mut s, "POST", path, body).await?;
             if st != 200 {
-                bail!("call failed with {st}");
+                bail!("POST {path} failed with {st}");
             }
             call.push(t.elapsed());
         }
     }
-    let (b, c) = (stats(bare), stats(call));
-    println!(
-        "\n[http] warm wasm call vs bare HTTP round trip, one kept-alive connection, {} each",
-        opts.calls
-    );
+    let calls_per_s = call.len() as f64 / call.iter().map(|d| d.as_secs_f64()).sum::<f64>();
+    Ok(Paired {
+        bare: stats(bare),
+        call: stats(call),
+        calls_per_s,
+    })
+}
+
+fn print_paired(label: &str, p: &Paired, target: &str) {
+    let (b, c) = (&p.bare, &p.call);
     println!(
         "  bare GET /healthz        mean {:>8.1} us  p50 {:>8.1}  p99 {:>8.1}",
         b.mean_us, b.p50_us, b.p99_us
     );
     println!(
-        "  POST echo call           mean {:>8.1} us  p50 {:>8.1}  p99 {:>8.1}",
+        "  {label:<24} mean {:>8.1} us  p50 {:>8.1}  p99 {:>8.1}",
         c.mean_us, c.p50_us, c.p99_us
     );
     println!(
-        "  ratio (call / bare)      mean {:>8.2}     p50 {:>8.2}",
+        "  ratio (call / bare)      mean {:>8.2}     p50 {:>8.2}   {target}",
         c.mean_us / b.mean_us,
         c.p50_us / b.p50_us
     );
+}
+
+async fn bench_http(opts: &BenchOpts) -> Result<()> {
+    let hub = HubProcess::start(&["--example"])?;
+    let p = against_healthz(
+        &hub.addr,
+        "/v1/tasks/echo/calls",
+        b"0123456789abcdef",
+        opts.calls,
+    )
+    .await?;
+    println!(
+        "\n[http] warm wasm call vs bare HTTP round trip, one kept-alive connection, {} each",
+        opts.calls
+    );
+    print_paired("POST echo call", &p, "(target <= 1.25)");
     Ok(())
 }
 
@@ -546,31 +578,9 @@ async fn bench_process(opts: &BenchOpts) -> Result<()> {
         )?,
     )
     .await?;
-    let mut s = connect(&hub.addr).await?;
     let body: &'static [u8] = br#"{"k": 1}"#;
-    for _ in 0..200 {
-        round_trip(&mut s, "GET", "/healthz", b"").await?;
-        round_trip(&mut s, "POST", "/v1/tasks/py/calls", body).await?;
-    }
-    let n = opts.calls.min(3000);
-    let (mut bare, mut call) = (Vec::new(), Vec::new());
-    for _ in 0..(n / 100).max(1) {
-        for _ in 0..100 {
-            let t = Instant::now();
-            round_trip(&mut s, "GET", "/healthz", b"").await?;
-            bare.push(t.elapsed());
-        }
-        for _ in 0..100 {
-            let t = Instant::now();
-            let st = round_trip(&mut s, "POST", "/v1/tasks/py/calls", body).await?;
-            if st != 200 {
-                bail!("python call failed with {st}");
-            }
-            call.push(t.elapsed());
-        }
-    }
-    let calls_per_s = call.len() as f64 / call.iter().map(|d| d.as_secs_f64()).sum::<f64>();
-    let (b, c) = (stats(bare), stats(call));
+    let warm = against_healthz(&hub.addr, "/v1/tasks/py/calls", body, opts.calls.min(3000)).await?;
+    let calls_per_s = warm.calls_per_s;
     // Cold calls: a fresh deployment with no warm worker, five times.
     let mut cold = Vec::new();
     for _ in 0..5 {
@@ -600,23 +610,11 @@ async fn bench_process(opts: &BenchOpts) -> Result<()> {
         .parse()
         .unwrap_or(0.0);
     println!("\n[process] a warm Python (awslambdaric) worker, one kept-alive connection");
-    println!(
-        "  bare GET /healthz        mean {:>8.1} us  p50 {:>8.1}  p99 {:>8.1}",
-        b.mean_us, b.p50_us, b.p99_us
-    );
-    println!(
-        "  warm python call         mean {:>8.1} us  p50 {:>8.1}  p99 {:>8.1}",
-        c.mean_us, c.p50_us, c.p99_us
-    );
-    println!(
-        "  ratio (call / bare)      mean {:>8.2}     p50 {:>8.2}   (target <= 2)",
-        c.mean_us / b.mean_us,
-        c.p50_us / b.p50_us
-    );
+    print_paired("warm python call", &warm, "(target <= 2)");
     println!(
         "  cold call (new worker)   p50  {:>8.1} ms  ({:.0}x the warm p50)",
         cold.p50_us / 1000.0,
-        cold.p50_us / c.p50_us
+        cold.p50_us / warm.call.p50_us
     );
     println!("  one worker, sequential   {calls_per_s:>8.0} calls/s");
     println!("  handler in a Python loop {floor:>8.0} calls/s (json in and out; the physical floor)   ratio {:.3}", calls_per_s / floor.max(1.0));
