@@ -33,12 +33,7 @@ fn a_task_calls_another_task_through_the_host_import() {
     let r = hub.call("greet", "world");
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().unwrap(), "hello, world");
-    let metrics = http()
-        .get(format!("{}/metrics", hub.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = hub.metrics();
     assert!(
         metrics.contains(r#"roost_calls_total{task="echo",outcome="succeeded",mode="nested"} 1"#),
         "{metrics}"
@@ -245,12 +240,7 @@ fn calls_wait_when_memory_budget_is_full() {
         hub.task_row("sleep")["queued"] == 1
     });
     assert_eq!(hub.task_row("sleep")["running"], 1);
-    let m = http()
-        .get(format!("{}/metrics", hub.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let m = hub.metrics();
     assert!(m.contains("roost_memory_reserved_mb 32"), "{m}");
     assert!(m.contains("roost_queue_depth 1"), "{m}");
     // ...and both succeed: waiting is not failing.
@@ -267,12 +257,7 @@ fn a_flood_past_the_queue_bound_gets_429_and_nothing_accepted_is_lost() {
     for _ in 0..20 {
         let r = hub.call_async("sleep", "50");
         match r.status().as_u16() {
-            202 => accepted.push(
-                r.json::<serde_json::Value>().unwrap()["id"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned(),
-            ),
+            202 => accepted.push(id_of(r)),
             429 => {
                 let retry: u64 = r.headers()["retry-after"]
                     .to_str()
@@ -292,10 +277,7 @@ fn a_flood_past_the_queue_bound_gets_429_and_nothing_accepted_is_lost() {
     for id in &accepted {
         let v = hub.wait_call(id, Duration::from_secs(30));
         assert_eq!(v["status"], "succeeded", "{v}");
-        let out = http()
-            .get(format!("{}/v1/calls/{id}/output", hub.url))
-            .send()
-            .unwrap();
+        let out = hub.call_output(id);
         assert_eq!(out.text().unwrap(), "slept\n");
     }
 }
@@ -306,14 +288,8 @@ fn async_call_output_is_409_until_done_and_then_fetched() {
     let (hub, _p) = hub_with(&tasks, &["sleep.wat"], &[]);
     let r = hub.call_async("sleep", "500");
     assert_eq!(r.status(), 202);
-    let id = r.json::<serde_json::Value>().unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let early = http()
-        .get(format!("{}/v1/calls/{id}/output", hub.url))
-        .send()
-        .unwrap();
+    let id = id_of(r);
+    let early = hub.call_output(&id);
     assert_eq!(early.status(), 409);
     hub.wait_call(&id, Duration::from_secs(10));
     let out = hub.cli(&["status", &id, "--output"]);
@@ -329,25 +305,14 @@ fn a_failing_async_call_is_retried_then_kept_as_failed() {
         &["--retry-backoff-ms", "20", "--async-attempts", "3"],
     );
     let r = hub.call_async("trap", "");
-    let id = r.json::<serde_json::Value>().unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = id_of(r);
     let v = hub.wait_call(&id, Duration::from_secs(20));
     assert_eq!(v["status"], "failed");
     assert_eq!(v["attempts"], 3);
     assert_eq!(v["error"]["code"], "task_error");
-    let out = http()
-        .get(format!("{}/v1/calls/{id}/output", hub.url))
-        .send()
-        .unwrap();
+    let out = hub.call_output(&id);
     assert_eq!(out.status(), 502);
-    let m = http()
-        .get(format!("{}/metrics", hub.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let m = hub.metrics();
     assert!(m.contains("roost_async_retries_total 2"), "{m}");
 }
 

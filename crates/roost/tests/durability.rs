@@ -11,10 +11,7 @@ fn ids_of(hub: &TestHub, task: &str, inputs: &[&str]) -> Vec<String> {
         .map(|i| {
             let r = hub.call_async(task, *i);
             assert_eq!(r.status(), 202);
-            r.json::<serde_json::Value>().unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
+            id_of(r)
         })
         .collect()
 }
@@ -38,10 +35,7 @@ fn async_call_survives_kill_9() {
     for id in &ids {
         let v = hub.wait_call(id, Duration::from_secs(30));
         assert_eq!(v["status"], "succeeded", "{v}");
-        let out = http()
-            .get(format!("{}/v1/calls/{id}/output", hub.url))
-            .send()
-            .unwrap();
+        let out = hub.call_output(id);
         assert_eq!(out.text().unwrap(), "slept\n");
     }
 }

@@ -201,12 +201,7 @@ fn anonymous_clients_are_refused_unless_allowed_and_devices_need_their_password(
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    let m = http()
-        .get(format!("{}/metrics", hub.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let m = hub.metrics();
     assert!(m.contains("roost_mqtt_connects_refused_total 3"), "{m}");
 }
 
@@ -322,12 +317,7 @@ fn device_cannot_publish_or_subscribe_outside_its_policy() {
         text.contains("denied") || text.contains("not authorized") || text.contains("refused"),
         "{text}"
     );
-    let m = http()
-        .get(format!("{}/metrics", hub.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let m = hub.metrics();
     assert!(m.contains("roost_mqtt_dropped_by_policy_total 2"), "{m}");
 }
 
@@ -640,12 +630,7 @@ fn a_client_that_never_reads_is_dropped_and_slows_no_one() {
         "the slow client to be dropped",
         Duration::from_secs(10),
         || {
-            http()
-                .get(format!("{}/metrics", hub.url))
-                .send()
-                .unwrap()
-                .text()
-                .unwrap()
+            hub.metrics()
                 .contains("roost_mqtt_slow_clients_dropped_total 1")
         },
     );
@@ -722,12 +707,7 @@ to = "device:commands/heater-1/set"
         .status
         .success());
     assert_eq!(lines(heater), vec!["commands/heater-1/set 19.5"]);
-    let m = http()
-        .get(format!("{}/metrics", hub.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let m = hub.metrics();
     assert!(
         m.contains(r#"roost_route_deliveries_total{outcome="delivered"} 2"#),
         "{m}"
@@ -1173,12 +1153,7 @@ fn an_offline_session_keeps_only_its_newest_messages_up_to_its_limit() {
     }
     let back = persistent_raw_consumer(&hub, "capped", "q/#", Duration::from_secs(1));
     assert_eq!(back, vec!["q/2 m", "q/3 m", "q/4 m"]);
-    let m = http()
-        .get(format!("{}/metrics", hub.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let m = hub.metrics();
     assert!(m.contains("roost_mqtt_dropped_queue_full_total 2"), "{m}");
 }
 

@@ -107,12 +107,7 @@ fn min_warm_workers_are_ready_before_the_first_call() {
     assert_eq!(hub.call("warm", "{}").status(), 200);
     let row = hub.task_row("warm");
     assert_eq!(row["pool"]["cold_starts"], 0, "{row}");
-    let m = http()
-        .get(format!("{}/metrics", hub.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let m = hub.metrics();
     assert!(m.contains(r#"roost_pool_warm_hits{task="warm"} 1"#), "{m}");
 }
 

@@ -170,6 +170,24 @@ impl TestHub {
         }
     }
 
+    /// `GET /v1/calls/{id}/output`.
+    pub fn call_output(&self, id: &str) -> reqwest::blocking::Response {
+        http()
+            .get(format!("{}/v1/calls/{id}/output", self.url))
+            .send()
+            .unwrap()
+    }
+
+    /// The hub's Prometheus metrics text.
+    pub fn metrics(&self) -> String {
+        http()
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    }
+
     pub fn task_row(&self, task: &str) -> serde_json::Value {
         let v = self.get_json("/v1/tasks");
         v["tasks"]
@@ -255,4 +273,12 @@ pub fn error_of(resp: reqwest::blocking::Response) -> (u16, String, String) {
         v["error"]["code"].as_str().unwrap_or("").to_owned(),
         v["error"]["message"].as_str().unwrap_or("").to_owned(),
     )
+}
+
+/// The call id in a 202 answer.
+pub fn id_of(resp: reqwest::blocking::Response) -> String {
+    resp.json::<serde_json::Value>().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
