@@ -298,11 +298,6 @@ impl Hub {
         text
     }
 
-    /// Modules compiled and held in memory (one per distinct code hash).
-    pub fn loaded_modules(&self) -> usize {
-        self.inner.wasm.cache().loaded_count()
-    }
-
     /// Stops taking calls, lets running ones finish within `grace`, and
     /// leaves queued async calls on disk for the next start.
     pub async fn drain(&self, grace: Duration) -> bool {

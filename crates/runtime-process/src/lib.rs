@@ -75,10 +75,6 @@ impl ProcessRuntime {
             worker_ids: Arc::new(std::sync::atomic::AtomicU64::new(1)),
         }
     }
-
-    pub fn isolation(&self) -> &Isolation {
-        &self.isolation
-    }
 }
 
 /// Finds `command[0]`: absolute, relative to the task folder (`./bootstrap`),

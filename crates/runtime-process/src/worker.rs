@@ -77,9 +77,7 @@ pub struct Worker {
     exited: watch::Receiver<Option<std::process::ExitStatus>>,
     group: Arc<WorkerGroup>,
     server: tokio::task::JoinHandle<()>,
-    pub started: Instant,
     pub last_used: Instant,
-    pub calls: u64,
     /// Set once the hub has killed the worker, before its exit is seen, so
     /// it is never handed another call.
     killed: std::sync::atomic::AtomicBool,
@@ -549,7 +547,7 @@ impl Worker {
             }
         };
         owner.set(pid, group.procs_paths().first().map(PathBuf::from));
-        let mut worker = Worker {
+        let worker = Worker {
             id,
             pid,
             shared,
@@ -557,9 +555,7 @@ impl Worker {
             exited,
             group,
             server,
-            started: Instant::now(),
             last_used: Instant::now(),
-            calls: 0,
             killed: std::sync::atomic::AtomicBool::new(false),
         };
         let mut ready = worker.shared.ready.subscribe();
@@ -586,7 +582,6 @@ impl Worker {
                 format!("the worker failed to initialise: {e}"),
             ));
         }
-        worker.started = Instant::now();
         Ok(worker)
     }
 
@@ -624,7 +619,6 @@ impl Worker {
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        self.calls += 1;
         self.last_used = Instant::now();
         let pending = Pending {
             request_id,

@@ -202,21 +202,4 @@ impl Store {
             rows.collect()
         })
     }
-
-    /// Counts of calls by status, for metrics and `roost tasks`.
-    pub fn call_counts(&self) -> Result<Vec<(String, CallStatus, u64)>, StoreError> {
-        self.read(|c| {
-            let mut st =
-                c.prepare("SELECT task, status, COUNT(*) FROM calls GROUP BY task, status")?;
-            let rows = st.query_map([], |r| {
-                let s: String = r.get(1)?;
-                Ok((
-                    r.get(0)?,
-                    CallStatus::parse(&s).unwrap_or(CallStatus::Failed),
-                    r.get(2)?,
-                ))
-            })?;
-            rows.collect()
-        })
-    }
 }

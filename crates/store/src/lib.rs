@@ -110,7 +110,6 @@ type Completion = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
 type Job = Box<dyn FnOnce(&Connection) -> Completion + Send>;
 
 pub struct Store {
-    path: PathBuf,
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     reader: Mutex<Connection>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -150,15 +149,10 @@ impl Store {
             .spawn(move || writer_loop(writer, rx))
             .expect("spawn the store writer thread");
         Ok(Self {
-            path: path.to_owned(),
             writer: Mutex::new(Some(tx)),
             reader: Mutex::new(reader),
             writer_thread: Mutex::new(Some(handle)),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Runs `f` in the next group-committed transaction; resolves once it is
