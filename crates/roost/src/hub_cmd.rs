@@ -238,7 +238,9 @@ async fn serve(opts: HubOpts) -> Result<()> {
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let grace = Duration::from_secs(opts.grace_s);
-    {
+    // The drain starts with the signal (no call is admitted after it) and
+    // runs once; the process exits when it is done.
+    let draining = {
         let hub = hub.clone();
         tokio::spawn(async move {
             shutdown_signal().await;
@@ -248,8 +250,8 @@ async fn serve(opts: HubOpts) -> Result<()> {
             );
             let _ = stop_tx.send(true);
             hub.drain(grace).await;
-        });
-    }
+        })
+    };
     let mut rx = stop_rx.clone();
     let shutdown = async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -269,7 +271,7 @@ async fn serve(opts: HubOpts) -> Result<()> {
         } => {}
     }
     // Running calls finish (up to the grace period) before we exit.
-    tokio::time::timeout(grace + Duration::from_secs(1), hub.drain(grace))
+    tokio::time::timeout(grace + Duration::from_secs(1), draining)
         .await
         .ok();
     tracing::info!("stopped");
