@@ -295,7 +295,8 @@ impl Hub {
                 Mode::Async,
             )
             .await;
-            drop(permit);
+            // The permit is held until the outcome is on disk, so a hub
+            // that is idle (drained) has recorded every outcome.
             match result {
                 Ok(out) => {
                     log_store(store.succeed_call(&id, out.to_vec()).await);
@@ -310,6 +311,7 @@ impl Hub {
                     if store.retry_call(&id, &f, next).await.is_err() {
                         return;
                     }
+                    drop(permit);
                     tokio::time::sleep(delay).await;
                 }
                 Err(f) => {
