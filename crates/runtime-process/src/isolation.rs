@@ -92,8 +92,18 @@ impl Isolation {
 
     /// Removes the empty cgroups other hubs left when they were killed:
     /// rmdir of a cgroup that still has processes fails, so only dead
-    /// workers' folders go.
+    /// workers' folders go. A folder younger than `TIDY_AFTER` is left
+    /// alone: a live hub creates a worker's cgroup a moment before the
+    /// worker joins it, and it must not vanish in between.
     pub fn tidy_others(&self) {
+        const TIDY_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
+        let stale = |p: &Path| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > TIDY_AFTER)
+        };
         for base in self.bases() {
             let Some(all_hubs) = base.parent() else {
                 continue;
@@ -107,12 +117,14 @@ impl Isolation {
                 }
                 if let Ok(workers) = std::fs::read_dir(hub.path()) {
                     for w in workers.flatten() {
-                        if w.path().is_dir() {
+                        if w.path().is_dir() && stale(&w.path()) {
                             let _ = std::fs::remove_dir(w.path());
                         }
                     }
                 }
-                let _ = std::fs::remove_dir(hub.path());
+                if stale(&hub.path()) {
+                    let _ = std::fs::remove_dir(hub.path());
+                }
             }
         }
     }
@@ -136,6 +148,11 @@ impl Isolation {
         let mut dirs = Vec::new();
         match self {
             Isolation::CgroupV2 { base } => {
+                if !base.exists() {
+                    // Tidied away by another hub after a long idle spell.
+                    std::fs::create_dir_all(base)?;
+                    enable_v2_controllers(base);
+                }
                 let d = base.join(name);
                 std::fs::create_dir_all(&d)?;
                 std::fs::write(d.join("memory.max"), bytes.to_string())?;
