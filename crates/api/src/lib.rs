@@ -26,6 +26,9 @@ use std::sync::Arc;
 struct AppState {
     hub: Hub,
     token: Option<Arc<str>>,
+    /// The AWS-compatible services (signed with SigV4, so outside the
+    /// bearer-token check).
+    services: Arc<Vec<Arc<dyn roost_overrides::LocalService>>>,
 }
 
 /// Builds the router. With a token, every request but `/healthz` must carry
@@ -34,6 +37,7 @@ pub fn router(hub: Hub, token: Option<String>) -> Router {
     let state = AppState {
         hub,
         token: token.map(Arc::from),
+        services: Arc::new(roost_overrides::services()),
     };
     Router::new()
         .route("/metrics", get(metrics))
@@ -48,7 +52,7 @@ pub fn router(hub: Hub, token: Option<String>) -> Router {
         .route("/v1/devices", get(devices))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .route("/healthz", get(healthz))
-        .fallback(not_found)
+        .fallback(local_services)
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
@@ -83,12 +87,17 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn not_found() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "no such endpoint; see INTERFACES.md for the API",
-    )
+/// Paths outside `/v1` may be the AWS APIs the hub answers locally.
+async fn local_services(State(st): State<AppState>, req: Request) -> Response {
+    match roost_overrides::dispatch(&st.hub, &st.services, req).await {
+        Ok(r) => r,
+        Err(_) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such endpoint; see INTERFACES.md for the API",
+        )
+        .into_response(),
+    }
 }
 
 async fn metrics(State(st): State<AppState>) -> Response {

@@ -89,7 +89,7 @@ impl Mode {
     }
 }
 
-fn new_call_id() -> CallId {
+pub fn new_call_id() -> CallId {
     let mut b = [0u8; 16];
     rand::thread_rng().fill_bytes(&mut b);
     CallId::from_bytes(b)
@@ -156,13 +156,24 @@ impl Hub {
         input: Bytes,
         env: Vec<(String, String)>,
     ) -> Result<Bytes, CallError> {
+        self.call_sync_as(new_call_id(), task, input, env).await
+    }
+
+    /// A synchronous call under a call id chosen by the caller (so it can
+    /// find the call's log lines afterwards).
+    pub async fn call_sync_as(
+        &self,
+        id: CallId,
+        task: &str,
+        input: Bytes,
+        env: Vec<(String, String)>,
+    ) -> Result<Bytes, CallError> {
         let (prepared, ticket) = self.queue_call(task, &input, self.inner.config.max_sync_input)?;
         let permit = ticket.admitted().await.map_err(CallError::Rejected)?;
         self.inner
             .metrics
             .queue_wait
             .observe(permit.waited().as_secs_f64());
-        let id = new_call_id();
         let result = run(
             &self.inner,
             &prepared,

@@ -45,7 +45,14 @@ type Prepared = (
     Tasks,
     Vec<roost_model::DeviceSpec>,
     Vec<roost_model::RouteSpec>,
+    Vec<roost_model::SecretSpec>,
 );
+
+/// The package entry that carries `[[secret]]` values from the deploying
+/// shell: read into memory, sealed into the store, never unpacked to disk.
+pub const SECRETS_ENTRY: &str = ".roost-secrets.json";
+/// Largest secrets entry accepted.
+const MAX_SECRETS_BYTES: u64 = 1 << 20;
 
 impl Hub {
     /// Validates and applies a deployment package (a gzipped tar holding
@@ -64,13 +71,14 @@ impl Hub {
         }
         std::fs::create_dir_all(&dir)?;
         let result = async {
-            unpack(package, &dir, self.inner.config.max_package_bytes)?;
+            let values = unpack(package, &dir, self.inner.config.max_package_bytes)?;
             let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).map_err(|_| {
                 DeployError::BadPackage(format!(
                     "it has no {MANIFEST_FILE} (use `roost deploy MANIFEST`)"
                 ))
             })?;
             let prepared = self.prepare(&text, &dir).await?;
+            self.keep_secrets(id, &prepared.3, values).await?;
             self.inner
                 .store
                 .activate_new_deployment(id, text, dir.display().to_string())
@@ -156,6 +164,50 @@ impl Hub {
         }
     }
 
+    /// Seals each `[[secret]]`'s value into the store under the deployment;
+    /// a secret whose value did not come with the package is a problem.
+    async fn keep_secrets(
+        &self,
+        id: i64,
+        specs: &[roost_model::SecretSpec],
+        values: Option<Vec<u8>>,
+    ) -> Result<(), DeployError> {
+        let values: HashMap<String, String> = match values {
+            None => HashMap::new(),
+            Some(v) => serde_json::from_slice(&v).map_err(|e| {
+                DeployError::BadPackage(format!(
+                    "{SECRETS_ENTRY} is not a JSON object of strings: {e}"
+                ))
+            })?,
+        };
+        let mut problems = Vec::new();
+        let mut sealed = Vec::new();
+        let key = self.inner.key.sealing_key();
+        for (i, s) in specs.iter().enumerate() {
+            match values.get(&s.name) {
+                Some(v) => {
+                    let (nonce, ciphertext) = crate::credentials::sealing::seal(&key, &s.name, v.as_bytes());
+                    sealed.push(roost_store::SealedSecret {
+                        name: s.name.clone(),
+                        nonce,
+                        ciphertext,
+                        created_ms: roost_store::now_ms(),
+                    });
+                }
+                None => problems.push(Problem {
+                    field: format!("secret[{i}].value_env"),
+                    value: s.value_env.clone(),
+                    why: "no value came with the deployment: set this variable in the shell that runs `roost deploy`".into(),
+                }),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(DeployError::Invalid(problems));
+        }
+        self.inner.store.put_secrets(id, sealed).await?;
+        Ok(())
+    }
+
     /// Validates a manifest and prepares each task with its runtime,
     /// collecting every problem.
     async fn prepare(&self, text: &str, dir: &Path) -> Result<Prepared, DeployError> {
@@ -173,6 +225,7 @@ impl Hub {
                 continue;
             }
             let field = format!("task[{i}].code");
+            let spec = self.with_local_services(spec);
             let spec = match self.store_code(spec) {
                 Ok(s) => s,
                 Err(e) => {
@@ -204,7 +257,7 @@ impl Hub {
             }
         }
         if problems.is_empty() {
-            Ok((tasks, manifest.devices, manifest.routes))
+            Ok((tasks, manifest.devices, manifest.routes, manifest.secrets))
         } else {
             Err(DeployError::Invalid(problems))
         }
@@ -231,7 +284,40 @@ impl Hub {
         Ok(spec)
     }
 
-    async fn switch_to(&self, id: Option<i64>, (tasks, devices, routes): Prepared) -> DeployReport {
+    /// Adds what unmodified AWS SDK code needs to reach the hub's local
+    /// services: the endpoints, the region and the task's own credentials.
+    /// Endpoints and region the manifest already sets are left alone.
+    fn with_local_services(&self, mut spec: TaskSpec) -> TaskSpec {
+        let cfg = &self.inner.config;
+        let cred = self.inner.key.task(&spec.name);
+        let env = &mut spec.env;
+        if let Some(url) = &cfg.api_url {
+            for var in [
+                "AWS_ENDPOINT_URL_LAMBDA",
+                "AWS_ENDPOINT_URL_IOT_DATA_PLANE",
+                "AWS_ENDPOINT_URL_SECRETS_MANAGER",
+            ] {
+                env.entry(var.into()).or_insert_with(|| url.clone());
+            }
+        }
+        if let Some(ca) = &cfg.api_ca_bundle {
+            env.entry("AWS_CA_BUNDLE".into())
+                .or_insert_with(|| ca.display().to_string());
+        }
+        env.entry("AWS_REGION".into())
+            .or_insert_with(|| cfg.region.clone());
+        env.entry("AWS_DEFAULT_REGION".into())
+            .or_insert_with(|| cfg.region.clone());
+        env.insert("AWS_ACCESS_KEY_ID".into(), cred.access_key_id);
+        env.insert("AWS_SECRET_ACCESS_KEY".into(), cred.secret_access_key);
+        spec
+    }
+
+    async fn switch_to(
+        &self,
+        id: Option<i64>,
+        (tasks, devices, routes, _secrets): Prepared,
+    ) -> DeployReport {
         let table = roost_routes::RouteTable::build(
             &routes,
             Arc::new(crate::routing::HubHooks {
@@ -253,7 +339,15 @@ impl Hub {
         ));
         let mut names: Vec<String> = tasks.keys().map(|t| t.to_string()).collect();
         names.sort();
-        let new = Arc::new(ActiveDeployment { id, tasks });
+        let credentials = tasks
+            .keys()
+            .map(|t| (self.inner.key.task(t).access_key_id, t.clone()))
+            .collect();
+        let new = Arc::new(ActiveDeployment {
+            id,
+            tasks,
+            credentials,
+        });
         let old = std::mem::replace(&mut *self.inner.active.write(), new.clone());
         for (name, task) in &old.tasks {
             let same = new.tasks.get(name).is_some_and(|t| Arc::ptr_eq(t, task));
@@ -310,8 +404,10 @@ fn code_value(spec: &TaskSpec) -> String {
 
 /// Unpacks regular files and folders only (no links, devices or paths that
 /// leave `dir`), keeping file modes, and stops past `max_bytes` unpacked so
-/// a compressed bomb cannot fill the disk.
-fn unpack(package: &[u8], dir: &PathBuf, max_bytes: usize) -> Result<(), DeployError> {
+/// a compressed bomb cannot fill the disk. The secrets entry is returned
+/// instead of unpacked.
+fn unpack(package: &[u8], dir: &PathBuf, max_bytes: usize) -> Result<Option<Vec<u8>>, DeployError> {
+    let mut secrets = None;
     let bad =
         |e: std::io::Error| DeployError::BadPackage(format!("not a gzipped tar archive: {e}"));
     let gz = flate2::read::GzDecoder::new(package);
@@ -329,6 +425,18 @@ fn unpack(package: &[u8], dir: &PathBuf, max_bytes: usize) -> Result<(), DeployE
                 path.display()
             )));
         }
+        if path.as_os_str() == SECRETS_ENTRY {
+            if entry.size() > MAX_SECRETS_BYTES {
+                return Err(DeployError::BadPackage(format!(
+                    "{SECRETS_ENTRY} is over {} KiB",
+                    MAX_SECRETS_BYTES >> 10
+                )));
+            }
+            let mut v = Vec::new();
+            entry.read_to_end(&mut v).map_err(bad)?;
+            secrets = Some(v);
+            continue;
+        }
         total += entry.size();
         if total > max_bytes as u64 {
             return Err(DeployError::BadPackage(format!(
@@ -344,5 +452,5 @@ fn unpack(package: &[u8], dir: &PathBuf, max_bytes: usize) -> Result<(), DeployE
             )));
         }
     }
-    Ok(())
+    Ok(secrets)
 }

@@ -8,13 +8,16 @@
 
 mod broker_store;
 mod calls;
+pub mod credentials;
 mod deploy;
+mod local;
 pub mod logs;
 pub mod metrics;
 mod routing;
+pub mod shadows;
 
-pub use calls::{CallError, CallView, TaskView};
-pub use deploy::{DeployError, DeployReport};
+pub use calls::{new_call_id, CallError, CallView, TaskView};
+pub use deploy::{DeployError, DeployReport, SECRETS_ENTRY};
 
 use logs::LogBook;
 use metrics::Metrics;
@@ -53,6 +56,13 @@ pub struct HubConfig {
     pub fixed_pools: bool,
     /// The MQTT broker's settings.
     pub broker: roost_broker::BrokerConfig,
+    /// Shadow document limits (AWS's by default).
+    pub shadow_limits: roost_shadows::Limits,
+    /// The hub's HTTP API as tasks reach it (`AWS_ENDPOINT_URL_*`); none
+    /// when the API is not served.
+    pub api_url: Option<String>,
+    /// The certificate tasks should trust for it, when it is served over TLS.
+    pub api_ca_bundle: Option<PathBuf>,
 }
 
 impl HubConfig {
@@ -73,6 +83,9 @@ impl HubConfig {
             region: "us-east-1".into(),
             fixed_pools: false,
             broker: roost_broker::BrokerConfig::default(),
+            shadow_limits: roost_shadows::Limits::default(),
+            api_url: None,
+            api_ca_bundle: None,
         }
     }
 }
@@ -119,6 +132,8 @@ pub fn default_cpu_slots() -> u32 {
 pub struct ActiveDeployment {
     pub id: Option<i64>,
     pub tasks: HashMap<TaskName, Arc<dyn PreparedTask>>,
+    /// Each task's access key id.
+    pub credentials: HashMap<String, TaskName>,
 }
 
 pub(crate) struct HubInner {
@@ -134,6 +149,8 @@ pub(crate) struct HubInner {
     pub broker: roost_broker::Broker,
     pub routes: RwLock<Arc<roost_routes::RouteTable>>,
     pub route_stats: Arc<roost_routes::RouteStats>,
+    pub key: credentials::HubKey,
+    pub shadows: shadows::Shadows,
 }
 
 /// A running hub. Cheap to clone.
@@ -150,6 +167,8 @@ pub enum StartError {
     Store(#[from] roost_store::StoreError),
     #[error(transparent)]
     Runtime(#[from] roost_runtime::PrepareError),
+    #[error("cannot use the hub key: {0}")]
+    Key(std::io::Error),
 }
 
 impl Hub {
@@ -161,6 +180,7 @@ impl Hub {
             std::fs::create_dir_all(&p).map_err(|e| StartError::DataDir(p, e))?;
         }
         let store = Arc::new(Store::open(&config.data_dir.join("roost.db"))?);
+        let key = credentials::HubKey::load_or_create(&config.data_dir).map_err(StartError::Key)?;
         let wasm = Arc::new(roost_runtime_wasm::WasmRuntime::new(
             roost_runtime_wasm::WasmConfig {
                 cache_dir: config.data_dir.join("cache"),
@@ -221,7 +241,10 @@ impl Hub {
                 active: RwLock::new(Arc::new(ActiveDeployment {
                     id: None,
                     tasks: HashMap::new(),
+                    credentials: HashMap::new(),
                 })),
+                key,
+                shadows: shadows::Shadows::new(),
                 deploy_lock: tokio::sync::Mutex::new(()),
                 logs,
                 metrics,
@@ -229,15 +252,21 @@ impl Hub {
             }),
         };
         {
-            // Messages devices publish go through the route table.
+            // Messages devices publish go to the shadows (their request
+            // topics) or through the route table.
             let weak = Arc::downgrade(&hub.inner);
             hub.inner
                 .broker
                 .set_tap(Arc::new(move |topic: &str, payload: &bytes::Bytes| {
-                    if let Some(inner) = weak.upgrade() {
-                        let routes = inner.routes.read().clone();
-                        routes.on_device_message(topic, payload);
+                    let Some(inner) = weak.upgrade() else { return };
+                    if topic.starts_with("$aws/things/") {
+                        if let Some((id, op)) = roost_shadows::parse_request_topic(topic) {
+                            shadows::submit(&inner, id, op, payload.clone(), shadows::Origin::Mqtt);
+                        }
+                        return;
                     }
+                    let routes = inner.routes.read().clone();
+                    routes.on_device_message(topic, payload);
                 }));
         }
         hub.load_active_deployment().await;
@@ -282,6 +311,9 @@ impl Hub {
                     .set(p.cold_starts as i64);
                 m.pool_warm_hits.get_or_create(&l).set(p.warm_hits as i64);
             }
+        }
+        if let Ok(n) = self.inner.store.shadow_count() {
+            m.shadows.set(n as i64);
         }
         let mut text = m.encode();
         let r = &self.inner.route_stats;

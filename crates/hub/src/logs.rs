@@ -51,6 +51,15 @@ impl LogBook {
         out
     }
 
+    /// The lines one call of `task` wrote, oldest first.
+    pub fn of_call(&self, task: &TaskName, call_id: &str) -> Vec<LogLine> {
+        self.lines
+            .lock()
+            .get(task)
+            .map(|q| q.iter().filter(|l| l.call_id == call_id).cloned().collect())
+            .unwrap_or_default()
+    }
+
     pub fn follow(&self) -> broadcast::Receiver<LogLine> {
         self.live.subscribe()
     }

@@ -22,6 +22,22 @@ pub struct TaskLabel {
     pub task: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShadowLabels {
+    /// `get`, `update` or `delete`.
+    pub operation: String,
+    /// `accepted` or `rejected`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    /// `lambda`, `iot-data` or `secretsmanager`.
+    pub service: String,
+    /// The HTTP status answered.
+    pub status: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub calls: Family<CallLabels, Counter>,
@@ -40,6 +56,9 @@ pub struct Metrics {
     pub pool_target: Family<TaskLabel, Gauge>,
     pub pool_cold_starts: Family<TaskLabel, Gauge>,
     pub pool_warm_hits: Family<TaskLabel, Gauge>,
+    pub shadows: Gauge,
+    pub shadow_requests: Family<ShadowLabels, Counter>,
+    pub local_requests: Family<ServiceLabels, Counter>,
     /// Succeeded and failed calls per task, for `GET /v1/tasks`.
     totals: parking_lot::Mutex<std::collections::HashMap<String, (u64, u64)>>,
 }
@@ -73,6 +92,9 @@ impl Default for Metrics {
             pool_target: Family::default(),
             pool_cold_starts: Family::default(),
             pool_warm_hits: Family::default(),
+            shadows: Gauge::default(),
+            shadow_requests: Family::default(),
+            local_requests: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -150,6 +172,17 @@ impl Default for Metrics {
             "pool_warm_hits",
             "Calls served by a warm worker (since the task was deployed)",
             m.pool_warm_hits.clone(),
+        );
+        registry.register("shadows", "Shadows kept on the hub", m.shadows.clone());
+        registry.register(
+            "shadow_requests",
+            "Shadow requests (MQTT, HTTP and routes), by operation and outcome",
+            m.shadow_requests.clone(),
+        );
+        registry.register(
+            "local_service_requests",
+            "Requests to the local AWS service overrides, by service and status",
+            m.local_requests.clone(),
         );
         Self { registry, ..m }
     }

@@ -44,4 +44,25 @@ impl roost_routes::Hooks for HubHooks {
         }
         Ok(())
     }
+
+    async fn update_shadow(&self, thing: &str, document: Bytes) -> Result<(), String> {
+        let inner = self.hub.upgrade().ok_or("the hub is shutting down")?;
+        let id = roost_shadows::ShadowId {
+            thing: roost_shadows::ThingName::parse(thing).map_err(|e| e.to_string())?,
+            name: None,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        crate::shadows::submit(
+            &inner,
+            id,
+            roost_shadows::Operation::Update,
+            document,
+            crate::shadows::Origin::Route(tx),
+        );
+        match rx.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the hub is shutting down".into()),
+        }
+    }
 }

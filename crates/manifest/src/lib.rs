@@ -8,8 +8,8 @@
 //! the hub.
 
 use roost_model::{
-    Access, DeviceSpec, Limits, Resource, RouteDestination, RouteSource, RouteSpec, RuntimeKind,
-    TaskCode, TaskName, TaskSpec,
+    Access, DeviceSpec, Grants, Limits, Resource, RouteDestination, RouteSource, RouteSpec,
+    RuntimeKind, SecretSpec, TaskCode, TaskName, TaskSpec,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -41,6 +41,7 @@ pub struct Manifest {
     pub tasks: Vec<TaskSpec>,
     pub devices: Vec<DeviceSpec>,
     pub routes: Vec<RouteSpec>,
+    pub secrets: Vec<SecretSpec>,
 }
 
 pub const DEFAULT_MEMORY_MB: u32 = 64;
@@ -126,6 +127,7 @@ pub fn parse(text: &str, root: &Path) -> Result<Manifest, Vec<Problem>> {
     let mut tasks = Vec::new();
     let mut devices = Vec::new();
     let mut raw_routes: Vec<Value> = Vec::new();
+    let mut secrets: Vec<SecretSpec> = Vec::new();
     for (key, value) in &doc {
         match key.as_str() {
             "task" => {
@@ -165,18 +167,38 @@ pub fn parse(text: &str, root: &Path) -> Result<Manifest, Vec<Problem>> {
                 };
                 raw_routes = list.clone();
             }
-            "secret" => c.problem(
-                key.clone(),
+            "secret" => {
+                for (field, t) in tables(&mut c, key, value) {
+                    if let Some(s) = secret(&mut c, &field, t) {
+                        if secrets.iter().any(|o| o.name == s.name) {
+                            c.problem(
+                                format!("{field}.name"),
+                                s.name.clone(),
+                                "another secret already has this name",
+                            );
+                        }
+                        secrets.push(s);
+                    }
+                }
+            }
+            other => c.problem(
+                other,
                 String::new(),
-                format!(
-                    "[[{key}]] is not supported by this hub yet; remove it to deploy the tasks"
-                ),
+                "unknown section; expected [[task]], [[device]], [[route]] or [[secret]]",
             ),
-            other => c.problem(other, String::new(), "unknown section; expected [[task]]"),
         }
     }
-    // Routes last: they name the manifest's tasks.
+    // Routes and grants last: they name the manifest's tasks and secrets.
     let task_names: HashSet<TaskName> = tasks.iter().map(|t| t.name.clone()).collect();
+    for (i, t) in tasks.iter().enumerate() {
+        check_grants(
+            &mut c,
+            &format!("task[{i}].allow"),
+            &t.allow,
+            &task_names,
+            &secrets,
+        );
+    }
     let mut routes = Vec::new();
     for (i, r) in raw_routes.iter().enumerate() {
         if let Some(r) = route(&mut c, &format!("route[{i}]"), r, &task_names) {
@@ -188,6 +210,7 @@ pub fn parse(text: &str, root: &Path) -> Result<Manifest, Vec<Problem>> {
             tasks,
             devices,
             routes,
+            secrets,
         })
     } else {
         Err(c.problems)
@@ -281,11 +304,12 @@ fn route(c: &mut Checker, field: &str, r: &Value, tasks: &HashSet<TaskName>) -> 
                     None
                 }
             },
-            Some(("shadow" | "cloud", _)) => {
+            Some(("shadow", thing)) => thing_name(c, &f, thing).map(RouteSource::Shadow),
+            Some(("cloud", _)) => {
                 c.problem(
                     f,
                     format!("{s:?}"),
-                    "shadow and cloud sources are not supported by this hub yet",
+                    "cloud sources need the control plane, which this hub does not have yet",
                 );
                 None
             }
@@ -293,7 +317,7 @@ fn route(c: &mut Checker, field: &str, r: &Value, tasks: &HashSet<TaskName>) -> 
                 c.problem(
                     f,
                     format!("{s:?}"),
-                    "a source is device:FILTER, task:NAME or timer:EVERY",
+                    "a source is device:FILTER, task:NAME, shadow:THING or timer:EVERY",
                 );
                 None
             }
@@ -314,11 +338,12 @@ fn route(c: &mut Checker, field: &str, r: &Value, tasks: &HashSet<TaskName>) -> 
                 );
                 None
             }
-            Some(("shadow" | "cloud", _)) => {
+            Some(("shadow", thing)) => thing_name(c, &f, thing).map(RouteDestination::Shadow),
+            Some(("cloud", _)) => {
                 c.problem(
                     f,
                     format!("{s:?}"),
-                    "shadow and cloud destinations are not supported by this hub yet",
+                    "cloud destinations need the control plane, which this hub does not have yet",
                 );
                 None
             }
@@ -326,7 +351,7 @@ fn route(c: &mut Checker, field: &str, r: &Value, tasks: &HashSet<TaskName>) -> 
                 c.problem(
                     f,
                     format!("{s:?}"),
-                    "a destination is task:NAME or device:TOPIC",
+                    "a destination is task:NAME, device:TOPIC or shadow:THING",
                 );
                 None
             }
@@ -336,6 +361,187 @@ fn route(c: &mut Checker, field: &str, r: &Value, tasks: &HashSet<TaskName>) -> 
         from: from?,
         to: to?,
     })
+}
+
+/// Variables the hub sets itself: each task's own credentials.
+const HUB_CREDENTIAL_VARS: &[&str] = &[
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+];
+
+/// A thing name as AWS IoT accepts it: 1 to 128 of `[a-zA-Z0-9:_-]`.
+fn thing_name_ok(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 128
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))
+}
+
+fn thing_name(c: &mut Checker, field: &str, n: &str) -> Option<String> {
+    if thing_name_ok(n) {
+        Some(n.to_owned())
+    } else {
+        c.problem(
+            field,
+            format!("{n:?}"),
+            "a thing name is 1 to 128 characters of A-Z, a-z, 0-9, ':', '_' and '-'",
+        );
+        None
+    }
+}
+
+/// A secret name as Secrets Manager accepts it: 1 to 512 of
+/// `[A-Za-z0-9/_+=.@-]`.
+pub fn secret_name_ok(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 512
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/_+=.@-".contains(&b))
+}
+
+fn env_name_ok(k: &str) -> bool {
+    !k.is_empty()
+        && !k.as_bytes()[0].is_ascii_digit()
+        && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn secret(c: &mut Checker, field: &str, t: &toml::Table) -> Option<SecretSpec> {
+    let before = c.problems.len();
+    for k in t.keys() {
+        if k != "name" && k != "value_env" {
+            c.problem(
+                format!("{field}.{k}"),
+                String::new(),
+                "unknown field; a secret has name and value_env (never the value itself)",
+            );
+        }
+    }
+    let name = string(c, t, field, "name");
+    if let Some(n) = name.filter(|n| !secret_name_ok(n)) {
+        c.problem(
+            format!("{field}.name"),
+            format!("{n:?}"),
+            "use 1 to 512 characters of A-Z, a-z, 0-9 and /_+=.@-",
+        );
+    }
+    let value_env = string(c, t, field, "value_env");
+    if let Some(v) = value_env.filter(|v| !env_name_ok(v)) {
+        c.problem(
+            format!("{field}.value_env"),
+            format!("{v:?}"),
+            "must name an environment variable of the deploying shell",
+        );
+    }
+    if c.problems.len() > before {
+        return None;
+    }
+    Some(SecretSpec {
+        name: name?.to_owned(),
+        value_env: value_env?.to_owned(),
+    })
+}
+
+const GRANT_KEYS: &[&str] = &[
+    "invoke",
+    "shadow_read",
+    "shadow_update",
+    "publish",
+    "secrets",
+];
+
+fn grants(c: &mut Checker, t: &toml::Table, field: &str) -> Option<Grants> {
+    let Some(v) = t.get("allow") else {
+        return Some(Grants::default());
+    };
+    let f = format!("{field}.allow");
+    let Some(table) = v.as_table() else {
+        c.problem(
+            f,
+            show(v),
+            "must be a table, e.g. allow = { invoke = [\"echo\"], shadow_read = [\"*\"] }",
+        );
+        return None;
+    };
+    let before = c.problems.len();
+    let mut g = Grants::default();
+    for (k, v) in table {
+        let list = match k.as_str() {
+            "invoke" => &mut g.invoke,
+            "shadow_read" => &mut g.shadow_read,
+            "shadow_update" => &mut g.shadow_update,
+            "publish" => &mut g.publish,
+            "secrets" => &mut g.secrets,
+            _ => {
+                c.problem(
+                    format!("{f}.{k}"),
+                    String::new(),
+                    format!("unknown right; known rights are {}", GRANT_KEYS.join(", ")),
+                );
+                continue;
+            }
+        };
+        let Some(items) = v.as_array() else {
+            c.problem(format!("{f}.{k}"), show(v), "must be a list of strings");
+            continue;
+        };
+        for item in items {
+            let Some(p) = item.as_str() else {
+                c.problem(format!("{f}.{k}"), show(item), "must be a string");
+                continue;
+            };
+            let ok = match k.as_str() {
+                "publish" => topic_filter_ok(p),
+                "invoke" => p == "*" || p.contains('*') || TaskName::parse(p).is_ok(),
+                "secrets" => secret_name_ok(&p.replace('*', "x")),
+                _ => thing_name_ok(&p.replace('*', "x")),
+            };
+            if ok {
+                list.push(p.to_owned());
+            } else {
+                c.problem(
+                    format!("{f}.{k}"),
+                    format!("{p:?}"),
+                    match k.as_str() {
+                        "publish" => "not a valid MQTT topic filter",
+                        "invoke" => "not a task name or pattern",
+                        "secrets" => "not a secret name or pattern",
+                        _ => "not a thing name or pattern ('*' matches any run of characters)",
+                    },
+                );
+            }
+        }
+    }
+    (c.problems.len() == before).then_some(g)
+}
+
+/// Names without a `*` must exist in the manifest, so a typo is caught at
+/// deploy time rather than as a denied request later.
+fn check_grants(
+    c: &mut Checker,
+    field: &str,
+    g: &Grants,
+    tasks: &HashSet<TaskName>,
+    secrets: &[SecretSpec],
+) {
+    for p in g.invoke.iter().filter(|p| !p.contains('*')) {
+        if !TaskName::parse(p).is_ok_and(|n| tasks.contains(&n)) {
+            c.problem(
+                format!("{field}.invoke"),
+                format!("{p:?}"),
+                "no task of this name in the manifest",
+            );
+        }
+    }
+    for p in g.secrets.iter().filter(|p| !p.contains('*')) {
+        if !secrets.iter().any(|s| &s.name == p) {
+            c.problem(
+                format!("{field}.secrets"),
+                format!("{p:?}"),
+                "no [[secret]] of this name in the manifest",
+            );
+        }
+    }
 }
 
 /// A device name: its MQTT user name and client id.
@@ -555,6 +761,7 @@ fn task(c: &mut Checker, field: &str, t: &toml::Table, root: &Path) -> Option<Ta
     );
     let env = env(c, t, field);
     let resources = resources(c, t, field);
+    let allow = grants(c, t, field);
     let code = match runtime {
         Some(RuntimeKind::Wasm) => {
             for k in [
@@ -594,6 +801,7 @@ fn task(c: &mut Checker, field: &str, t: &toml::Table, root: &Path) -> Option<Ta
         env: env?,
         resources: resources?,
         code: code?,
+        allow: allow?,
     })
 }
 
@@ -613,10 +821,7 @@ fn env(c: &mut Checker, t: &toml::Table, field: &str) -> Option<BTreeMap<String,
     let mut ok = true;
     for (k, v) in table {
         let f = format!("{field}.env.{k}");
-        let valid_name = !k.is_empty()
-            && !k.as_bytes()[0].is_ascii_digit()
-            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        if !valid_name {
+        if !env_name_ok(k) {
             c.problem(
                 &f,
                 String::new(),
@@ -628,6 +833,13 @@ fn env(c: &mut Checker, t: &toml::Table, field: &str) -> Option<BTreeMap<String,
                 &f,
                 String::new(),
                 "names starting with ROOST_ are set by the hub",
+            );
+            ok = false;
+        } else if HUB_CREDENTIAL_VARS.contains(&k.as_str()) {
+            c.problem(
+                &f,
+                String::new(),
+                "the hub gives each task its own credentials; grant rights with `allow` instead",
             );
             ok = false;
         }
@@ -791,15 +1003,6 @@ fn process_code(
             String::new(),
             "a process task names its folder with `dir`, not `code`",
         );
-    }
-    for k in ["allow"] {
-        if t.contains_key(k) {
-            c.problem(
-                format!("{field}.{k}"),
-                String::new(),
-                format!("`{k}` is not supported by this hub yet; remove it to deploy"),
-            );
-        }
     }
     let dir = string(c, t, field, "dir").and_then(|rel| match inside(root, rel) {
         Ok(p) if p.is_dir() => Some(p),
@@ -1022,6 +1225,87 @@ access = "rwx"
         std::os::unix::fs::symlink(outer.path().join("secret.wasm"), root.join("link.wasm"))
             .unwrap();
         assert!(inside(&root, "link.wasm").unwrap_err().contains("symlink"));
+    }
+
+    #[test]
+    fn grants_secrets_and_shadow_routes_are_typed() {
+        let d = pkg(&[("a.wat", "(module)")]);
+        let m = parse(
+            r#"
+[[task]]
+name = "a"
+runtime = "wasm"
+code = "a.wat"
+allow = { invoke = ["a", "b*"], shadow_read = ["*"], shadow_update = ["thermostat"], publish = ["alerts/#"], secrets = ["db-password"] }
+
+[[secret]]
+name = "db-password"
+value_env = "DB_PASSWORD"
+
+[[route]]
+from = "shadow:thermostat"
+to = "task:a"
+
+[[route]]
+from = "task:a"
+to = "shadow:heater-1"
+"#,
+            d.path(),
+        )
+        .unwrap();
+        let g = &m.tasks[0].allow;
+        assert_eq!(g.invoke, ["a", "b*"]);
+        assert_eq!(g.publish, ["alerts/#"]);
+        assert_eq!(m.secrets[0].value_env, "DB_PASSWORD");
+        assert_eq!(m.routes[0].from, RouteSource::Shadow("thermostat".into()));
+        assert_eq!(m.routes[1].to, RouteDestination::Shadow("heater-1".into()));
+    }
+
+    #[test]
+    fn bad_grants_and_secrets_are_problems() {
+        let d = pkg(&[("a.wat", "(module)")]);
+        let p = parse(
+            r#"
+[[task]]
+name = "a"
+runtime = "wasm"
+code = "a.wat"
+env = { AWS_SECRET_ACCESS_KEY = "x" }
+allow = { invoke = ["ghost"], shadow_read = ["../x"], publish = ["a/#/b"], secrets = ["nope"], root = ["*"] }
+
+[[secret]]
+name = "bad name"
+value = "plaintext"
+value_env = "1X"
+
+[[route]]
+from = "shadow:a/b"
+to = "cloud:up"
+"#,
+            d.path(),
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = p.iter().map(|p| p.field.as_str()).collect();
+        for f in [
+            "task[0].env.AWS_SECRET_ACCESS_KEY",
+            "task[0].allow.root",
+            "task[0].allow.shadow_read",
+            "task[0].allow.publish",
+            "secret[0].value",
+            "secret[0].name",
+            "secret[0].value_env",
+            "route[0].from",
+            "route[0].to",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {p:#?}");
+        }
+        // Names checked against the manifest only once the grants parse.
+        let p = parse(
+            "[[task]]\nname=\"a\"\nruntime=\"wasm\"\ncode=\"a.wat\"\nallow={invoke=[\"ghost\"],secrets=[\"nope\"]}\n",
+            d.path(),
+        )
+        .unwrap_err();
+        assert_eq!(p.len(), 2, "{p:#?}");
     }
 
     #[test]

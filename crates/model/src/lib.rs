@@ -279,5 +279,6 @@ mod tests {
 
 pub mod task;
 pub use task::{
-    Access, DeviceSpec, Resource, RouteDestination, RouteSource, RouteSpec, TaskCode, TaskSpec,
+    Access, DeviceSpec, Grants, Resource, RouteDestination, RouteSource, RouteSpec, SecretSpec,
+    TaskCode, TaskSpec,
 };

@@ -56,6 +56,66 @@ pub struct TaskSpec {
     pub env: BTreeMap<String, String>,
     pub resources: Vec<Resource>,
     pub code: TaskCode,
+    /// What the task's credentials may do on the hub's local AWS APIs.
+    #[serde(default)]
+    pub allow: Grants,
+}
+
+/// A task's rights on the hub's local service overrides (the manifest's
+/// `allow`). Each list holds patterns where `*` stands for any run of
+/// characters; `publish` holds MQTT topic filters. Empty: nothing allowed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grants {
+    /// Tasks it may invoke through the Lambda API.
+    pub invoke: Vec<String>,
+    /// Things whose shadows (classic and named) it may read or list.
+    pub shadow_read: Vec<String>,
+    /// Things whose shadows it may update or delete.
+    pub shadow_update: Vec<String>,
+    /// Topic filters it may publish to through the IoT data plane.
+    pub publish: Vec<String>,
+    /// Secrets it may read through Secrets Manager.
+    pub secrets: Vec<String>,
+}
+
+impl Grants {
+    /// Whether `name` matches one of `patterns` (`*` matches any run of
+    /// characters, everything else itself).
+    pub fn matches(patterns: &[String], name: &str) -> bool {
+        patterns.iter().any(|p| glob(p.as_bytes(), name.as_bytes()))
+    }
+}
+
+/// `*`-only glob matching, iterative with one backtrack point, so hostile
+/// patterns cannot make it exponential.
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    let (mut pi, mut si) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, si));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == s[si] {
+            pi += 1;
+            si += 1;
+        } else if let Some((sp, ss)) = star {
+            pi = sp + 1;
+            si = ss + 1;
+            star = Some((sp, ss + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&b| b == b'*')
+}
+
+/// A secret deployed with the manifest (`[[secret]]`); its value travels
+/// beside the manifest, never in it, and is kept encrypted on the hub.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretSpec {
+    pub name: String,
+    /// The variable of the deploying shell the CLI read the value from.
+    pub value_env: String,
 }
 
 /// A device from the manifest: its MQTT identity and topic policy.
@@ -81,6 +141,8 @@ pub enum RouteSource {
     Task(crate::TaskName),
     /// A tick every so many milliseconds.
     Timer(u64),
+    /// Each delta of a thing's shadows (the `/update/delta` document).
+    Shadow(String),
 }
 
 /// Where a route sends them.
@@ -90,10 +152,35 @@ pub enum RouteDestination {
     Task(crate::TaskName),
     /// A publish to a device topic.
     Device(String),
+    /// An UpdateThingShadow document applied to the thing's classic shadow.
+    Shadow(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteSpec {
     pub from: RouteSource,
     pub to: RouteDestination,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grant_patterns_match_with_stars_only() {
+        let p = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(Grants::matches(&p(&["*"]), "anything"));
+        assert!(Grants::matches(&p(&["thermo*"]), "thermostat"));
+        assert!(Grants::matches(&p(&["a*c*e"]), "abcde"));
+        assert!(!Grants::matches(&p(&["a*c*e"]), "abcdef"));
+        assert!(!Grants::matches(&p(&["echo"]), "echo2"));
+        assert!(!Grants::matches(&p(&[]), "echo"));
+        assert!(Grants::matches(&p(&["db-?"]), "db-?"));
+        // Many stars against a long miss stays linear.
+        let hostile = "*a".repeat(50);
+        assert!(!Grants::matches(
+            &[hostile],
+            &format!("{}b", "a".repeat(10_000))
+        ));
+    }
 }

@@ -296,6 +296,7 @@ async fn bench_instantiate(opts: &BenchOpts) -> Result<()> {
             sha256: "bench-echo".into(),
             path: code,
         },
+        allow: Default::default(),
     };
     let rt = roost_runtime_wasm::WasmRuntime::new(roost_runtime_wasm::WasmConfig {
         cache_dir: dir.path().join("cache"),

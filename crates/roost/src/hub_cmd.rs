@@ -99,12 +99,71 @@ pub struct HubOpts {
     /// (exactly min_warm warm workers; extra workers are retired when idle).
     #[arg(long, env = "ROOST_POOL_POLICY", default_value = "demand", value_parser = ["demand", "fixed"])]
     pool_policy: String,
+    /// Largest shadow state (desired + reported, serialized), in bytes.
+    #[arg(long, env = "ROOST_SHADOW_MAX_BYTES", default_value_t = 8192)]
+    shadow_max_bytes: usize,
+    /// Deepest nesting of objects inside a shadow's desired or reported.
+    #[arg(long, env = "ROOST_SHADOW_MAX_DEPTH", default_value_t = 6)]
+    shadow_max_depth: usize,
     /// Deploy the bundled example (tasks `echo` and `greet`) on start.
     #[arg(long)]
     example: bool,
     /// Log format: `human` or `json`.
     #[arg(long, env = "ROOST_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
     log_format: String,
+}
+
+/// The address local programs and tasks use to reach a listener: loopback
+/// for one bound to every interface.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, addr.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    }
+}
+
+/// Writes `DATA_DIR/aws-credentials` (the owner's keys, profile `roost`,
+/// mode 0600) and `DATA_DIR/aws-config` (its region and the hub's
+/// endpoint), so `AWS_SHARED_CREDENTIALS_FILE`, `AWS_CONFIG_FILE` and
+/// `AWS_PROFILE=roost` point any SDK or the AWS CLI at the hub.
+fn write_aws_profile(data_dir: &std::path::Path, hub: &Hub, url: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let owner = hub.owner_credential();
+    let write = |name: &str, text: String| -> Result<()> {
+        let path = data_dir.join(name);
+        let tmp = data_dir.join(format!(".{name}.partial"));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    };
+    write(
+        "aws-credentials",
+        format!(
+            "[roost]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            owner.access_key_id, owner.secret_access_key
+        ),
+    )?;
+    write(
+        "aws-config",
+        format!(
+            "[profile roost]\nregion = {}\nendpoint_url = {url}\n",
+            hub.config().region
+        ),
+    )?;
+    Ok(())
 }
 
 fn init_logs(format: &str) {
@@ -192,6 +251,15 @@ async fn serve(opts: HubOpts) -> Result<()> {
         None => None,
     };
     let mqtt_ws_addr = mqtt_ws.as_ref().and_then(|l| l.local_addr().ok());
+    let scheme = if opts.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    config.shadow_limits.max_state_bytes = opts.shadow_max_bytes;
+    config.shadow_limits.max_depth = opts.shadow_max_depth;
+    config.api_url = Some(format!("{scheme}://{}", reachable(addr)));
+    config.api_ca_bundle = opts.tls_cert.clone();
     let hub = Hub::start(config).await.with_context(|| {
         format!(
             "cannot start the hub with data dir {}",
@@ -206,11 +274,12 @@ async fn serve(opts: HubOpts) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("the bundled example did not deploy: {e}"))?;
         tracing::info!(tasks = ?report.tasks, "example deployed");
     }
-    let scheme = if opts.tls_cert.is_some() {
-        "https"
-    } else {
-        "http"
-    };
+    write_aws_profile(
+        &opts.data_dir,
+        &hub,
+        &format!("{scheme}://{}", reachable(addr)),
+    )
+    .context("cannot write DATA_DIR/aws-credentials and aws-config")?;
     tokio::spawn(hub.broker().clone().serve(mqtt_listener));
     if let Some((l, tls)) = mqtts {
         tokio::spawn(hub.broker().clone().serve_tls(l, tls));

@@ -1,6 +1,10 @@
 //! Packing a manifest for the hub: a gzipped tar with `manifest.toml` and
 //! every file the manifest names (`code`, `dir`), file modes kept.
 //!
+//! Each `[[secret]]`'s value is read from the deploying shell's environment
+//! (`value_env`) and sent beside the manifest in one entry the hub seals
+//! into its store and never writes to disk.
+//!
 //! The CLI packs only what lies inside the manifest's folder; the hub checks
 //! the paths again and reports anything missing or escaping as a problem, so
 //! there is one place where a manifest is judged.
@@ -37,6 +41,15 @@ pub fn pack(manifest: &Path) -> Result<Vec<u8>> {
 
     // Parse loosely: the hub does the real validation.
     if let Ok(doc) = text.parse::<toml::Table>() {
+        let values = secret_values(&doc)?;
+        if !values.is_empty() {
+            let body = serde_json::to_vec(&values)?;
+            let mut header = tar::Header::new_gnu();
+            header.set_size(body.len() as u64);
+            header.set_mode(0o600);
+            header.set_cksum();
+            builder.append_data(&mut header, roost_hub::SECRETS_ENTRY, body.as_slice())?;
+        }
         let tasks = doc
             .get("task")
             .and_then(|t| t.as_array())
@@ -67,6 +80,29 @@ pub fn pack(manifest: &Path) -> Result<Vec<u8>> {
         }
     }
     Ok(builder.into_inner()?.finish()?)
+}
+
+/// The value of each `[[secret]]`, from the variable its `value_env` names.
+fn secret_values(doc: &toml::Table) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    let secrets = doc.get("secret").and_then(|s| s.as_array());
+    for s in secrets.into_iter().flatten() {
+        let (Some(name), Some(var)) = (
+            s.get("name").and_then(|v| v.as_str()),
+            s.get("value_env").and_then(|v| v.as_str()),
+        ) else {
+            continue;
+        };
+        match std::env::var(var) {
+            Ok(v) => {
+                out.insert(name.to_owned(), v);
+            }
+            Err(_) => anyhow::bail!(
+                "secret {name:?} takes its value from ${var}, which is not set (or not UTF-8) in this shell; export it and deploy again"
+            ),
+        }
+    }
+    Ok(out)
 }
 
 fn normal(rel: &str) -> PathBuf {

@@ -728,7 +728,7 @@ fn a_timer_route_calls_its_task_and_bad_routes_are_refused() {
 
     let bad = Package::new(
         &(task("a", "echo.wat", "")
-            + "[[route]]\nfrom = \"device:a/#/b\"\nto = \"task:nope\"\n[[route]]\nfrom = \"timer:soon\"\nto = \"device:x/+\"\n[[route]]\nfrom = \"shadow:lamp\"\nto = \"task:a\"\n"),
+            + "[[route]]\nfrom = \"device:a/#/b\"\nto = \"task:nope\"\n[[route]]\nfrom = \"timer:soon\"\nto = \"device:x/+\"\n[[route]]\nfrom = \"cloud:lamp\"\nto = \"shadow:a/b\"\n"),
         &["echo.wat"],
     );
     let out = hub.cli(&["deploy", bad.manifest().to_str().unwrap()]);
@@ -740,6 +740,7 @@ fn a_timer_route_calls_its_task_and_bad_routes_are_refused() {
         "route[1].from",
         "route[1].to",
         "route[2].from",
+        "route[2].to",
     ] {
         assert!(err.contains(f), "{f} missing in {err}");
     }

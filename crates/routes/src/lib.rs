@@ -40,6 +40,9 @@ pub trait Hooks: Send + Sync + 'static {
     ) -> Result<(), String>;
     /// Publishes to a device topic through the broker.
     fn publish(&self, topic: &str, payload: Bytes) -> Result<(), String>;
+    /// Applies an UpdateThingShadow document to a thing's classic shadow;
+    /// resolves once it is stored (or refused).
+    async fn update_shadow(&self, thing: &str, document: Bytes) -> Result<(), String>;
 }
 
 /// One kind of destination.
@@ -81,6 +84,23 @@ impl Destination for DeviceDestination {
     }
 }
 
+struct ShadowDestination {
+    thing: String,
+    hooks: Arc<dyn Hooks>,
+}
+
+#[async_trait]
+impl Destination for ShadowDestination {
+    fn describe(&self) -> String {
+        format!("shadow:{}", self.thing)
+    }
+    async fn deliver(&self, m: &Routed) -> Result<(), String> {
+        self.hooks
+            .update_shadow(&self.thing, m.payload.clone())
+            .await
+    }
+}
+
 /// Delivery counters, for metrics.
 #[derive(Default)]
 pub struct RouteStats {
@@ -96,6 +116,7 @@ pub struct RouteTable {
     /// Per device-route index: its destination.
     device_routes: Vec<usize>,
     by_task: HashMap<TaskName, Vec<usize>>,
+    by_thing: HashMap<String, Vec<usize>>,
     timers: Vec<tokio::task::JoinHandle<()>>,
     stats: Arc<RouteStats>,
 }
@@ -115,6 +136,7 @@ impl RouteTable {
             destinations: Vec::new(),
             device_routes: Vec::new(),
             by_task: HashMap::new(),
+            by_thing: HashMap::new(),
             timers: Vec::new(),
             stats,
         }
@@ -133,6 +155,10 @@ impl RouteTable {
                     topic: topic.clone(),
                     hooks: hooks.clone(),
                 }),
+                RouteDestination::Shadow(thing) => Arc::new(ShadowDestination {
+                    thing: thing.clone(),
+                    hooks: hooks.clone(),
+                }),
             };
             let d = t.destinations.len();
             t.destinations.push(dest.clone());
@@ -143,6 +169,7 @@ impl RouteTable {
                     t.devices.insert(filter, &r.to_string(), r);
                 }
                 RouteSource::Task(task) => t.by_task.entry(task.clone()).or_default().push(d),
+                RouteSource::Shadow(thing) => t.by_thing.entry(thing.clone()).or_default().push(d),
                 RouteSource::Timer(ms) => {
                     let stats = t.stats.clone();
                     let every = Duration::from_millis(*ms);
@@ -193,6 +220,21 @@ impl RouteTable {
                 Routed {
                     topic: Some(topic.to_owned()),
                     payload: payload.clone(),
+                },
+                self.stats.clone(),
+            );
+        }
+    }
+
+    /// A shadow of `thing` has a new delta (`delta` is the `/update/delta`
+    /// document, published on `topic`).
+    pub fn on_shadow_delta(&self, thing: &str, topic: &str, delta: &Bytes) {
+        for &d in self.by_thing.get(thing).into_iter().flatten() {
+            dispatch(
+                self.destinations[d].clone(),
+                Routed {
+                    topic: Some(topic.to_owned()),
+                    payload: delta.clone(),
                 },
                 self.stats.clone(),
             );
@@ -277,10 +319,49 @@ mod tests {
                 .push((topic.into(), String::from_utf8_lossy(&payload).into()));
             Ok(())
         }
+        async fn update_shadow(&self, thing: &str, document: Bytes) -> Result<(), String> {
+            self.publishes.lock().unwrap().push((
+                format!("shadow:{thing}"),
+                String::from_utf8_lossy(&document).into(),
+            ));
+            Ok(())
+        }
     }
 
     fn name(s: &str) -> TaskName {
         TaskName::parse(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn shadow_deltas_feed_their_thing_routes_and_shadows_take_documents() {
+        let rec = Arc::new(Recorder::default());
+        let specs = vec![
+            RouteSpec {
+                from: RouteSource::Shadow("lamp".into()),
+                to: RouteDestination::Task(name("ctl")),
+            },
+            RouteSpec {
+                from: RouteSource::Task(name("ctl")),
+                to: RouteDestination::Shadow("lamp".into()),
+            },
+        ];
+        let t = RouteTable::build(&specs, rec.clone(), Arc::default());
+        let topic = "$aws/things/lamp/shadow/update/delta";
+        t.on_shadow_delta("lamp", topic, &Bytes::from_static(b"{\"state\":{}}"));
+        t.on_shadow_delta("other", topic, &Bytes::from_static(b"x"));
+        t.on_task_output(
+            &name("ctl"),
+            &Bytes::from_static(b"{\"state\":{\"reported\":{}}}"),
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let calls = rec.calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].2.as_deref(), Some(topic));
+        let p = rec.publishes.lock().unwrap().clone();
+        assert_eq!(
+            p,
+            [("shadow:lamp".into(), "{\"state\":{\"reported\":{}}}".into())]
+        );
     }
 
     #[tokio::test]

@@ -11,10 +11,12 @@ mod calls;
 mod demand;
 mod deployments;
 mod mqtt;
+mod shadows;
 
 pub use calls::{NewCall, StoredCall};
 pub use deployments::StoredDeployment;
 pub use mqtt::{MqttSnapshot, StoredMessage};
+pub use shadows::SealedSecret;
 
 use parking_lot::Mutex;
 use rusqlite::Connection;
@@ -101,6 +103,22 @@ CREATE TABLE IF NOT EXISTS mqtt_retained (
     topic   TEXT PRIMARY KEY,
     payload BLOB NOT NULL,
     qos     INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS shadows (
+    thing      TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    record     TEXT NOT NULL,
+    live       INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (thing, name)
+);
+CREATE TABLE IF NOT EXISTS secrets (
+    deployment INTEGER NOT NULL,
+    name       TEXT NOT NULL,
+    nonce      BLOB NOT NULL,
+    ciphertext BLOB NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (deployment, name)
 );
 CREATE INDEX IF NOT EXISTS calls_by_status ON calls(status);
 CREATE INDEX IF NOT EXISTS calls_by_finish ON calls(finished_ms) WHERE finished_ms IS NOT NULL;

@@ -1,0 +1,122 @@
+//! What the local service overrides (the AWS-compatible APIs) ask of the
+//! hub: who holds an access key, shadows, deployed secrets and publishing.
+//! The HTTP shapes live in the overrides crate; this is the hub's side.
+
+use crate::credentials::{Credential, Principal};
+use crate::shadows::{self, Origin, ShadowFailure};
+use crate::Hub;
+use bytes::Bytes;
+use roost_shadows::{Operation, ShadowId};
+use serde_json::Value;
+
+/// A deployed secret, opened.
+pub struct SecretValue {
+    pub value: String,
+    pub created_ms: i64,
+    /// The deployment it came with (its version, as Secrets Manager sees it).
+    pub deployment: i64,
+}
+
+impl Hub {
+    /// The owner's credentials (written to `DATA_DIR/aws-credentials`).
+    pub fn owner_credential(&self) -> Credential {
+        self.inner.key.owner()
+    }
+
+    /// Who holds `access_key_id`, and its secret key.
+    pub fn principal(&self, access_key_id: &str) -> Option<(Principal, String)> {
+        let owner = self.inner.key.owner();
+        if access_key_id == owner.access_key_id {
+            return Some((Principal::Owner, owner.secret_access_key));
+        }
+        let active = self.inner.active.read().clone();
+        let task = active.credentials.get(access_key_id)?;
+        let spec = active.tasks.get(task)?.spec().clone();
+        let secret = self.inner.key.task(task).secret_access_key;
+        Some((Principal::Task(task.clone(), spec.allow), secret))
+    }
+
+    /// Runs a shadow request in order with every other request to that
+    /// shadow; the accepted document or why not.
+    pub async fn shadow(
+        &self,
+        id: ShadowId,
+        op: Operation,
+        payload: Bytes,
+    ) -> Result<Value, ShadowFailure> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        shadows::submit(&self.inner, id, op, payload, Origin::Http(tx));
+        rx.await
+            .unwrap_or_else(|_| Err(ShadowFailure::Store("the hub is shutting down".into())))
+    }
+
+    /// Runs a shadow request as if a device had published it: the answer
+    /// goes to the `/accepted` or `/rejected` topic.
+    pub fn shadow_over_mqtt(&self, id: ShadowId, op: Operation, payload: Bytes) {
+        shadows::submit(&self.inner, id, op, payload, Origin::Mqtt);
+    }
+
+    /// A thing's named shadows after `after`, at most `limit`.
+    pub fn shadow_names(
+        &self,
+        thing: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, roost_store::StoreError> {
+        self.inner.store.shadow_names(thing, after, limit)
+    }
+
+    /// A secret of the active deployment, opened; `None` if it has none of
+    /// that name.
+    pub fn secret(&self, name: &str) -> Result<Option<SecretValue>, String> {
+        let Some(deployment) = self.inner.active.read().id else {
+            return Ok(None);
+        };
+        let sealed = self
+            .inner
+            .store
+            .secrets_of(deployment)
+            .map_err(|e| e.to_string())?;
+        let Some(s) = sealed.into_iter().find(|s| s.name == name) else {
+            return Ok(None);
+        };
+        let key = self.inner.key.sealing_key();
+        let plain = crate::credentials::sealing::open(&key, &s.name, &s.nonce, &s.ciphertext)
+            .ok_or("the sealed secret does not open with this hub's key (was hub.key replaced?)")?;
+        Ok(Some(SecretValue {
+            value: String::from_utf8_lossy(&plain).into_owned(),
+            created_ms: s.created_ms,
+            deployment,
+        }))
+    }
+
+    /// Publishes through the hub's broker as the hub; resolves once a
+    /// QoS 1 message is stored for the sessions that will get it.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        qos: u8,
+        retain: bool,
+    ) -> Result<(), String> {
+        let mut m = roost_broker::Message::from_hub(topic, payload);
+        m.qos = qos.min(1);
+        m.retain = retain;
+        match self.inner.broker.publish(m) {
+            Some(done) => done.await.map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a request to a local service, for the metrics.
+    pub fn count_local_request(&self, service: &str, status: u16) {
+        self.inner
+            .metrics
+            .local_requests
+            .get_or_create(&crate::metrics::ServiceLabels {
+                service: service.into(),
+                status: status.to_string(),
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,269 @@
+//! The IoT data plane: `GetThingShadow`, `UpdateThingShadow`,
+//! `DeleteThingShadow` (`/things/{thing}/shadow[?name=]`),
+//! `ListNamedShadowsForThing` and `Publish` (`/topics/{topic}`), with AWS's
+//! paths, documents and errors, on the hub's own shadows and broker.
+
+use crate::service::{decode, json, query_param, AwsError, LocalService, Protocol, Signed};
+use async_trait::async_trait;
+use axum::http::{request::Parts, Method, StatusCode};
+use axum::response::Response;
+use roost_hub::credentials::{Principal, Right};
+use roost_hub::shadows::ShadowFailure;
+use roost_hub::Hub;
+use roost_shadows::{Operation, ShadowErrorKind, ShadowId, ShadowName, ThingName};
+
+pub struct IotData;
+
+const LIST_PREFIX: &str = "/api/things/shadow/ListNamedShadowsForThing/";
+const CONTENT_TYPE: &str = "application/json";
+
+fn invalid(message: impl Into<String>) -> AwsError {
+    AwsError::new(StatusCode::BAD_REQUEST, "InvalidRequestException", message)
+}
+
+fn forbidden(caller: &Principal, action: &str, what: &str) -> AwsError {
+    AwsError::new(
+        StatusCode::FORBIDDEN,
+        "ForbiddenException",
+        format!(
+            "{} is not authorized to perform: iot:{action} on {what}; grant it in the task's manifest `allow`",
+            caller.describe()
+        ),
+    )
+}
+
+fn thing(raw: &str) -> Result<ThingName, AwsError> {
+    let name = decode(raw).ok_or_else(|| invalid("The thing name is not valid UTF-8"))?;
+    ThingName::parse(&name).map_err(|e| invalid(format!("Invalid thing name: {}", e.message())))
+}
+
+/// A shadow failure in the data plane's terms.
+fn shadow_error(e: ShadowFailure) -> AwsError {
+    match e {
+        ShadowFailure::Rejected(e) => {
+            let (status, code) = match e.kind() {
+                ShadowErrorKind::BadRequest => (StatusCode::BAD_REQUEST, "InvalidRequestException"),
+                ShadowErrorKind::NotFound => (StatusCode::NOT_FOUND, "ResourceNotFoundException"),
+                ShadowErrorKind::Conflict => (StatusCode::CONFLICT, "ConflictException"),
+                ShadowErrorKind::TooLarge => (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "RequestEntityTooLargeException",
+                ),
+                ShadowErrorKind::Throttled => {
+                    (StatusCode::TOO_MANY_REQUESTS, "ThrottlingException")
+                }
+                ShadowErrorKind::Internal => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalFailureException",
+                ),
+            };
+            AwsError::new(status, code, e.message())
+        }
+        ShadowFailure::Throttled => {
+            let mut e = AwsError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "ThrottlingException",
+                "Rate exceeded for this shadow",
+            );
+            e.retry_after = Some(1);
+            e
+        }
+        ShadowFailure::Store(m) => AwsError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalFailureException",
+            m,
+        ),
+    }
+}
+
+#[async_trait]
+impl LocalService for IotData {
+    fn name(&self) -> &'static str {
+        "iot-data"
+    }
+    fn signing_name(&self) -> &'static str {
+        "iotdata"
+    }
+    fn protocol(&self) -> Protocol {
+        Protocol::RestJson
+    }
+    fn claims(&self, parts: &Parts) -> bool {
+        let p = parts.uri.path();
+        p.starts_with("/things/") || p.starts_with("/topics/") || p.starts_with(LIST_PREFIX)
+    }
+    fn max_body(&self, hub: &Hub) -> (usize, AwsError) {
+        // Publish takes MQTT-sized payloads; shadow documents are checked
+        // against their own limit by the shadow service.
+        let limit = hub
+            .config()
+            .broker
+            .max_packet_bytes
+            .max(hub.config().shadow_limits.max_request_bytes);
+        (
+            limit,
+            AwsError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestEntityTooLargeException",
+                "The payload exceeds the maximum size allowed",
+            ),
+        )
+    }
+
+    async fn serve(
+        &self,
+        hub: &Hub,
+        caller: &Principal,
+        req: Signed,
+    ) -> Result<Response, AwsError> {
+        let path = req.parts.uri.path().to_owned();
+        let method = req.parts.method.clone();
+        if let Some(raw) = path.strip_prefix(LIST_PREFIX) {
+            return list(hub, caller, &req.parts, raw);
+        }
+        if let Some(raw) = path.strip_prefix("/topics/") {
+            if method != Method::POST {
+                return Err(invalid("Publish takes POST"));
+            }
+            return publish(hub, caller, &req, raw).await;
+        }
+        let raw = path
+            .strip_prefix("/things/")
+            .and_then(|p| p.strip_suffix("/shadow"))
+            .filter(|t| !t.contains('/'))
+            .ok_or_else(|| {
+                AwsError::new(
+                    StatusCode::NOT_FOUND,
+                    "ResourceNotFoundException",
+                    "No such operation: shadows are at /things/{thingName}/shadow",
+                )
+            })?;
+        let thing = thing(raw)?;
+        let name = match query_param(&req.parts, "name") {
+            None => None,
+            Some(n) => Some(
+                ShadowName::parse(&n)
+                    .map_err(|e| invalid(format!("Invalid shadow name: {}", e.message())))?,
+            ),
+        };
+        let (op, right, action) = match method {
+            Method::GET => (Operation::Get, Right::ShadowRead, "GetThingShadow"),
+            Method::POST => (Operation::Update, Right::ShadowUpdate, "UpdateThingShadow"),
+            Method::DELETE => (Operation::Delete, Right::ShadowUpdate, "DeleteThingShadow"),
+            _ => return Err(invalid("Shadows take GET, POST or DELETE")),
+        };
+        if !caller.may(right, thing.as_str()) {
+            return Err(forbidden(
+                caller,
+                action,
+                &format!("thing {}", thing.as_str()),
+            ));
+        }
+        let body = if op == Operation::Update {
+            req.body
+        } else {
+            bytes::Bytes::new()
+        };
+        let doc = hub
+            .shadow(ShadowId { thing, name }, op, body)
+            .await
+            .map_err(shadow_error)?;
+        Ok(json(&doc, CONTENT_TYPE))
+    }
+}
+
+fn list(hub: &Hub, caller: &Principal, parts: &Parts, raw: &str) -> Result<Response, AwsError> {
+    if parts.method != Method::GET {
+        return Err(invalid("ListNamedShadowsForThing takes GET"));
+    }
+    let thing = thing(raw)?;
+    if !caller.may(Right::ShadowRead, thing.as_str()) {
+        return Err(forbidden(
+            caller,
+            "ListNamedShadowsForThing",
+            &format!("thing {}", thing.as_str()),
+        ));
+    }
+    let page = match query_param(parts, "pageSize") {
+        None => 25,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=100).contains(&n) => n,
+            _ => return Err(invalid("pageSize must be between 1 and 100")),
+        },
+    };
+    let after = match query_param(parts, "nextToken") {
+        None => String::new(),
+        Some(t) => ShadowName::parse(&t)
+            .map_err(|_| invalid("The nextToken is not one this hub gave"))?
+            .as_str()
+            .to_owned(),
+    };
+    let mut names = hub
+        .shadow_names(thing.as_str(), &after, page + 1)
+        .map_err(|e| {
+            AwsError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalFailureException",
+                e.to_string(),
+            )
+        })?;
+    let more = names.len() > page;
+    names.truncate(page);
+    let mut doc = serde_json::json!({
+        "results": names,
+        "timestamp": roost_hub::shadows::now_s(),
+    });
+    if more {
+        doc["nextToken"] = serde_json::Value::from(names.last().cloned().unwrap_or_default());
+    }
+    Ok(json(&doc, CONTENT_TYPE))
+}
+
+async fn publish(
+    hub: &Hub,
+    caller: &Principal,
+    req: &Signed,
+    raw: &str,
+) -> Result<Response, AwsError> {
+    let topic = decode(raw).ok_or_else(|| invalid("The topic is not valid UTF-8"))?;
+    if !roost_broker::topic::valid_topic_name(&topic) {
+        return Err(invalid(format!(
+            "Invalid topic {topic:?}: a topic to publish to has no wildcards (+, #) and is 1 to 65535 bytes"
+        )));
+    }
+    let qos = match query_param(&req.parts, "qos").as_deref() {
+        None | Some("0") => 0,
+        Some("1") => 1,
+        Some(q) => return Err(invalid(format!("qos={q}: QoS must be 0 or 1"))),
+    };
+    let retain = match query_param(&req.parts, "retain").as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(r) => return Err(invalid(format!("retain={r}: must be true or false"))),
+    };
+    if !caller.may(Right::Publish, &topic) {
+        return Err(forbidden(caller, "Publish", &format!("topic {topic}")));
+    }
+    // A publish to a shadow's request topic is that shadow request, as
+    // on AWS; it also needs the shadow right.
+    if let Some((id, op)) = roost_shadows::parse_request_topic(&topic) {
+        let right = match op {
+            Operation::Get => Right::ShadowRead,
+            _ => Right::ShadowUpdate,
+        };
+        if !caller.may(right, id.thing.as_str()) {
+            return Err(forbidden(caller, "Publish", &format!("topic {topic}")));
+        }
+        hub.shadow_over_mqtt(id, op, req.body.clone());
+        return Ok(json(&serde_json::json!({}), CONTENT_TYPE));
+    }
+    hub.publish(&topic, req.body.clone(), qos, retain)
+        .await
+        .map_err(|e| {
+            AwsError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalFailureException",
+                format!("The message could not be stored: {e}"),
+            )
+        })?;
+    Ok(json(&serde_json::json!({}), CONTENT_TYPE))
+}
