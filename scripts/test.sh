@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests need
 # (a Python venv with the ziglang C toolchain for the C-built wasm module,
-# openssl for the TLS test), then formatting, lints and every test.
+# the Lambda runtime client, paho-mqtt, boto3 and the AWS CLI; openssl for
+# the TLS test), then formatting, lints and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,8 +29,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   step "creating the Python venv at $VENV"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import ziglang, awslambdaric, paho.mqtt' 2>/dev/null; then
-  step "installing test tools into the venv (ziglang, awslambdaric, paho-mqtt)"
+if ! "$VENV/bin/python" -c 'import ziglang, awslambdaric, paho.mqtt, boto3, awscli' 2>/dev/null; then
+  step "installing test tools into the venv (ziglang, awslambdaric, paho-mqtt, boto3, awscli)"
   "$VENV/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-test.txt
 fi
 export PYTHON="$VENV/bin/python"

@@ -34,6 +34,9 @@ pub struct Policy {
     pub device: Device,
     publish: Vec<String>,
     subscribe: Vec<String>,
+    /// Anonymous clients may use every topic, `$` topics included (which
+    /// a `#` filter does not match).
+    unrestricted: bool,
 }
 
 impl Policy {
@@ -48,15 +51,16 @@ impl Policy {
             },
             publish: vec!["#".into()],
             subscribe: vec!["#".into()],
+            unrestricted: true,
         }
     }
 
     pub fn may_publish(&self, topic: &str) -> bool {
-        self.publish.iter().any(|f| matches(f, topic))
+        self.unrestricted || self.publish.iter().any(|f| matches(f, topic))
     }
 
     pub fn may_subscribe(&self, filter: &str) -> bool {
-        self.subscribe.iter().any(|f| filter_within(filter, f))
+        self.unrestricted || self.subscribe.iter().any(|f| filter_within(filter, f))
     }
 }
 
@@ -81,6 +85,7 @@ impl Devices {
                         device: d,
                         publish,
                         subscribe,
+                        unrestricted: false,
                     },
                 )
             })

@@ -1,0 +1,428 @@
+//! Shadows and local service overrides: unmodified AWS SDK code (boto3,
+//! the AWS CLI) and AWS IoT devices (paho-mqtt on the shadow topics) talk
+//! to the hub as if it were the cloud; each task is allowed only what its
+//! manifest grants; an accepted shadow update survives kill -9.
+//!
+//! Needs $PYTHON with boto3, awscli, paho-mqtt and awslambdaric
+//! (scripts/test.sh makes one).
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+fn python() -> String {
+    let py = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&py)
+        .args(["-c", "import boto3, paho.mqtt, awslambdaric"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "these tests need boto3, paho-mqtt and awslambdaric: run scripts/test.sh, or set PYTHON to a python that has them"
+    );
+    py
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/aws")
+        .join(name)
+}
+
+/// Runs a client script; panics with its output and the hub's log unless
+/// it passes.
+fn run_py(hub: &TestHub, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let out = Command::new(python())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?} failed:\n{}\n{}\nhub log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        hub.log_text()
+    );
+    out
+}
+
+/// Deploys with the given variables set in the deploying shell.
+fn deploy_with(hub: &TestHub, manifest: &Path, env: &[(&str, &str)]) -> Output {
+    Command::new(roost_bin())
+        .args(["deploy", manifest.to_str().unwrap()])
+        .env("ROOST_HUB", &hub.url)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// What the owner's profile files make of `code` (Python using boto3).
+fn as_owner(hub: &TestHub, code: &str) -> String {
+    let d = hub.data_dir.display().to_string();
+    let out = run_py(
+        hub,
+        &["-c", code],
+        &[
+            (
+                "AWS_SHARED_CREDENTIALS_FILE",
+                &format!("{d}/aws-credentials"),
+            ),
+            ("AWS_CONFIG_FILE", &format!("{d}/aws-config")),
+            ("AWS_PROFILE", "roost"),
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+const GET_SHADOW: &str = "import boto3,sys,json\ntry:\n  print(boto3.client('iot-data').get_thing_shadow(thingName=sys.argv[1])['payload'].read().decode())\nexcept boto3.exceptions.botocore.exceptions.ClientError as e:\n  print(e.response['Error']['Code'])";
+
+fn get_shadow(hub: &TestHub, thing: &str) -> String {
+    let code = GET_SHADOW.replace("sys.argv[1]", &format!("{thing:?}"));
+    as_owner(hub, &code)
+}
+
+fn owner_manifest() -> String {
+    task("echo", "echo.wat", "")
+        + &task("fail", "trap.wat", "")
+        + &task("logger", "stderr.wat", "")
+        + "[[secret]]\nname = \"db-password\"\nvalue_env = \"DB_PASSWORD\"\n"
+}
+
+#[test]
+fn boto3_as_the_owner_gets_shadows_lambda_publish_and_secrets_with_aws_semantics() {
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    let pkg = Package::new(&owner_manifest(), &["echo.wat", "trap.wat", "stderr.wat"]);
+    let out = deploy_with(&hub, &pkg.manifest(), &[("DB_PASSWORD", "s3cr3t-Ü")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The owner's profile files: private, in AWS's formats.
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["aws-credentials", "aws-config"] {
+        let meta = std::fs::metadata(hub.data_dir.join(f)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{f}");
+    }
+    let config = std::fs::read_to_string(hub.data_dir.join("aws-config")).unwrap();
+    assert!(
+        config.contains(&format!("endpoint_url = {}", hub.url)),
+        "{config}"
+    );
+
+    // The secret is sealed at rest: not in the store, not in the package.
+    let mut on_disk = Vec::new();
+    for f in walk(&hub.data_dir) {
+        on_disk.extend(std::fs::read(f).unwrap_or_default());
+    }
+    assert!(!on_disk.windows(6).any(|w| w == b"s3cr3t"));
+
+    let sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            port(&hub),
+            "-t",
+            "alerts/#",
+            "-C",
+            "1",
+            "-W",
+            "30",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let d = hub.data_dir.display().to_string();
+    run_py(
+        &hub,
+        &[script("owner.py").to_str().unwrap(), &d],
+        &[("EXPECT_SECRET", "s3cr3t-Ü")],
+    );
+    let got = sub.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "from-boto3");
+
+    // The AWS CLI (v1, from PyPI) works from the same profile.
+    let aws = Path::new(&python()).with_file_name("aws");
+    if aws.exists() {
+        let out_file = hub.data_dir.join("cli-shadow.json");
+        let out = Command::new(&aws)
+            .args(["iot-data", "get-thing-shadow", "--thing-name", "lamp"])
+            .arg(&out_file)
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                format!("{d}/aws-credentials"),
+            )
+            .env("AWS_CONFIG_FILE", format!("{d}/aws-config"))
+            .env("AWS_PROFILE", "roost")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
+        assert_eq!(doc["state"]["desired"]["on"], true, "{doc}");
+    }
+    let m = hub.metrics();
+    assert!(
+        m.contains("roost_local_service_requests_total{service=\"lambda\",status=\"200\"}"),
+        "{m}"
+    );
+    assert!(m.contains("roost_shadow_requests_total"), "{m}");
+}
+
+/// `roost passwd` with the password on stdin.
+fn password_hash(password: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(roost_bin())
+        .arg("passwd")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(password.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn port(hub: &TestHub) -> &str {
+    hub.mqtt.rsplit(':').next().unwrap()
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn bad_signatures_skewed_clocks_and_path_tricks_get_aws_errors_and_change_nothing() {
+    let hub = TestHub::start(&[]);
+    let d = hub.data_dir.display().to_string();
+    run_py(
+        &hub,
+        &[script("hostile.py").to_str().unwrap(), &d, &hub.url],
+        &[],
+    );
+    // Unsigned requests never reach a service, whatever the path.
+    for (method, path) in [
+        ("GET", "/things/door/shadow"),
+        ("POST", "/2015-03-31/functions/echo/invocations"),
+        ("POST", "/topics/a"),
+    ] {
+        let r = http()
+            .request(method.parse().unwrap(), format!("{}{path}", hub.url))
+            .body("{}")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 403, "{method} {path}");
+        assert_eq!(
+            r.headers()["x-amzn-ErrorType"],
+            "MissingAuthenticationTokenException"
+        );
+    }
+    let r = http()
+        .post(format!("{}/", hub.url))
+        .header("X-Amz-Target", "secretsmanager.GetSecretValue")
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let body: serde_json::Value = r.json().unwrap();
+    assert_eq!(body["__type"], "MissingAuthenticationTokenException");
+}
+
+#[test]
+fn a_process_task_uses_boto3_unconfigured_and_gets_only_what_allow_grants() {
+    let py = python();
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    let manifest = format!(
+        "[[task]]\nname = \"ctl\"\nruntime = \"process\"\ndir = \"boto\"\ncommand = [\"{py}\", \"-m\", \"awslambdaric\"]\nhandler = \"app.handler\"\nmemory_mb = 256\ntimeout_ms = 20000\nallow = {{ invoke = [\"echo\"], shadow_read = [\"thermo*\"], shadow_update = [\"thermostat\"], publish = [\"alerts/#\"], secrets = [\"db-password\"] }}\n"
+    ) + &task("echo", "echo.wat", "")
+        + &task("secret-keeper", "echo.wat", "")
+        + "[[secret]]\nname = \"db-password\"\nvalue_env = \"DB_PASSWORD\"\n[[secret]]\nname = \"api-key\"\nvalue_env = \"API_KEY\"\n";
+    let pkg = Package::new(&manifest, &["echo.wat"]);
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lambda/boto"))
+        .arg(pkg.path().join("boto"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // A secret whose variable is not set stops the deploy before upload.
+    let out = deploy_with(&hub, &pkg.manifest(), &[("DB_PASSWORD", "pw")]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("API_KEY"));
+    let out = deploy_with(
+        &hub,
+        &pkg.manifest(),
+        &[("DB_PASSWORD", "pw-123"), ("API_KEY", "k")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    as_owner(
+        &hub,
+        "import boto3; boto3.client('iot-data').update_thing_shadow(thingName='door', payload=b'{\"state\":{\"reported\":{\"open\":false}}}')",
+    );
+
+    let r = hub.call("ctl", r#"{"temp": 23}"#);
+    let status = r.status();
+    let text = r.text().unwrap();
+    assert_eq!(status, 200, "{text}\nhub log:\n{}", hub.log_text());
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["update_own"], "ok", "{v}");
+    assert_eq!(v["get_own"], "ok", "{v}");
+    assert_eq!(v["reported"]["temp"], 23, "{v}");
+    assert_eq!(v["update_other"], "ForbiddenException", "{v}");
+    assert_eq!(v["get_other"], "ForbiddenException", "{v}");
+    assert_eq!(v["publish_allowed"], "ok", "{v}");
+    assert_eq!(v["publish_denied"], "ForbiddenException", "{v}");
+    assert_eq!(v["invoke_allowed"], "ok", "{v}");
+    assert_eq!(v["invoke_output"], r#"{"via":"task"}"#, "{v}");
+    assert_eq!(v["invoke_denied"], "AccessDeniedException", "{v}");
+    assert_eq!(v["secret"], "pw-123", "{v}");
+    assert_eq!(v["secret_denied"], "AccessDeniedException", "{v}");
+    // The denied update changed nothing.
+    assert!(get_shadow(&hub, "door").contains("\"open\":false"));
+}
+
+#[test]
+fn devices_use_the_shadow_topics_and_deltas_feed_routes() {
+    let py = python();
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    let hash = password_hash("lamp-pw");
+    let manifest = task("echo", "echo.wat", "")
+        + &format!(
+            "[[device]]\nname = \"lamp-1\"\npassword_hash = \"{hash}\"\npublish = [\"$aws/things/{{device}}/shadow/#\"]\nsubscribe = [\"$aws/things/{{device}}/shadow/#\", \"lamp/deltas\"]\n"
+        )
+        + "[[route]]\nfrom = \"shadow:lamp-1\"\nto = \"task:echo\"\n[[route]]\nfrom = \"task:echo\"\nto = \"device:lamp/deltas\"\n"
+        + "[[route]]\nfrom = \"device:heater/set\"\nto = \"shadow:heater\"\n";
+    let pkg = Package::new(&manifest, &["echo.wat"]);
+    hub.deploy(&pkg.manifest());
+    let out = Command::new(&py)
+        .arg(script("device.py"))
+        .args(["127.0.0.1", port(&hub), "lamp-pw"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}\nhub log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        hub.log_text()
+    );
+    // The device could not touch a shadow outside its policy.
+    assert_eq!(get_shadow(&hub, "other"), "ResourceNotFoundException");
+    // A `shadow:` destination applies the routed document.
+    let _ = hub.kill9_safe_publish("heater/set", r#"{"state":{"desired":{"temp":21}}}"#);
+    wait_until(
+        "the routed document is applied",
+        Duration::from_secs(10),
+        || get_shadow(&hub, "heater").contains("\"temp\":21"),
+    );
+}
+
+#[test]
+fn an_accepted_shadow_update_survives_kill_9() {
+    let mut hub = TestHub::start(&["--allow-anonymous"]);
+    // Over MQTT: the accepted reply is sent only after the commit.
+    let mut sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            port(&hub),
+            "-t",
+            "$aws/things/vault/shadow/update/accepted",
+            "-C",
+            "1",
+            "-W",
+            "20",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    hub.kill9_safe_publish(
+        "$aws/things/vault/shadow/update",
+        r#"{"state":{"reported":{"locked":true}},"clientToken":"k9"}"#,
+    );
+    let mut got = String::new();
+    use std::io::Read;
+    sub.stdout.take().unwrap().read_to_string(&mut got).unwrap();
+    sub.wait().unwrap();
+    assert!(got.contains("\"clientToken\":\"k9\""), "{got}");
+    // Over HTTP with boto3: the 200 means it is on disk.
+    as_owner(
+        &hub,
+        "import boto3; boto3.client('iot-data').update_thing_shadow(thingName='vault', shadowName='door', payload=b'{\"state\":{\"desired\":{\"open\":false}}}')",
+    );
+    hub.kill9();
+    hub.launch();
+    let doc = get_shadow(&hub, "vault");
+    assert!(
+        doc.contains("\"locked\":true") && doc.contains("\"version\":1"),
+        "{doc}"
+    );
+    let named = as_owner(
+        &hub,
+        "import boto3; print(boto3.client('iot-data').get_thing_shadow(thingName='vault', shadowName='door')['payload'].read().decode())",
+    );
+    assert!(named.contains("\"open\":false"), "{named}");
+}
+
+trait Publish {
+    fn kill9_safe_publish(&self, topic: &str, payload: &str) -> Output;
+}
+
+impl Publish for TestHub {
+    /// A QoS 1 publish with mosquitto_pub, waiting for its PUBACK.
+    fn kill9_safe_publish(&self, topic: &str, payload: &str) -> Output {
+        let out = Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                port(self),
+                "-q",
+                "1",
+                "-t",
+                topic,
+                "-m",
+                payload,
+            ])
+            .output()
+            .expect("mosquitto_pub (apt install mosquitto-clients)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+}
