@@ -333,7 +333,10 @@ impl Conn {
             return None;
         }
         if let Some(w) = &c.will {
-            if !valid_topic_name(&w.topic) || !policy.may_publish(&w.topic) {
+            if !valid_topic_name(&w.topic)
+                || !policy.may_publish(&w.topic)
+                || self.broker.is_reserved(&w.topic)
+            {
                 self.refuse(ReasonCode::NotAuthorized, 5);
                 return None;
             }
@@ -771,7 +774,7 @@ impl Conn {
             tracing::info!(client = %self.client_id, topic = %topic.chars().take(100).collect::<String>(), "PUBLISH to an invalid topic name; disconnecting");
             return Step::Broken(ReasonCode::TopicNameInvalid);
         }
-        let allowed = self.policy.may_publish(&topic);
+        let allowed = self.policy.may_publish(&topic) && !self.broker.is_reserved(&topic);
         if !allowed {
             self.broker
                 .inner

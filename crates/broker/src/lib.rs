@@ -206,7 +206,13 @@ pub(crate) struct Inner {
     pub next_msg: AtomicU64,
     /// Sees every message MQTT clients publish (the hub's route table).
     pub tap: RwLock<Option<Tap>>,
+    /// Topics only the hub publishes to, whatever a device's policy says.
+    pub reserved: RwLock<Option<Reserved>>,
 }
+
+/// Says whether a topic is reserved for the hub (clients' publishes to it
+/// are refused as not authorized).
+pub type Reserved = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// A hook called with (topic, payload) of each message a client publishes.
 pub type Tap = Arc<dyn Fn(&str, &Bytes) + Send + Sync>;
@@ -311,6 +317,7 @@ impl Broker {
                 persist,
                 next_msg: AtomicU64::new(max_id + 1),
                 tap: RwLock::new(None),
+                reserved: RwLock::new(None),
             }),
         }
     }
@@ -318,6 +325,20 @@ impl Broker {
     /// Sets the hook that sees every message clients publish.
     pub fn set_tap(&self, tap: Tap) {
         *self.inner.tap.write() = Some(tap);
+    }
+
+    /// Sets which topics clients may never publish to (the hub's own
+    /// response topics, for example).
+    pub fn set_reserved(&self, reserved: Reserved) {
+        *self.inner.reserved.write() = Some(reserved);
+    }
+
+    pub(crate) fn is_reserved(&self, topic: &str) -> bool {
+        self.inner
+            .reserved
+            .read()
+            .as_ref()
+            .is_some_and(|r| r(topic))
     }
 
     /// Replaces the device list (from a deployment).

@@ -547,6 +547,24 @@ impl TaskCaller for NestedCaller {
                 format!("{topic:?} is not a topic a message can be published to"),
             ));
         }
+        // The same grant as the IoT data plane's Publish: one permission
+        // model for everything a task publishes.
+        let allowed = inner.active.read().tasks.get(&from.task).is_some_and(|t| {
+            t.spec()
+                .allow
+                .publish
+                .iter()
+                .any(|f| roost_broker::topic::matches(f, topic))
+        });
+        if !allowed || crate::reserved_topic(topic) {
+            return Err(Failure::new(
+                FailureCode::Forbidden,
+                format!(
+                    "task {} may not publish to {topic:?}: add a filter that matches it to the task's allow.publish",
+                    from.task
+                ),
+            ));
+        }
         let done = inner
             .broker
             .publish(roost_broker::Message::from_hub(topic, payload));

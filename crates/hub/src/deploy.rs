@@ -89,7 +89,7 @@ impl Hub {
         match result {
             Ok(prepared) => {
                 let report = self.switch_to(Some(id), prepared).await;
-                self.remove_stale_packages();
+                self.remove_stale_packages().await;
                 tracing::info!(deployment = id, tasks = ?report.tasks, "deployment applied");
                 Ok(report)
             }
@@ -383,11 +383,14 @@ impl Hub {
         }
     }
 
-    fn remove_stale_packages(&self) {
+    async fn remove_stale_packages(&self) {
         if let Ok(dirs) = self.inner.store.stale_deployment_dirs(KEEP_DEPLOYMENTS) {
             for d in dirs {
                 let _ = std::fs::remove_dir_all(d);
             }
+        }
+        if let Err(e) = self.inner.store.drop_stale_secrets(KEEP_DEPLOYMENTS).await {
+            tracing::warn!(error = %e, "cannot forget the secrets of old deployments");
         }
     }
 }
@@ -425,7 +428,13 @@ fn unpack(package: &[u8], dir: &PathBuf, max_bytes: usize) -> Result<Option<Vec<
                 path.display()
             )));
         }
-        if path.as_os_str() == SECRETS_ENTRY {
+        // Compare the path as it would be unpacked (`./x` is `x`), so no
+        // spelling of the secrets entry ever reaches the disk.
+        let normal: PathBuf = path
+            .components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .collect();
+        if normal.as_os_str() == SECRETS_ENTRY {
             if entry.size() > MAX_SECRETS_BYTES {
                 return Err(DeployError::BadPackage(format!(
                     "{SECRETS_ENTRY} is over {} KiB",

@@ -90,6 +90,12 @@ impl HubConfig {
     }
 }
 
+/// Whether only the hub may publish to `topic`: every `$aws/` topic but a
+/// shadow's request topics.
+pub fn reserved_topic(topic: &str) -> bool {
+    topic.starts_with("$aws/") && roost_shadows::parse_request_topic(topic).is_none()
+}
+
 /// A short, stable id for the hub owning `data_dir`: names its worker
 /// cgroups, so hubs sharing a machine never touch each other's workers.
 fn hub_id(data_dir: &std::path::Path) -> String {
@@ -252,6 +258,11 @@ impl Hub {
             }),
         };
         {
+            // AWS's reserved topics: clients may publish shadow requests,
+            // never the hub's answers (`/accepted`, `/delta`, ...).
+            hub.inner
+                .broker
+                .set_reserved(Arc::new(|topic: &str| reserved_topic(topic)));
             // Messages devices publish go to the shadows (their request
             // topics) or through the route table.
             let weak = Arc::downgrade(&hub.inner);

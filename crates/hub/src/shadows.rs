@@ -89,33 +89,43 @@ pub(crate) fn submit(
 ) {
     let k = key(&id);
     let mut queues = inner.shadows.queues.lock();
-    let tx = queues
-        .entry(k.clone())
-        .or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(QUEUE_PER_SHADOW);
-            tokio::spawn(run(Arc::downgrade(inner), id.clone(), k.clone(), rx));
-            tx
-        })
-        .clone();
-    if let Err(e) = tx.try_send(Request {
+    let mut request = Request {
         op,
         payload,
         origin,
-    }) {
-        let r = match e {
-            mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
-        };
-        drop(queues);
-        let token = parse_client_token(&r.payload);
-        answer(
-            inner,
-            &id,
-            r.op,
-            r.origin,
-            Err(ShadowFailure::Throttled),
-            token.as_deref(),
-        );
+    };
+    // Twice at most: a worker that is gone (it panicked) is replaced once.
+    for _ in 0..2 {
+        let tx = queues
+            .entry(k.clone())
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(QUEUE_PER_SHADOW);
+                tokio::spawn(run(Arc::downgrade(inner), id.clone(), k.clone(), rx));
+                tx
+            })
+            .clone();
+        match tx.try_send(request) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Closed(r)) => {
+                queues.remove(&k);
+                request = r;
+            }
+            Err(mpsc::error::TrySendError::Full(r)) => {
+                request = r;
+                break;
+            }
+        }
     }
+    drop(queues);
+    let token = parse_client_token(&request.payload);
+    answer(
+        inner,
+        &id,
+        request.op,
+        request.origin,
+        Err(ShadowFailure::Throttled),
+        token.as_deref(),
+    );
 }
 
 /// One shadow's worker: holds its record, applies requests in order.
@@ -150,8 +160,11 @@ async fn run(hub: Weak<HubInner>, id: ShadowId, k: Key, mut rx: mpsc::Receiver<R
         }
         let current = record.as_ref().expect("loaded above");
         let (result, token) = apply(&inner, &id, &k, current, &req).await;
-        if let Ok((Some(new), _)) = &result {
-            record = Some(new.clone());
+        match &result {
+            Ok((Some(new), _)) => record = Some(new.clone()),
+            // After a failed write the disk is the truth: read it again.
+            Err(ShadowFailure::Store(_)) => record = None,
+            _ => {}
         }
         answer(
             &inner,

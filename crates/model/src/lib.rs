@@ -138,6 +138,8 @@ pub enum FailureCode {
     CallDepth,
     /// The hub was shutting down and could not run the call.
     Unavailable,
+    /// The task asked for something its manifest `allow` does not grant.
+    Forbidden,
 }
 
 impl FailureCode {
@@ -150,6 +152,7 @@ impl FailureCode {
             FailureCode::UnknownTask => "unknown_task",
             FailureCode::CallDepth => "call_depth",
             FailureCode::Unavailable => "unavailable",
+            FailureCode::Forbidden => "forbidden",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
@@ -161,6 +164,7 @@ impl FailureCode {
             "unknown_task" => FailureCode::UnknownTask,
             "call_depth" => FailureCode::CallDepth,
             "unavailable" => FailureCode::Unavailable,
+            "forbidden" => FailureCode::Forbidden,
             _ => return None,
         })
     }
@@ -171,6 +175,7 @@ impl FailureCode {
             FailureCode::UnknownTask => 404,
             FailureCode::CallDepth => 508,
             FailureCode::Unavailable => 503,
+            FailureCode::Forbidden => 403,
             _ => 502,
         }
     }
@@ -271,6 +276,7 @@ mod tests {
             FailureCode::UnknownTask,
             FailureCode::CallDepth,
             FailureCode::Unavailable,
+            FailureCode::Forbidden,
         ] {
             assert_eq!(FailureCode::parse(c.as_str()), Some(c));
         }

@@ -21,6 +21,14 @@ fn invalid(message: impl Into<String>) -> AwsError {
     AwsError::new(StatusCode::BAD_REQUEST, "InvalidRequestException", message)
 }
 
+fn method_not_allowed(what: &str) -> AwsError {
+    AwsError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "MethodNotAllowedException",
+        what.to_owned(),
+    )
+}
+
 fn forbidden(caller: &Principal, action: &str, what: &str) -> AwsError {
     AwsError::new(
         StatusCode::FORBIDDEN,
@@ -122,7 +130,7 @@ impl LocalService for IotData {
         }
         if let Some(raw) = path.strip_prefix("/topics/") {
             if method != Method::POST {
-                return Err(invalid("Publish takes POST"));
+                return Err(method_not_allowed("Publish takes POST"));
             }
             return publish(hub, caller, &req, raw).await;
         }
@@ -149,7 +157,7 @@ impl LocalService for IotData {
             Method::GET => (Operation::Get, Right::ShadowRead, "GetThingShadow"),
             Method::POST => (Operation::Update, Right::ShadowUpdate, "UpdateThingShadow"),
             Method::DELETE => (Operation::Delete, Right::ShadowUpdate, "DeleteThingShadow"),
-            _ => return Err(invalid("Shadows take GET, POST or DELETE")),
+            _ => return Err(method_not_allowed("Shadows take GET, POST or DELETE")),
         };
         if !caller.may(right, thing.as_str()) {
             return Err(forbidden(
@@ -173,7 +181,7 @@ impl LocalService for IotData {
 
 fn list(hub: &Hub, caller: &Principal, parts: &Parts, raw: &str) -> Result<Response, AwsError> {
     if parts.method != Method::GET {
-        return Err(invalid("ListNamedShadowsForThing takes GET"));
+        return Err(method_not_allowed("ListNamedShadowsForThing takes GET"));
     }
     let thing = thing(raw)?;
     if !caller.may(Right::ShadowRead, thing.as_str()) {
@@ -240,7 +248,7 @@ async fn publish(
         Some("true") => true,
         Some(r) => return Err(invalid(format!("retain={r}: must be true or false"))),
     };
-    if !caller.may(Right::Publish, &topic) {
+    if !caller.may(Right::Publish, &topic) || roost_hub::reserved_topic(&topic) {
         return Err(forbidden(caller, "Publish", &format!("topic {topic}")));
     }
     // A publish to a shadow's request topic is that shadow request, as

@@ -56,14 +56,70 @@ pub async fn dispatch(
     Ok(response)
 }
 
+/// Bodies being read at once by the local services: unsigned or slow
+/// clients cannot make the hub hold more than this many request bodies.
+static BODIES_IN_FLIGHT: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(64);
+
+/// The access key id an `Authorization` header names, if it names one.
+fn access_key_id(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let auth = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let cred = auth.split_once("Credential=")?.1;
+    cred.split_once('/').map(|(k, _)| k)
+}
+
+/// botocore never sends `//`, `.` or `..` path segments to these services;
+/// the signature covers the normalised path, so a path that is not already
+/// normal could be replayed to name another resource.
+fn path_is_normal(path: &str) -> bool {
+    !path.contains("//") && !path.split('/').any(|seg| seg == "." || seg == "..")
+}
+
 /// Reads the body (bounded), verifies the signature and the scope, finds
 /// the caller and serves.
 async fn serve(hub: &Hub, service: &dyn LocalService, req: Request) -> Result<Response, AwsError> {
     let (parts, body) = req.into_parts();
+    if !path_is_normal(parts.uri.path()) {
+        return Err(AwsError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestException",
+            "The request path has empty, '.' or '..' segments",
+        ));
+    }
+    // Before reading any body: a request that cannot be signed by a key
+    // this hub issued is refused at once.
+    match access_key_id(&parts.headers) {
+        None if !parts
+            .headers
+            .contains_key(axum::http::header::AUTHORIZATION) =>
+        {
+            return Err(sig_error(sigv4::SigError::Missing))
+        }
+        None => {
+            return Err(sig_error(sigv4::SigError::Incomplete(
+                "Authorization header requires 'Credential' parameter.".into(),
+            )))
+        }
+        Some(k) if hub.principal(k).is_none() => {
+            return Err(sig_error(sigv4::SigError::UnknownKey))
+        }
+        Some(_) => {}
+    }
     let (limit, too_large) = service.max_body(hub);
-    let body = read_body(body, &parts.headers, limit)
-        .await
-        .map_err(|e| e.unwrap_or(too_large))?;
+    let body = {
+        let _permit = BODIES_IN_FLIGHT.acquire().await.map_err(|_| {
+            AwsError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailableException",
+                "the hub is shutting down",
+            )
+        })?;
+        read_body(body, &parts.headers, limit)
+            .await
+            .map_err(|e| e.unwrap_or(too_large))?
+    };
     let signed = sigv4::Request::from_http(&parts.method, &parts.uri, &parts.headers, &body);
     let mut caller = None;
     let now = std::time::SystemTime::now()
@@ -79,13 +135,7 @@ async fn serve(hub: &Hub, service: &dyn LocalService, req: Request) -> Result<Re
         },
         now,
     )
-    .map_err(|e| {
-        AwsError::new(
-            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::FORBIDDEN),
-            e.aws_code(),
-            e.to_string(),
-        )
-    })?;
+    .map_err(sig_error)?;
     if verified.service != service.signing_name() {
         return Err(AwsError::new(
             StatusCode::FORBIDDEN,
@@ -108,6 +158,14 @@ async fn serve(hub: &Hub, service: &dyn LocalService, req: Request) -> Result<Re
     }
     let caller = caller.expect("a verified request has a known key");
     service.serve(hub, &caller, Signed { parts, body }).await
+}
+
+fn sig_error(e: sigv4::SigError) -> AwsError {
+    AwsError::new(
+        StatusCode::from_u16(e.status()).unwrap_or(StatusCode::FORBIDDEN),
+        e.aws_code(),
+        e.to_string(),
+    )
 }
 
 /// The body up to `limit` bytes; `Err(None)` past it, `Err(Some)` when it
@@ -157,5 +215,39 @@ impl PartsRef for Request {
             *h = self.headers().clone();
         }
         b.body(()).expect("a copy of a valid head").into_parts().0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_normal_paths_are_served() {
+        assert!(path_is_normal("/things/a/shadow"));
+        assert!(path_is_normal("/topics/a%2F..%2Fb"));
+        for bad in [
+            "/topics//a",
+            "/things/a/../b/shadow",
+            "/things/./a",
+            "/a/..",
+        ] {
+            assert!(!path_is_normal(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_access_key_is_read_from_the_credential() {
+        let mut h = axum::http::HeaderMap::new();
+        assert_eq!(access_key_id(&h), None);
+        h.insert(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=AKID/20261124/us-east-1/iotdata/aws4_request, SignedHeaders=host, Signature=00"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(access_key_id(&h), Some("AKID"));
+        h.insert("authorization", "garbage".parse().unwrap());
+        assert_eq!(access_key_id(&h), None);
     }
 }

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
 pub struct BenchOpts {
-    /// Which figures: all, http, instantiate, throughput, async, rss.
+    /// Which figures: all, http, instantiate, throughput, async, rss,
+    /// process, pss, burst, mqtt, shadow.
     #[arg(default_value = "all")]
     which: String,
     /// Round trips per measurement.
@@ -59,6 +60,7 @@ pub fn run(opts: BenchOpts) -> Result<()> {
         "pss",
         "burst",
         "mqtt",
+        "shadow",
     ];
     if !known.contains(&opts.which.as_str()) {
         bail!(
@@ -106,18 +108,21 @@ pub fn run(opts: BenchOpts) -> Result<()> {
             opts.idle_connections,
         ))?;
     }
+    if all || opts.which == "shadow" {
+        rt.block_on(crate::shadow_bench::run(opts.calls))?;
+    }
     Ok(())
 }
 
 /// A hub process on a temporary data dir, killed on drop.
-struct HubProcess {
+pub(crate) struct HubProcess {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
     data: tempfile::TempDir,
 }
 
 impl HubProcess {
-    fn start(extra: &[&str]) -> Result<Self> {
+    pub(crate) fn start(extra: &[&str]) -> Result<Self> {
         let data = tempfile::tempdir()?;
         let child = Command::new(std::env::current_exe()?)
             .arg("hub")
@@ -146,7 +151,7 @@ impl HubProcess {
     fn pid(&self) -> u32 {
         self.child.id()
     }
-    fn data_dir(&self) -> &Path {
+    pub(crate) fn data_dir(&self) -> &Path {
         self.data.path()
     }
 }
@@ -158,9 +163,9 @@ impl Drop for HubProcess {
     }
 }
 
-type Sender = http1::SendRequest<Full<Bytes>>;
+pub(crate) type Sender = http1::SendRequest<Full<Bytes>>;
 
-async fn connect(addr: &str) -> Result<Sender> {
+pub(crate) async fn connect(addr: &str) -> Result<Sender> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
@@ -181,13 +186,13 @@ async fn round_trip(s: &mut Sender, method: &str, path: &str, body: &'static [u8
     Ok(status)
 }
 
-struct Stats {
-    mean_us: f64,
-    p50_us: f64,
-    p99_us: f64,
+pub(crate) struct Stats {
+    pub(crate) mean_us: f64,
+    pub(crate) p50_us: f64,
+    pub(crate) p99_us: f64,
 }
 
-fn stats(mut v: Vec<Duration>) -> Stats {
+pub(crate) fn stats(mut v: Vec<Duration>) -> Stats {
     v.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let mean = v.iter().map(|d| us(*d)).sum::<f64>() / v.len().max(1) as f64;

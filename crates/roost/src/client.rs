@@ -86,6 +86,22 @@ fn check(resp: Response) -> Result<Response> {
     }
 }
 
+/// Secret values go only over TLS, or over loopback to a hub on this
+/// machine.
+fn secrets_may_travel_to(hub: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(hub) else {
+        return false;
+    };
+    let host = u.host_str().unwrap_or_default();
+    u.scheme() == "https"
+        || host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 pub fn deploy(hub: &HubArgs, manifest: Option<&Path>, rollback: bool) -> Result<()> {
     let c = client(Some(Duration::from_secs(600)))?;
     let resp = if rollback {
@@ -93,10 +109,16 @@ pub fn deploy(hub: &HubArgs, manifest: Option<&Path>, rollback: bool) -> Result<
     } else {
         let manifest = manifest.ok_or_else(|| anyhow!("give the manifest to deploy"))?;
         let package = crate::pack::pack(manifest)?;
+        if package.secrets && !secrets_may_travel_to(&hub.hub) {
+            anyhow::bail!(
+                "the manifest has [[secret]]s and {} is plain HTTP to another machine; serve the hub's API with --tls-cert/--tls-key and deploy to its https:// address",
+                hub.hub
+            );
+        }
         check(send(
             c.post(url(hub, "/v1/deployments"))
                 .header("content-type", "application/gzip")
-                .body(package),
+                .body(package.bytes),
             hub,
         )?)?
     };

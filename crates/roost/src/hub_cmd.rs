@@ -131,17 +131,25 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
 /// mode 0600) and `DATA_DIR/aws-config` (its region and the hub's
 /// endpoint), so `AWS_SHARED_CREDENTIALS_FILE`, `AWS_CONFIG_FILE` and
 /// `AWS_PROFILE=roost` point any SDK or the AWS CLI at the hub.
-fn write_aws_profile(data_dir: &std::path::Path, hub: &Hub, url: &str) -> Result<()> {
+fn write_aws_profile(
+    data_dir: &std::path::Path,
+    hub: &Hub,
+    url: &str,
+    ca_bundle: Option<&std::path::Path>,
+) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let owner = hub.owner_credential();
     let write = |name: &str, text: String| -> Result<()> {
         let path = data_dir.join(name);
         let tmp = data_dir.join(format!(".{name}.partial"));
+        // A fresh file, never one (or a link) someone left in the way, so
+        // the mode is always 0600.
+        let _ = std::fs::remove_file(&tmp);
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .mode(0o600)
             .open(&tmp)?;
         f.write_all(text.as_bytes())?;
@@ -159,8 +167,11 @@ fn write_aws_profile(data_dir: &std::path::Path, hub: &Hub, url: &str) -> Result
     write(
         "aws-config",
         format!(
-            "[profile roost]\nregion = {}\nendpoint_url = {url}\n",
-            hub.config().region
+            "[profile roost]\nregion = {}\nendpoint_url = {url}\n{}",
+            hub.config().region,
+            ca_bundle
+                .map(|c| format!("ca_bundle = {}\n", c.display()))
+                .unwrap_or_default()
         ),
     )?;
     Ok(())
@@ -278,6 +289,7 @@ async fn serve(opts: HubOpts) -> Result<()> {
         &opts.data_dir,
         &hub,
         &format!("{scheme}://{}", reachable(addr)),
+        opts.tls_cert.as_deref(),
     )
     .context("cannot write DATA_DIR/aws-credentials and aws-config")?;
     tokio::spawn(hub.broker().clone().serve(mqtt_listener));

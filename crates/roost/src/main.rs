@@ -8,6 +8,7 @@ mod example;
 mod hub_cmd;
 mod mqtt_bench;
 mod pack;
+mod shadow_bench;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

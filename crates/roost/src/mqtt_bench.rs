@@ -18,14 +18,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-struct Client {
+pub(crate) struct Client {
     r: OwnedReadHalf,
     w: OwnedWriteHalf,
     buf: BytesMut,
 }
 
 impl Client {
-    async fn connect(addr: &str, id: &str, clean: bool) -> Result<Self> {
+    pub(crate) async fn connect(addr: &str, id: &str, clean: bool) -> Result<Self> {
         let s = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connect {addr}"))?;
@@ -45,13 +45,13 @@ impl Client {
             other => bail!("expected CONNACK, got {other:?}"),
         }
     }
-    async fn send<P: MqttPacket>(&mut self, p: &P) -> Result<()> {
+    pub(crate) async fn send<P: MqttPacket>(&mut self, p: &P) -> Result<()> {
         let mut b = BytesMut::new();
         p.encode(&mut b)?;
         self.w.write_all(&b).await?;
         Ok(())
     }
-    async fn next(&mut self) -> Result<Packet> {
+    pub(crate) async fn next(&mut self) -> Result<Packet> {
         loop {
             if self.buf.len() >= 2 {
                 let mut len = 0usize;
@@ -82,7 +82,7 @@ impl Client {
             }
         }
     }
-    async fn subscribe(&mut self, filter: &str, qos: QoS) -> Result<()> {
+    pub(crate) async fn subscribe(&mut self, filter: &str, qos: QoS) -> Result<()> {
         let mut s = SubscribePacket::new_v311(1);
         s.filters.push(TopicFilter {
             filter: filter.to_owned(),

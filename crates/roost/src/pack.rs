@@ -12,7 +12,13 @@
 use anyhow::{Context, Result};
 use std::path::{Component, Path, PathBuf};
 
-pub fn pack(manifest: &Path) -> Result<Vec<u8>> {
+/// A packed deployment; `secrets` says whether it carries secret values.
+pub struct Packed {
+    pub bytes: Vec<u8>,
+    pub secrets: bool,
+}
+
+pub fn pack(manifest: &Path) -> Result<Packed> {
     let text = std::fs::read_to_string(manifest)
         .with_context(|| format!("cannot read the manifest {}", manifest.display()))?;
     let root = manifest
@@ -40,9 +46,11 @@ pub fn pack(manifest: &Path) -> Result<Vec<u8>> {
     builder.append_data(&mut header, "manifest.toml", text.as_bytes())?;
 
     // Parse loosely: the hub does the real validation.
+    let mut secrets = false;
     if let Ok(doc) = text.parse::<toml::Table>() {
         let values = secret_values(&doc)?;
         if !values.is_empty() {
+            secrets = true;
             let body = serde_json::to_vec(&values)?;
             let mut header = tar::Header::new_gnu();
             header.set_size(body.len() as u64);
@@ -79,7 +87,10 @@ pub fn pack(manifest: &Path) -> Result<Vec<u8>> {
             }
         }
     }
-    Ok(builder.into_inner()?.finish()?)
+    Ok(Packed {
+        bytes: builder.into_inner()?.finish()?,
+        secrets,
+    })
 }
 
 /// The value of each `[[secret]]`, from the variable its `value_env` names.

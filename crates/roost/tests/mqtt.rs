@@ -1316,11 +1316,25 @@ fn a_qos2_message_is_delivered_once_even_when_resent_across_a_kill_9() {
 }
 
 #[test]
-fn a_wasm_task_publishes_through_the_host_import() {
+fn a_wasm_task_publishes_through_the_host_import_where_allow_grants() {
     let hub = TestHub::start(&["--allow-anonymous"]);
-    let pkg = Package::new(&task("announce", "publish.wat", ""), &["publish.wat"]);
+    let manifest = task(
+        "announce",
+        "publish.wat",
+        "allow = { publish = [\"out/#\"] }",
+    ) + &task("rogue", "publish.wat", "allow = { publish = [\"in/#\"] }");
+    let pkg = Package::new(&manifest, &["publish.wat"]);
     hub.deploy(&pkg.manifest());
     let watcher = sub(&hub, &["-t", "out/#", "-q", "1"], 1, 10);
+    let (status, code, _) = error_of(hub.call("rogue", "not mine"));
+    assert_eq!((status, code.as_str()), (502, "task_error"));
+    let log = http()
+        .get(format!("{}/v1/logs?task=rogue", hub.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(log.contains("allow.publish"), "{log}");
     let r = hub.call("announce", "the door is open");
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().unwrap(), "published");

@@ -309,8 +309,30 @@ pub enum Launcher {
 }
 
 /// The environment Lambda gives a function, plus the task's own.
+/// Variables a worker keeps from the hub's own environment; everything
+/// else (the hub's token, its own AWS keys or profile) stays with the hub.
+const INHERITED: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TMPDIR",
+    "LD_LIBRARY_PATH",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+];
+
+/// A worker's whole environment: the few inherited variables, Lambda's,
+/// then the task's (which carry the hub's `AWS_*` settings for it).
 fn lambda_env(spec: &WorkerSpec, id: u64, api: &str, hub_marker: &str) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = vec![
+    let mut env: Vec<(String, String)> = INHERITED
+        .iter()
+        .filter_map(|k| Some((k.to_string(), std::env::var(k).ok()?)))
+        .collect();
+    env.extend::<Vec<(String, String)>>(vec![
         ("AWS_LAMBDA_RUNTIME_API".into(), api.into()),
         ("_HANDLER".into(), spec.handler.clone()),
         ("LAMBDA_TASK_ROOT".into(), spec.dir.display().to_string()),
@@ -331,7 +353,7 @@ fn lambda_env(spec: &WorkerSpec, id: u64, api: &str, hub_marker: &str) -> Vec<(S
         ("AWS_EXECUTION_ENV".into(), "roost".into()),
         ("TZ".into(), ":UTC".into()),
         ("ROOST_WORKER_OF".into(), hub_marker.into()),
-    ];
+    ]);
     env.extend(spec.env.iter().cloned());
     env
 }
@@ -350,6 +372,7 @@ async fn spawn_direct(
         cmd.arg(&spec.handler);
     }
     cmd.current_dir(&spec.dir)
+        .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

@@ -12,7 +12,8 @@
 //! (import "roost" "publish" (func (param i32 i32 i32 i32) (result i32)))
 //!     ;; publish(topic_ptr, topic_len, payload_ptr, payload_len)
 //!     ;; 0: published (QoS 1) through the hub's MQTT broker
-//!     ;; < 0: failed; the result holds why (-100 bad arguments or topic)
+//!     ;; < 0: failed; the result holds why (-100 bad arguments or topic,
+//!     ;;      -8 not granted by the task's allow.publish)
 //! ```
 //! The callee runs synchronously through the hub's communications manager,
 //! exactly like an HTTP call, on the caller's reservation.
@@ -56,6 +57,7 @@ pub fn status_of(code: FailureCode) -> i64 {
         FailureCode::Crashed => 5,
         FailureCode::CallDepth => 6,
         FailureCode::Unavailable => 7,
+        FailureCode::Forbidden => 8,
     })
 }
 

@@ -91,6 +91,19 @@ impl Store {
         .await
     }
 
+    /// Forgets the secrets of all but the `keep` newest inactive
+    /// deployments (the ones whose packages are removed too).
+    pub async fn drop_stale_secrets(&self, keep: usize) -> Result<usize, StoreError> {
+        self.write(move |conn| {
+            conn.execute(
+                "DELETE FROM secrets WHERE deployment IN
+                   (SELECT id FROM deployments WHERE active = 0 ORDER BY id DESC LIMIT -1 OFFSET ?1)",
+                [keep as i64],
+            )
+        })
+        .await
+    }
+
     /// A deployment's sealed secrets.
     pub fn secrets_of(&self, deployment: i64) -> Result<Vec<SealedSecret>, StoreError> {
         self.read(|c| {

@@ -64,7 +64,9 @@ r = request("get", "", ["get/rejected"])
 assert r["get/rejected"]["code"] == 404, r
 # Another thing's shadow is outside this device's policy: no reply comes.
 c.publish("$aws/things/other/shadow/update", '{"state":{"desired":{"x":1}}}', qos=1).wait_for_publish(5)
-r = request("update", {"state": {"reported": {"color": "green"}}}, ["update/accepted"])
-assert r["update/accepted"]["version"] == 3, r
+# Answers are the hub's alone: a forged /accepted never reaches anyone.
+c.publish(f"{prefix}/update/accepted", '{"forged":true}', qos=1).wait_for_publish(5)
+r = request("update", {"state": {"reported": {"color": "green"}}, "clientToken": "c5"}, ["update/accepted"])
+assert r["update/accepted"].get("clientToken") == "c5" and r["update/accepted"]["version"] == 3, r
 c.loop_stop()
 print("device: all checks passed")

@@ -67,7 +67,8 @@ expect(400, "IncompleteSignatureException", "POST", "/things/door/shadow", doc,
 # Path tricks in names are refused, never resolved.
 expect(400, "InvalidRequestException", "GET", "/things/..%2F..%2Fetc/shadow")
 expect(400, "InvalidRequestException", "GET", "/things/door/shadow?name=..%2Fx")
-expect(404, "ResourceNotFoundException", "GET", "/things/door/../door/shadow")
+expect(400, "InvalidRequestException", "GET", "/things/door/../door/shadow")
+expect(400, "InvalidRequestException", "POST", "/topics//alerts", b"x")
 # A skewed clock 299 s off is still inside AWS's window.
 assert send("GET", "/things/door/shadow", skew_s=299)[0] == 200
 status, _, body = send("GET", "/things/door/shadow")

@@ -94,6 +94,9 @@ assert doc(iot.get_thing_shadow(thingName="lamp"))["version"] == 3
 # Publish reaches the local broker (the test's subscriber checks it).
 iot.publish(topic="alerts/owner", qos=1, payload=b"from-boto3")
 expect_error("InvalidRequestException", iot.publish, topic="alerts/+", payload=b"x")
+# The shadow service's answers are reserved for the hub, even for the owner.
+expect_error("ForbiddenException", iot.publish, topic="$aws/things/lamp/shadow/update/accepted", payload=b"{}")
+expect_error("ForbiddenException", iot.publish, topic="$aws/things/lamp/shadow/update/delta", payload=b"{}")
 
 # Lambda Invoke: by name, ARN, qualifier; Event; DryRun; errors; Tail.
 r = lam.invoke(FunctionName="echo", Payload=b'{"n": 1}')
