@@ -463,3 +463,48 @@ fn unpack(package: &[u8], dir: &PathBuf, max_bytes: usize) -> Result<Option<Vec<
     }
     Ok(secrets)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn package(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
+        for (name, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o600);
+            // Written raw, so `./` spellings reach the hub as sent.
+            h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap()
+    }
+
+    #[test]
+    fn the_secrets_entry_is_kept_in_memory_in_any_spelling() {
+        for name in [
+            SECRETS_ENTRY,
+            "./.roost-secrets.json",
+            "././.roost-secrets.json",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let pkg = package(&[("manifest.toml", b"x"), (name, br#"{"db":"hunter2"}"#)]);
+            let secrets = unpack(&pkg, &dir.path().to_path_buf(), 1 << 20).unwrap();
+            assert_eq!(
+                secrets.as_deref(),
+                Some(&br#"{"db":"hunter2"}"#[..]),
+                "{name}"
+            );
+            assert!(dir.path().join("manifest.toml").exists());
+            assert!(
+                !dir.path().join(SECRETS_ENTRY).exists(),
+                "{name} reached the disk"
+            );
+        }
+    }
+}
