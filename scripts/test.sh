@@ -29,8 +29,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   step "creating the Python venv at $VENV"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import ziglang, awslambdaric, paho.mqtt, boto3, awscli' 2>/dev/null; then
-  step "installing test tools into the venv (ziglang, awslambdaric, paho-mqtt, boto3, awscli)"
+if ! "$VENV/bin/python" -c 'import ziglang, awslambdaric, paho.mqtt, boto3, awscli, awsiot' 2>/dev/null; then
+  step "installing test tools into the venv (ziglang, awslambdaric, paho-mqtt, boto3, awscli, awsiotsdk)"
   "$VENV/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-test.txt
 fi
 export PYTHON="$VENV/bin/python"

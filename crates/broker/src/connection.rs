@@ -278,10 +278,17 @@ impl Conn {
             self.refuse(ReasonCode::NotAuthorized, 5);
             return None;
         }
-        let policy = match &c.username {
+        // AWS IoT Device SDKs append `?SDK=...&Version=...` (usage metrics)
+        // to the user name, and AWS IoT ignores it; device names never hold
+        // a `?`, so the name is what comes before it.
+        let username = c
+            .username
+            .as_deref()
+            .map(|u| u.split_once('?').map_or(u, |(name, _)| name));
+        let policy = match username {
             _ if by_cert.is_some() => {
                 let p = by_cert.expect("checked");
-                if c.username.as_deref().is_some_and(|u| u != p.device.name) {
+                if username.is_some_and(|u| u != p.device.name) {
                     tracing::info!(peer = %self.peer, "refused: the user name is not the certificate's device");
                     self.refuse(ReasonCode::NotAuthorized, 5);
                     return None;

@@ -3,7 +3,7 @@
 //! to the hub as if it were the cloud; each task is allowed only what its
 //! manifest grants; an accepted shadow update survives kill -9.
 //!
-//! Needs $PYTHON with boto3, awscli, paho-mqtt and awslambdaric
+//! Needs $PYTHON with boto3, awscli, paho-mqtt, awsiotsdk and awslambdaric
 //! (scripts/test.sh makes one).
 
 mod common;
@@ -15,13 +15,16 @@ use std::time::Duration;
 fn python() -> String {
     let py = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let ok = Command::new(&py)
-        .args(["-c", "import boto3, paho.mqtt, awslambdaric"])
+        .args([
+            "-c",
+            "import boto3, awscli, paho.mqtt, awslambdaric, awsiot.iotshadow",
+        ])
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
     assert!(
         ok,
-        "these tests need boto3, paho-mqtt and awslambdaric: run scripts/test.sh, or set PYTHON to a python that has them"
+        "these tests need boto3, awscli, paho-mqtt, awsiotsdk and awslambdaric: run scripts/test.sh, or set PYTHON to a python that has them"
     );
     py
 }
@@ -150,7 +153,11 @@ fn boto3_as_the_owner_gets_shadows_lambda_publish_and_secrets_with_aws_semantics
 
     // The AWS CLI (v1, from PyPI) works from the same profile.
     let aws = Path::new(&python()).with_file_name("aws");
-    if aws.exists() {
+    assert!(
+        aws.exists(),
+        "the AWS CLI is expected beside $PYTHON (scripts/test.sh installs it)"
+    );
+    {
         let out_file = hub.data_dir.join("cli-shadow.json");
         let out = Command::new(&aws)
             .args(["iot-data", "get-thing-shadow", "--thing-name", "lamp"])
@@ -320,6 +327,10 @@ fn devices_use_the_shadow_topics_and_deltas_feed_routes() {
         + &format!(
             "[[device]]\nname = \"lamp-1\"\npassword_hash = \"{hash}\"\npublish = [\"$aws/things/{{device}}/shadow/#\"]\nsubscribe = [\"$aws/things/{{device}}/shadow/#\", \"lamp/deltas\"]\n"
         )
+        + &format!(
+            "[[device]]\nname = \"fan-1\"\npassword_hash = \"{}\"\npublish = [\"$aws/things/{{device}}/shadow/#\"]\nsubscribe = [\"$aws/things/{{device}}/shadow/#\"]\n",
+            password_hash("fan-pw")
+        )
         + "[[route]]\nfrom = \"shadow:lamp-1\"\nto = \"task:echo\"\n[[route]]\nfrom = \"task:echo\"\nto = \"device:lamp/deltas\"\n"
         + "[[route]]\nfrom = \"device:heater/set\"\nto = \"shadow:heater\"\n";
     let pkg = Package::new(&manifest, &["echo.wat"]);
@@ -327,6 +338,20 @@ fn devices_use_the_shadow_topics_and_deltas_feed_routes() {
     let out = Command::new(&py)
         .arg(script("device.py"))
         .args(["127.0.0.1", port(&hub), "lamp-pw"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}\nhub log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        hub.log_text()
+    );
+    // The AWS IoT Device SDK v2 (awscrt MQTT, its shadow client) parses
+    // every answer; it appends usage metrics to its user name, as on AWS.
+    let out = Command::new(&py)
+        .arg(script("sdk_device.py"))
+        .args(["127.0.0.1", port(&hub), "fan-1", "fan-pw"])
         .output()
         .unwrap();
     assert!(
