@@ -187,12 +187,21 @@ impl fmt::Display for FailureCode {
     }
 }
 
+/// The call variable that carries a Lambda Invoke's ClientContext (JSON)
+/// to a process task's `context.client_context`.
+pub const CLIENT_CONTEXT_VAR: &str = "ROOST_CLIENT_CONTEXT";
+
 /// A failed call: its code and a message for a human.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct Failure {
     pub code: FailureCode,
     pub message: String,
+    /// The task's own error document, when it reported one (a Lambda
+    /// handler's `{"errorMessage", "errorType", "stackTrace"}`), passed on
+    /// whole where the caller's protocol carries it (Lambda `Invoke`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl Failure {
@@ -200,7 +209,13 @@ impl Failure {
         Self {
             code,
             message: message.into(),
+            detail: None,
         }
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
     }
 }
 

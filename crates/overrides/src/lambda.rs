@@ -10,7 +10,7 @@ use axum::response::Response;
 use base64::Engine;
 use roost_hub::credentials::{Principal, Right};
 use roost_hub::{CallError, Hub};
-use roost_model::FailureCode;
+use roost_model::{Failure, FailureCode, CLIENT_CONTEXT_VAR};
 
 const PREFIX: &str = "/2015-03-31/functions/";
 const SUFFIX: &str = "/invocations";
@@ -181,12 +181,16 @@ impl LocalService for Lambda {
                 )))
             }
         };
+        let mut env = Vec::new();
+        if let Some(cc) = header("x-amz-client-context") {
+            env.push((CLIENT_CONTEXT_VAR.to_owned(), client_context(&cc)?));
+        }
         match header("x-amz-invocation-type").as_deref() {
             None | Some("RequestResponse") => {
-                invoke_sync(hub, &f.name, req.body, tail).await
+                invoke_sync(hub, &f.name, req.body, env, tail).await
             }
             Some("Event") => {
-                hub.call_async(&f.name, req.body, Vec::new())
+                hub.call_async(&f.name, req.body, env)
                     .await
                     .map_err(call_error)?;
                 Ok(with_request_id(StatusCode::ACCEPTED, "application/json", Body::empty()))
@@ -203,26 +207,49 @@ impl LocalService for Lambda {
     }
 }
 
+/// Lambda's limit on a ClientContext, base64 included.
+const MAX_CLIENT_CONTEXT: usize = 3583;
+
+/// The `X-Amz-Client-Context` header: base64 of a JSON object.
+fn client_context(header: &str) -> Result<String, AwsError> {
+    let bad = || {
+        bad_value(format!(
+            "Client context must be a valid Base64-encoded JSON object of at most {MAX_CLIENT_CONTEXT} bytes"
+        ))
+    };
+    if header.len() > MAX_CLIENT_CONTEXT {
+        return Err(bad());
+    }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(header)
+        .map_err(|_| bad())?;
+    match serde_json::from_slice::<serde_json::Value>(&raw) {
+        Ok(v) if v.is_object() => Ok(v.to_string()),
+        _ => Err(bad()),
+    }
+}
+
 async fn invoke_sync(
     hub: &Hub,
     task: &str,
     input: bytes::Bytes,
+    env: Vec<(String, String)>,
     tail: bool,
 ) -> Result<Response, AwsError> {
     let id = roost_hub::new_call_id();
-    let result = hub.call_sync_as(id.clone(), task, input, Vec::new()).await;
+    let result = hub.call_sync_as(id.clone(), task, input, env).await;
     let (body, function_error) = match result {
         Ok(out) => (out, None),
+        Err(CallError::Failed(Failure {
+            detail: Some(document),
+            ..
+        })) => (bytes::Bytes::from(document), Some("Unhandled")),
         Err(CallError::Failed(f)) => {
             // Lambda reports a failed function as 200 with the error
-            // document and X-Amz-Function-Error, not as an HTTP error.
+            // document and X-Amz-Function-Error, not as an HTTP error; a
+            // task that wrote no document of its own gets one made here.
             let (kind, message) = match f.code {
-                FailureCode::TaskError => match f.message.split_once(": ") {
-                    Some((k, m)) if !k.is_empty() && !k.contains(' ') => {
-                        (k.to_owned(), m.to_owned())
-                    }
-                    _ => ("Error".to_owned(), f.message.clone()),
-                },
+                FailureCode::TaskError => ("Error".to_owned(), f.message.clone()),
                 FailureCode::Timeout => ("Sandbox.Timedout".to_owned(), f.message.clone()),
                 FailureCode::MemoryLimit | FailureCode::Crashed => {
                     ("Runtime.ExitError".to_owned(), f.message.clone())
@@ -316,6 +343,23 @@ mod tests {
             "arn:aws:lambda:r:a:function:",
         ] {
             assert_eq!(f(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn client_contexts_must_be_base64_json_objects_within_the_limit() {
+        let enc = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        assert_eq!(
+            client_context(&enc(r#"{"custom":{"k":"v"}}"#)).unwrap(),
+            r#"{"custom":{"k":"v"}}"#
+        );
+        for bad in [
+            "not base64!".to_owned(),
+            enc("[1,2]"),
+            enc("{oops"),
+            enc(&format!(r#"{{"a":"{}"}}"#, "x".repeat(4000))),
+        ] {
+            assert!(client_context(&bad).is_err(), "{bad}");
         }
     }
 }

@@ -267,6 +267,8 @@ fn a_process_task_uses_boto3_unconfigured_and_gets_only_what_allow_grants() {
     let hub = TestHub::start(&["--allow-anonymous"]);
     let manifest = format!(
         "[[task]]\nname = \"ctl\"\nruntime = \"process\"\ndir = \"boto\"\ncommand = [\"{py}\", \"-m\", \"awslambdaric\"]\nhandler = \"app.handler\"\nmemory_mb = 256\ntimeout_ms = 20000\nallow = {{ invoke = [\"echo\"], shadow_read = [\"thermo*\"], shadow_update = [\"thermostat\"], publish = [\"alerts/#\"], secrets = [\"db-password\"] }}\n"
+    ) + &format!(
+        "[[task]]\nname = \"boom\"\nruntime = \"process\"\ndir = \"boto\"\ncommand = [\"{py}\", \"-m\", \"awslambdaric\"]\nhandler = \"app.boom\"\nmemory_mb = 256\n[[task]]\nname = \"ctx\"\nruntime = \"process\"\ndir = \"boto\"\ncommand = [\"{py}\", \"-m\", \"awslambdaric\"]\nhandler = \"app.context_of\"\nmemory_mb = 256\n"
     ) + &task("echo", "echo.wat", "")
         + &task("secret-keeper", "echo.wat", "")
         + "[[secret]]\nname = \"db-password\"\nvalue_env = \"DB_PASSWORD\"\n[[secret]]\nname = \"api-key\"\nvalue_env = \"API_KEY\"\n";
@@ -316,6 +318,31 @@ fn a_process_task_uses_boto3_unconfigured_and_gets_only_what_allow_grants() {
     assert_eq!(v["secret_denied"], "AccessDeniedException", "{v}");
     // The denied update changed nothing.
     assert!(get_shadow(&hub, "door").contains("\"open\":false"));
+
+    // Invoke passes a ClientContext to the handler and returns a failed
+    // handler's own error document, as Lambda does.
+    let out = as_owner(
+        &hub,
+        r#"import boto3, base64, json
+lam = boto3.client('lambda')
+cc = base64.b64encode(json.dumps({"custom": {"site": "plant-7"}}).encode()).decode()
+r = lam.invoke(FunctionName='ctx', Payload=b'{}', ClientContext=cc)
+print(r['Payload'].read().decode())
+r = lam.invoke(FunctionName='boom', Payload=b'{"x": 1}')
+print(r['FunctionError'], r['Payload'].read().decode())"#,
+    );
+    let mut lines = out.lines();
+    let ctx: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(ctx["custom"]["site"], "plant-7", "{out}");
+    let (kind, doc) = lines.next().unwrap().split_once(' ').unwrap();
+    assert_eq!(kind, "Unhandled");
+    let doc: serde_json::Value = serde_json::from_str(doc).unwrap();
+    assert_eq!(doc["errorType"], "ValueError", "{doc}");
+    assert_eq!(doc["errorMessage"], "the sky fell: {\"x\": 1}", "{doc}");
+    assert!(
+        doc["stackTrace"].as_array().is_some_and(|s| !s.is_empty()),
+        "{doc}"
+    );
 }
 
 #[test]

@@ -233,11 +233,20 @@ impl PreparedTask for ProcessTask {
 #[async_trait]
 impl Instance for pool::Lease {
     async fn invoke(&mut self, inv: Invocation) -> Result<Bytes, Failure> {
+        // A Lambda Invoke's ClientContext, else the routed topic.
         let client_context = inv
             .env
             .iter()
-            .find(|(k, _)| k == "ROOST_TOPIC")
-            .map(|(_, topic)| serde_json::json!({ "custom": { "topic": topic } }).to_string());
+            .find(|(k, _)| k == roost_model::CLIENT_CONTEXT_VAR)
+            .map(|(_, cc)| cc.clone())
+            .or_else(|| {
+                inv.env
+                    .iter()
+                    .find(|(k, _)| k == "ROOST_TOPIC")
+                    .map(|(_, topic)| {
+                        serde_json::json!({ "custom": { "topic": topic } }).to_string()
+                    })
+            });
         let Some(worker) = self.worker.as_mut() else {
             return Err(Failure::new(FailureCode::Crashed, "no worker"));
         };

@@ -216,6 +216,9 @@ async fn init_error(State(s): State<Arc<Shared>>, headers: HeaderMap, body: AxBy
         .into_response()
 }
 
+/// Largest handler error document passed on whole.
+const MAX_ERROR_DOCUMENT: usize = 256 << 10;
+
 /// The `errorMessage` of a Lambda error document, or the body itself.
 fn error_message(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
@@ -659,7 +662,15 @@ impl Worker {
                 Ok(Outcome::Error { kind, body }) => {
                     let message = error_message(&body);
                     let code = if message.starts_with("MemoryError") { FailureCode::MemoryLimit } else { FailureCode::TaskError };
-                    Err(Failure::new(code, format!("{message} ({kind})")))
+                    let failure = Failure::new(code, format!("{message} ({kind})"));
+                    // The handler's own error document, for Lambda Invoke.
+                    let document = serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()
+                        .filter(|v| v.is_object() && body.len() <= MAX_ERROR_DOCUMENT);
+                    Err(match document {
+                        Some(_) => failure.with_detail(String::from_utf8_lossy(&body)),
+                        None => failure,
+                    })
                 }
                 Ok(Outcome::Rejected(why)) => Err(Failure::new(FailureCode::TaskError, why)),
                 Err(_) => Err(Failure::new(FailureCode::Crashed, "the worker went away")),

@@ -40,3 +40,12 @@ def handler(event, context):
     out["secret"] = r["SecretString"] if r else code
     out["secret_denied"], _ = attempt(sm.get_secret_value, SecretId="api-key")
     return out
+
+
+def context_of(event, context):
+    cc = context.client_context
+    return {"custom": cc.custom if cc else None}
+
+
+def boom(event, context):
+    raise ValueError("the sky fell: " + json.dumps(event))
