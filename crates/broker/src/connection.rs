@@ -402,6 +402,12 @@ impl Conn {
             queued = std::mem::take(&mut session.queue);
             self.incoming_qos2 = session.qos2_in.clone();
         }
+        self.session_expiry = match c.properties.get_session_expiry_interval() {
+            Some(s) if self.version == 5 && s > 0 && s < u32::MAX => {
+                Some(Duration::from_secs(s as u64))
+            }
+            _ => None,
+        };
         if let Some(p) = &self.broker.inner.persist {
             // Submitted in order, ahead of anything this session does next.
             if c.clean_start || !persistent {
@@ -411,16 +417,11 @@ impl Conn {
                 background(p.save_session(
                     &client_id,
                     (!policy.device.name.is_empty()).then_some(policy.device.name.as_str()),
+                    self.session_expiry.map(|d| d.as_secs() as u32),
                 ));
             }
         }
         self.persistent = persistent;
-        self.session_expiry = match c.properties.get_session_expiry_interval() {
-            Some(s) if self.version == 5 && s > 0 && s < u32::MAX => {
-                Some(Duration::from_secs(s as u64))
-            }
-            _ => None,
-        };
         self.client_id = client_id;
         self.policy = policy;
         if self.version == 5 {
@@ -489,29 +490,8 @@ impl Conn {
     /// Forgets the session `expiry` after this connection ended, unless a
     /// client has taken it up again by then.
     fn expire_later(&self, expiry: Duration) {
-        let broker = self.broker.clone();
-        let client = self.client_id.clone();
-        let conn_id = self.conn_id;
-        tokio::spawn(async move {
-            tokio::time::sleep(expiry).await;
-            let mut st = broker.inner.state.lock();
-            let idle = st
-                .sessions
-                .get(&client)
-                .is_some_and(|s| s.conn.is_none() && s.last_conn == conn_id);
-            if idle {
-                if let Some(s) = st.sessions.remove(&client) {
-                    for f in s.subscriptions.keys() {
-                        st.remove_sub(&client, f);
-                    }
-                }
-                drop(st);
-                if let Some(p) = &broker.inner.persist {
-                    background(p.drop_session(&client));
-                }
-                tracing::debug!(client = %client, "session expired");
-            }
-        });
+        self.broker
+            .expire_session_after(self.client_id.clone(), self.conn_id, expiry);
     }
 
     fn next_packet_id(&mut self) -> u16 {

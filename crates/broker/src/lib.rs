@@ -214,6 +214,25 @@ pub(crate) struct Inner {
 /// are refused as not authorized).
 pub type Reserved = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
+/// An expiry instant as wall-clock milliseconds, for the store.
+fn wall_clock_ms(at: std::time::Instant) -> i64 {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let left = at.saturating_duration_since(std::time::Instant::now());
+    now_ms + left.as_millis() as i64
+}
+
+/// A stored wall-clock expiry as an instant (now, if already past).
+fn instant_of_wall_clock(ms: i64) -> std::time::Instant {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    std::time::Instant::now() + std::time::Duration::from_millis((ms - now_ms).max(0) as u64)
+}
+
 /// A hook called with (topic, payload) of each message a client publishes.
 pub type Tap = Arc<dyn Fn(&str, &Bytes) + Send + Sync>;
 
@@ -246,7 +265,11 @@ impl Broker {
     ) -> Self {
         let mut state = State::default();
         let mut max_id = 0;
-        for (client, device) in restore.sessions {
+        let mut expiring = Vec::new();
+        for (client, device, expiry_s) in restore.sessions {
+            if let Some(s) = expiry_s {
+                expiring.push((client.clone(), std::time::Duration::from_secs(s as u64)));
+            }
             state.sessions.insert(
                 client,
                 Session {
@@ -283,7 +306,7 @@ impl Broker {
                     properties: Properties::new(),
                     from: String::new(),
                     id: q.id,
-                    expires_at: None,
+                    expires_at: q.expires_ms.map(instant_of_wall_clock),
                 });
             }
         }
@@ -307,7 +330,7 @@ impl Broker {
                 },
             );
         }
-        Self {
+        let broker = Self {
             inner: Arc::new(Inner {
                 config,
                 state: Mutex::new(state),
@@ -319,7 +342,14 @@ impl Broker {
                 tap: RwLock::new(None),
                 reserved: RwLock::new(None),
             }),
+        };
+        // A restored session's connection is gone: it expires its interval
+        // after this start (it may have been offline before, but it never
+        // outlives its interval by more than the time the hub was down).
+        for (client, expiry) in expiring {
+            broker.expire_session_after(client, 0, expiry);
         }
+        broker
     }
 
     /// Sets the hook that sees every message clients publish.
@@ -331,6 +361,37 @@ impl Broker {
     /// response topics, for example).
     pub fn set_reserved(&self, reserved: Reserved) {
         *self.inner.reserved.write() = Some(reserved);
+    }
+
+    /// Forgets `client`'s session `expiry` from now, unless a connection
+    /// other than `conn_id` (0: none since the start) has taken it up.
+    pub(crate) fn expire_session_after(
+        &self,
+        client: String,
+        conn_id: u64,
+        expiry: std::time::Duration,
+    ) {
+        let broker = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(expiry).await;
+            let mut st = broker.inner.state.lock();
+            let idle = st
+                .sessions
+                .get(&client)
+                .is_some_and(|s| s.conn.is_none() && s.last_conn == conn_id);
+            if idle {
+                if let Some(s) = st.sessions.remove(&client) {
+                    for f in s.subscriptions.keys() {
+                        st.remove_sub(&client, f);
+                    }
+                }
+                drop(st);
+                if let Some(p) = &broker.inner.persist {
+                    persist::background(p.drop_session(&client));
+                }
+                tracing::debug!(client = %client, "session expired");
+            }
+        });
     }
 
     pub(crate) fn is_reserved(&self, topic: &str) -> bool {
@@ -676,6 +737,7 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
                 payload: m.payload.to_vec(),
                 qos: m.qos,
                 retain: m.retain,
+                expires_ms: m.expires_at.map(wall_clock_ms),
             });
         } else {
             m.id = 0;

@@ -17,13 +17,15 @@ pub struct Queued {
     pub payload: Vec<u8>,
     pub qos: u8,
     pub retain: bool,
+    /// When it stops being worth delivering (wall clock, ms since the epoch).
+    pub expires_ms: Option<i64>,
 }
 
 /// The broker's durable state as loaded at start.
 #[derive(Debug, Default)]
 pub struct Restore {
-    /// (client id, device)
-    pub sessions: Vec<(String, Option<String>)>,
+    /// (client id, device, session expiry in seconds; none: never)
+    pub sessions: Vec<(String, Option<String>, Option<u32>)>,
     /// (client id, filter, qos, no_local, retain_as_published)
     pub subscriptions: Vec<(String, String, u8, bool, bool)>,
     pub queue: Vec<Queued>,
@@ -33,7 +35,9 @@ pub struct Restore {
 }
 
 pub trait Persistence: Send + Sync {
-    fn save_session(&self, client_id: &str, device: Option<&str>) -> Done;
+    /// Keeps a persistent session; `expiry_s` is how long it outlives its
+    /// connection (none: until the client cleans it).
+    fn save_session(&self, client_id: &str, device: Option<&str>, expiry_s: Option<u32>) -> Done;
     fn drop_session(&self, client_id: &str) -> Done;
     fn save_subscription(
         &self,

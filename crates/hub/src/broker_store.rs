@@ -14,8 +14,8 @@ fn done(
 }
 
 impl Persistence for BrokerStore {
-    fn save_session(&self, client_id: &str, device: Option<&str>) -> Done {
-        done(self.0.mqtt_save_session(client_id, device))
+    fn save_session(&self, client_id: &str, device: Option<&str>, expiry_s: Option<u32>) -> Done {
+        done(self.0.mqtt_save_session(client_id, device, expiry_s))
     }
     fn drop_session(&self, client_id: &str) -> Done {
         done(self.0.mqtt_drop_session(client_id))
@@ -46,6 +46,7 @@ impl Persistence for BrokerStore {
                 payload: m.payload,
                 qos: m.qos,
                 retain: m.retain,
+                expires_ms: m.expires_ms,
             })
             .collect();
         done(self.0.mqtt_enqueue(rows, limit))
@@ -80,6 +81,7 @@ pub(crate) fn restore(store: &Store) -> Result<Restore, roost_store::StoreError>
                 payload: m.payload,
                 qos: m.qos,
                 retain: m.retain,
+                expires_ms: m.expires_ms,
             })
             .collect(),
         qos2_in: s.qos2_in,

@@ -1340,3 +1340,57 @@ fn a_wasm_task_publishes_through_the_host_import_where_allow_grants() {
     assert_eq!(r.text().unwrap(), "published");
     assert_eq!(lines(watcher), vec!["out/published the door is open"]);
 }
+
+#[test]
+fn session_and_message_expiry_survive_a_kill_9() {
+    let mut hub = TestHub::start(&["--allow-anonymous"]);
+    let v5 = ["-V", "mqttv5"];
+    // A persistent MQTT 5 session that takes `topic` and lasts `expiry` s.
+    let run_sub = |hub: &TestHub, id: &str, expiry: &str, topic: &str, secs: u32| {
+        let args = [
+            &v5[..],
+            &["-i", id, "-c", "-x", expiry, "-q", "1", "-t", topic],
+        ]
+        .concat();
+        sub(hub, &args, 1, secs)
+    };
+    // Two persistent MQTT 5 sessions go offline: one lasting a minute,
+    // one for 1 s.
+    let _ = lines(run_sub(&hub, "keeper", "60", "r/#", 1));
+    let _ = lines(run_sub(&hub, "brief", "1", "s/#", 1));
+    for (topic, msg, expiry) in [("r/stale", "stale", "1"), ("r/fresh", "fresh", "600")] {
+        let out = pub_(
+            &hub,
+            &[
+                &v5[..],
+                &[
+                    "-t",
+                    topic,
+                    "-m",
+                    msg,
+                    "-q",
+                    "1",
+                    "-D",
+                    "publish",
+                    "message-expiry-interval",
+                    expiry,
+                ],
+            ]
+            .concat(),
+        );
+        assert!(out.status.success());
+    }
+    assert!(pub_(&hub, &["-t", "s/1", "-m", "early", "-q", "1"])
+        .status
+        .success());
+    hub.kill9();
+    hub.launch();
+    std::thread::sleep(Duration::from_millis(2000));
+    // The message's expiry outlived the restart; the other is still due.
+    let back = run_sub(&hub, "keeper", "60", "r/#", 5);
+    assert_eq!(lines(back), vec!["r/fresh fresh"]);
+    // The 1 s session expired after the restart instead of living forever:
+    // its queued message is gone with it.
+    let gone = run_sub(&hub, "brief", "1", "t/none", 1);
+    assert!(lines(gone).is_empty(), "the expired session was resumed");
+}

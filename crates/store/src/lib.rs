@@ -75,7 +75,8 @@ CREATE TABLE IF NOT EXISTS task_demand (
 );
 CREATE TABLE IF NOT EXISTS mqtt_sessions (
     client_id TEXT PRIMARY KEY,
-    device    TEXT
+    device    TEXT,
+    expiry_s  INTEGER
 );
 CREATE TABLE IF NOT EXISTS mqtt_subscriptions (
     client_id TEXT NOT NULL,
@@ -92,6 +93,7 @@ CREATE TABLE IF NOT EXISTS mqtt_queue (
     payload   BLOB NOT NULL,
     qos       INTEGER NOT NULL,
     retain    INTEGER NOT NULL,
+    expires_ms INTEGER,
     PRIMARY KEY (client_id, id)
 );
 CREATE TABLE IF NOT EXISTS mqtt_qos2_in (
@@ -160,6 +162,7 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let writer = open_conn(path)?;
         writer.execute_batch(SCHEMA)?;
+        migrate(&writer)?;
         let reader = open_conn(path)?;
         let (tx, rx) = mpsc::channel::<Job>();
         let handle = std::thread::Builder::new()
@@ -242,6 +245,27 @@ impl Drop for Store {
     }
 }
 
+/// Columns added after a table first shipped: stores made by an older hub
+/// get them on open (SQLite has no `ADD COLUMN IF NOT EXISTS`).
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("mqtt_sessions", "expiry_s", "INTEGER"),
+    ("mqtt_queue", "expires_ms", "INTEGER"),
+];
+
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column, kind) in ADDED_COLUMNS {
+        let present = conn
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+            ))?
+            .exists([column])?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
+        }
+    }
+    Ok(())
+}
+
 fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -307,6 +331,25 @@ mod tests {
         drop(store);
         let reopened = Store::open(&dir.path().join("s.db")).unwrap();
         assert_eq!(reopened.queued_calls().unwrap().len(), 200);
+    }
+
+    #[test]
+    fn a_store_from_before_a_column_existed_gets_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE mqtt_sessions (client_id TEXT PRIMARY KEY, device TEXT);
+                 INSERT INTO mqtt_sessions VALUES ('c1', NULL);",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let snap = s.mqtt_load().unwrap();
+        assert_eq!(snap.sessions, vec![("c1".to_owned(), None, None)]);
+        drop(s);
+        Store::open(&path).unwrap();
     }
 
     #[tokio::test]

@@ -18,13 +18,15 @@ pub struct StoredMessage {
     pub payload: Vec<u8>,
     pub qos: u8,
     pub retain: bool,
+    /// When it stops being worth delivering (wall clock, ms).
+    pub expires_ms: Option<i64>,
 }
 
 /// Everything the broker restores at start.
 #[derive(Debug, Default)]
 pub struct MqttSnapshot {
-    /// (client id, device name)
-    pub sessions: Vec<(String, Option<String>)>,
+    /// (client id, device name, session expiry in seconds; none: never)
+    pub sessions: Vec<(String, Option<String>, Option<u32>)>,
     /// (client id, filter, qos, no_local, retain_as_published)
     pub subscriptions: Vec<(String, String, u8, bool, bool)>,
     pub queue: Vec<StoredMessage>,
@@ -34,14 +36,19 @@ pub struct MqttSnapshot {
 }
 
 impl Store {
-    pub fn mqtt_save_session(&self, client_id: &str, device: Option<&str>) -> Done {
+    pub fn mqtt_save_session(
+        &self,
+        client_id: &str,
+        device: Option<&str>,
+        expiry_s: Option<u32>,
+    ) -> Done {
         let (c, d) = (client_id.to_owned(), device.map(str::to_owned));
         Box::pin(self.submit(move |conn| {
             conn.prepare_cached(
-                "INSERT INTO mqtt_sessions (client_id, device) VALUES (?1, ?2)
-                 ON CONFLICT(client_id) DO UPDATE SET device = ?2",
+                "INSERT INTO mqtt_sessions (client_id, device, expiry_s) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(client_id) DO UPDATE SET device = ?2, expiry_s = ?3",
             )?
-            .execute(params![c, d])
+            .execute(params![c, d, expiry_s])
             .map(|_| ())
         }))
     }
@@ -97,10 +104,10 @@ impl Store {
     pub fn mqtt_enqueue(&self, messages: Vec<StoredMessage>, limit: usize) -> Done {
         Box::pin(self.submit(move |conn| {
             let mut insert = conn.prepare_cached(
-                "INSERT OR REPLACE INTO mqtt_queue (client_id, id, topic, payload, qos, retain) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT OR REPLACE INTO mqtt_queue (client_id, id, topic, payload, qos, retain, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             for m in &messages {
-                insert.execute(params![m.client_id, m.id, m.topic, m.payload, m.qos, m.retain])?;
+                insert.execute(params![m.client_id, m.id, m.topic, m.payload, m.qos, m.retain, m.expires_ms])?;
             }
             let mut trim = conn.prepare_cached(
                 "DELETE FROM mqtt_queue WHERE client_id = ?1 AND id NOT IN
@@ -167,13 +174,13 @@ impl Store {
     pub fn mqtt_load(&self) -> Result<MqttSnapshot, StoreError> {
         self.read(|c| {
             let mut snap = MqttSnapshot::default();
-            let mut st = c.prepare("SELECT client_id, device FROM mqtt_sessions")?;
-            snap.sessions = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+            let mut st = c.prepare("SELECT client_id, device, expiry_s FROM mqtt_sessions")?;
+            snap.sessions = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
             let mut st = c.prepare("SELECT client_id, filter, qos, no_local, retain_as_published FROM mqtt_subscriptions")?;
             snap.subscriptions = st
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
                 .collect::<Result<_, _>>()?;
-            let mut st = c.prepare("SELECT client_id, id, topic, payload, qos, retain FROM mqtt_queue ORDER BY client_id, id")?;
+            let mut st = c.prepare("SELECT client_id, id, topic, payload, qos, retain, expires_ms FROM mqtt_queue ORDER BY client_id, id")?;
             snap.queue = st
                 .query_map([], |r| {
                     Ok(StoredMessage {
@@ -183,6 +190,7 @@ impl Store {
                         payload: r.get(3)?,
                         qos: r.get(4)?,
                         retain: r.get(5)?,
+                        expires_ms: r.get(6)?,
                     })
                 })?
                 .collect::<Result<_, _>>()?;
