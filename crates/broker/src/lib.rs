@@ -14,7 +14,7 @@ pub mod policy;
 pub mod tls;
 pub mod topic;
 
-pub use persist::{Done, Persistence, Queued, Restore};
+pub use persist::{Done, Persistence, Queued, Restore, Retained};
 pub use policy::{Device, Devices, Policy};
 
 use bytes::Bytes;
@@ -214,6 +214,26 @@ pub(crate) struct Inner {
 /// are refused as not authorized).
 pub type Reserved = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
+/// MQTT 5 properties as kept in the store: their wire encoding.
+fn encode_properties(p: &Properties) -> Vec<u8> {
+    if p.is_empty() {
+        return Vec::new();
+    }
+    let mut b = bytes::BytesMut::new();
+    match p.encode(&mut b) {
+        Ok(()) => b.to_vec(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Stored properties back; whatever does not decode is left out.
+fn decode_properties(b: &[u8]) -> Properties {
+    if b.is_empty() {
+        return Properties::new();
+    }
+    Properties::decode(&mut &b[..]).unwrap_or_default()
+}
+
 /// An expiry instant as wall-clock milliseconds, for the store.
 fn wall_clock_ms(at: std::time::Instant) -> i64 {
     let now_ms = std::time::SystemTime::now()
@@ -303,7 +323,7 @@ impl Broker {
                     payload: Bytes::from(q.payload),
                     qos: q.qos,
                     retain: q.retain,
-                    properties: Properties::new(),
+                    properties: decode_properties(&q.properties),
                     from: String::new(),
                     id: q.id,
                     expires_at: q.expires_ms.map(instant_of_wall_clock),
@@ -315,18 +335,18 @@ impl Broker {
                 s.qos2_in.insert(pid);
             }
         }
-        for (topic, payload, qos) in restore.retained {
+        for r in restore.retained {
             state.retained.insert(
-                topic.clone(),
+                r.topic.clone(),
                 Message {
-                    topic,
-                    payload: Bytes::from(payload),
-                    qos,
+                    topic: r.topic,
+                    payload: Bytes::from(r.payload),
+                    qos: r.qos,
                     retain: true,
-                    properties: Properties::new(),
+                    properties: decode_properties(&r.properties),
                     from: String::new(),
                     id: 0,
-                    expires_at: None,
+                    expires_at: r.expires_ms.map(instant_of_wall_clock),
                 },
             );
         }
@@ -680,7 +700,13 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
             st.retained.insert(msg.topic.clone(), msg.clone());
         }
         if let Some(p) = &inner.persist {
-            writes.push(p.retain(&msg.topic, msg.payload.to_vec(), msg.qos));
+            writes.push(p.retain(Retained {
+                topic: msg.topic.clone(),
+                payload: msg.payload.to_vec(),
+                qos: msg.qos,
+                properties: encode_properties(&msg.properties),
+                expires_ms: msg.expires_at.map(wall_clock_ms),
+            }));
         }
     }
     let mut queued: Vec<Queued> = Vec::new();
@@ -738,6 +764,7 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
                 qos: m.qos,
                 retain: m.retain,
                 expires_ms: m.expires_at.map(wall_clock_ms),
+                properties: encode_properties(&m.properties),
             });
         } else {
             m.id = 0;

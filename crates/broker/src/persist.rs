@@ -19,6 +19,18 @@ pub struct Queued {
     pub retain: bool,
     /// When it stops being worth delivering (wall clock, ms since the epoch).
     pub expires_ms: Option<i64>,
+    /// Its MQTT 5 properties, encoded as on the wire (empty: none).
+    pub properties: Vec<u8>,
+}
+
+/// A retained message as kept (an empty payload clears the topic).
+#[derive(Clone, Debug, Default)]
+pub struct Retained {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub properties: Vec<u8>,
+    pub expires_ms: Option<i64>,
 }
 
 /// The broker's durable state as loaded at start.
@@ -30,8 +42,7 @@ pub struct Restore {
     pub subscriptions: Vec<(String, String, u8, bool, bool)>,
     pub queue: Vec<Queued>,
     pub qos2_in: Vec<(String, u16)>,
-    /// (topic, payload, qos)
-    pub retained: Vec<(String, Vec<u8>, u8)>,
+    pub retained: Vec<Retained>,
 }
 
 pub trait Persistence: Send + Sync {
@@ -54,7 +65,7 @@ pub trait Persistence: Send + Sync {
     fn qos2_received(&self, client_id: &str, packet_id: u16) -> Done;
     fn qos2_released(&self, client_id: &str, packet_id: u16) -> Done;
     /// Keeps a retained message (an empty payload clears it).
-    fn retain(&self, topic: &str, payload: Vec<u8>, qos: u8) -> Done;
+    fn retain(&self, message: Retained) -> Done;
 }
 
 /// Runs a write nobody waits for, logging a failure.

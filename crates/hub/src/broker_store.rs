@@ -1,8 +1,8 @@
 //! Keeps the broker's durable state in the hub's store: the adapter between
 //! the broker's `Persistence` trait and the store (which owns the SQL).
 
-use roost_broker::{Done, Persistence, Queued, Restore};
-use roost_store::{Store, StoredMessage};
+use roost_broker::{Done, Persistence, Queued, Restore, Retained};
+use roost_store::{Store, StoredMessage, StoredRetained};
 use std::sync::Arc;
 
 pub(crate) struct BrokerStore(pub Arc<Store>);
@@ -47,6 +47,7 @@ impl Persistence for BrokerStore {
                 qos: m.qos,
                 retain: m.retain,
                 expires_ms: m.expires_ms,
+                properties: m.properties,
             })
             .collect();
         done(self.0.mqtt_enqueue(rows, limit))
@@ -60,8 +61,14 @@ impl Persistence for BrokerStore {
     fn qos2_released(&self, client_id: &str, packet_id: u16) -> Done {
         done(self.0.mqtt_qos2_released(client_id, packet_id))
     }
-    fn retain(&self, topic: &str, payload: Vec<u8>, qos: u8) -> Done {
-        done(self.0.mqtt_retain(topic, payload, qos))
+    fn retain(&self, m: Retained) -> Done {
+        done(self.0.mqtt_retain(StoredRetained {
+            topic: m.topic,
+            payload: m.payload,
+            qos: m.qos,
+            properties: m.properties,
+            expires_ms: m.expires_ms,
+        }))
     }
 }
 
@@ -82,9 +89,20 @@ pub(crate) fn restore(store: &Store) -> Result<Restore, roost_store::StoreError>
                 qos: m.qos,
                 retain: m.retain,
                 expires_ms: m.expires_ms,
+                properties: m.properties,
             })
             .collect(),
         qos2_in: s.qos2_in,
-        retained: s.retained,
+        retained: s
+            .retained
+            .into_iter()
+            .map(|r| Retained {
+                topic: r.topic,
+                payload: r.payload,
+                qos: r.qos,
+                properties: r.properties,
+                expires_ms: r.expires_ms,
+            })
+            .collect(),
     })
 }

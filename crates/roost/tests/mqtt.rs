@@ -1358,11 +1358,19 @@ fn session_and_message_expiry_survive_a_kill_9() {
     // one for 1 s.
     let _ = lines(run_sub(&hub, "keeper", "60", "r/#", 1));
     let _ = lines(run_sub(&hub, "brief", "1", "s/#", 1));
-    for (topic, msg, expiry) in [("r/stale", "stale", "1"), ("r/fresh", "fresh", "600")] {
+    // Queued for "keeper" and retained, each with its expiry and a user
+    // property.
+    for (topic, msg, expiry, retain) in [
+        ("r/stale", "stale", "1", false),
+        ("r/fresh", "fresh", "600", false),
+        ("r/kept", "kept", "600", true),
+        ("r/gone", "gone", "1", true),
+    ] {
         let out = pub_(
             &hub,
             &[
                 &v5[..],
+                if retain { &["-r"][..] } else { &[][..] },
                 &[
                     "-t",
                     topic,
@@ -1374,11 +1382,17 @@ fn session_and_message_expiry_survive_a_kill_9() {
                     "publish",
                     "message-expiry-interval",
                     expiry,
+                    "-D",
+                    "publish",
+                    "user-property",
+                    "site",
+                    "plant-7",
                 ],
             ]
             .concat(),
-        );
-        assert!(out.status.success());
+        )
+        .status;
+        assert!(out.success());
     }
     assert!(pub_(&hub, &["-t", "s/1", "-m", "early", "-q", "1"])
         .status
@@ -1387,8 +1401,35 @@ fn session_and_message_expiry_survive_a_kill_9() {
     hub.launch();
     std::thread::sleep(Duration::from_millis(2000));
     // The message's expiry outlived the restart; the other is still due.
-    let back = run_sub(&hub, "keeper", "60", "r/#", 5);
-    assert_eq!(lines(back), vec!["r/fresh fresh"]);
+    let back = sub(
+        &hub,
+        &[
+            &v5[..],
+            &["-i", "keeper", "-c", "-x", "60", "-q", "1", "-t", "r/#"],
+            &["-F", "%t %p %P"],
+        ]
+        .concat(),
+        2,
+        5,
+    );
+    let mut got = lines(back);
+    got.sort();
+    assert_eq!(
+        got,
+        vec!["r/fresh fresh site:plant-7", "r/kept kept site:plant-7"],
+        "expired messages stay expired and properties survive"
+    );
+    let retained = sub(
+        &hub,
+        &[&v5[..], &["-t", "r/#", "--retained-only", "-F", "%t %p %P"]].concat(),
+        2,
+        2,
+    );
+    assert_eq!(
+        lines(retained),
+        vec!["r/kept kept site:plant-7"],
+        "a retained message keeps its properties and its expiry"
+    );
     // The 1 s session expired after the restart instead of living forever:
     // its queued message is gone with it.
     let gone = run_sub(&hub, "brief", "1", "t/none", 1);

@@ -15,7 +15,7 @@ mod shadows;
 
 pub use calls::{NewCall, StoredCall};
 pub use deployments::StoredDeployment;
-pub use mqtt::{MqttSnapshot, StoredMessage};
+pub use mqtt::{MqttSnapshot, StoredMessage, StoredRetained};
 pub use shadows::SealedSecret;
 
 use parking_lot::Mutex;
@@ -94,6 +94,7 @@ CREATE TABLE IF NOT EXISTS mqtt_queue (
     qos       INTEGER NOT NULL,
     retain    INTEGER NOT NULL,
     expires_ms INTEGER,
+    properties BLOB,
     PRIMARY KEY (client_id, id)
 );
 CREATE TABLE IF NOT EXISTS mqtt_qos2_in (
@@ -104,7 +105,9 @@ CREATE TABLE IF NOT EXISTS mqtt_qos2_in (
 CREATE TABLE IF NOT EXISTS mqtt_retained (
     topic   TEXT PRIMARY KEY,
     payload BLOB NOT NULL,
-    qos     INTEGER NOT NULL
+    qos     INTEGER NOT NULL,
+    properties BLOB,
+    expires_ms INTEGER
 );
 CREATE TABLE IF NOT EXISTS shadows (
     thing      TEXT NOT NULL,
@@ -250,6 +253,9 @@ impl Drop for Store {
 const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("mqtt_sessions", "expiry_s", "INTEGER"),
     ("mqtt_queue", "expires_ms", "INTEGER"),
+    ("mqtt_queue", "properties", "BLOB"),
+    ("mqtt_retained", "properties", "BLOB"),
+    ("mqtt_retained", "expires_ms", "INTEGER"),
 ];
 
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {

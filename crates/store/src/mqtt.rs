@@ -20,6 +20,18 @@ pub struct StoredMessage {
     pub retain: bool,
     /// When it stops being worth delivering (wall clock, ms).
     pub expires_ms: Option<i64>,
+    /// Its MQTT 5 properties, encoded as on the wire (empty: none).
+    pub properties: Vec<u8>,
+}
+
+/// A retained message as kept.
+#[derive(Clone, Debug, Default)]
+pub struct StoredRetained {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub properties: Vec<u8>,
+    pub expires_ms: Option<i64>,
 }
 
 /// Everything the broker restores at start.
@@ -31,8 +43,7 @@ pub struct MqttSnapshot {
     pub subscriptions: Vec<(String, String, u8, bool, bool)>,
     pub queue: Vec<StoredMessage>,
     pub qos2_in: Vec<(String, u16)>,
-    /// (topic, payload, qos)
-    pub retained: Vec<(String, Vec<u8>, u8)>,
+    pub retained: Vec<StoredRetained>,
 }
 
 impl Store {
@@ -104,10 +115,10 @@ impl Store {
     pub fn mqtt_enqueue(&self, messages: Vec<StoredMessage>, limit: usize) -> Done {
         Box::pin(self.submit(move |conn| {
             let mut insert = conn.prepare_cached(
-                "INSERT OR REPLACE INTO mqtt_queue (client_id, id, topic, payload, qos, retain, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT OR REPLACE INTO mqtt_queue (client_id, id, topic, payload, qos, retain, expires_ms, properties) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
             for m in &messages {
-                insert.execute(params![m.client_id, m.id, m.topic, m.payload, m.qos, m.retain, m.expires_ms])?;
+                insert.execute(params![m.client_id, m.id, m.topic, m.payload, m.qos, m.retain, m.expires_ms, m.properties])?;
             }
             let mut trim = conn.prepare_cached(
                 "DELETE FROM mqtt_queue WHERE client_id = ?1 AND id NOT IN
@@ -154,18 +165,17 @@ impl Store {
     }
 
     /// Keeps (or, with an empty payload, clears) a retained message.
-    pub fn mqtt_retain(&self, topic: &str, payload: Vec<u8>, qos: u8) -> Done {
-        let t = topic.to_owned();
+    pub fn mqtt_retain(&self, m: StoredRetained) -> Done {
         Box::pin(self.submit(move |conn| {
-            if payload.is_empty() {
+            if m.payload.is_empty() {
                 conn.prepare_cached("DELETE FROM mqtt_retained WHERE topic = ?1")?
-                    .execute(params![t])
+                    .execute(params![m.topic])
             } else {
                 conn.prepare_cached(
-                    "INSERT INTO mqtt_retained (topic, payload, qos) VALUES (?1, ?2, ?3)
-                     ON CONFLICT(topic) DO UPDATE SET payload = ?2, qos = ?3",
+                    "INSERT INTO mqtt_retained (topic, payload, qos, properties, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(topic) DO UPDATE SET payload = ?2, qos = ?3, properties = ?4, expires_ms = ?5",
                 )?
-                .execute(params![t, payload, qos])
+                .execute(params![m.topic, m.payload, m.qos, m.properties, m.expires_ms])
             }
             .map(|_| ())
         }))
@@ -180,7 +190,7 @@ impl Store {
             snap.subscriptions = st
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
                 .collect::<Result<_, _>>()?;
-            let mut st = c.prepare("SELECT client_id, id, topic, payload, qos, retain, expires_ms FROM mqtt_queue ORDER BY client_id, id")?;
+            let mut st = c.prepare("SELECT client_id, id, topic, payload, qos, retain, expires_ms, properties FROM mqtt_queue ORDER BY client_id, id")?;
             snap.queue = st
                 .query_map([], |r| {
                     Ok(StoredMessage {
@@ -191,13 +201,24 @@ impl Store {
                         qos: r.get(4)?,
                         retain: r.get(5)?,
                         expires_ms: r.get(6)?,
+                        properties: r.get::<_, Option<Vec<u8>>>(7)?.unwrap_or_default(),
                     })
                 })?
                 .collect::<Result<_, _>>()?;
             let mut st = c.prepare("SELECT client_id, packet_id FROM mqtt_qos2_in")?;
             snap.qos2_in = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
-            let mut st = c.prepare("SELECT topic, payload, qos FROM mqtt_retained")?;
-            snap.retained = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+            let mut st = c.prepare("SELECT topic, payload, qos, properties, expires_ms FROM mqtt_retained")?;
+            snap.retained = st
+                .query_map([], |r| {
+                    Ok(StoredRetained {
+                        topic: r.get(0)?,
+                        payload: r.get(1)?,
+                        qos: r.get(2)?,
+                        properties: r.get::<_, Option<Vec<u8>>>(3)?.unwrap_or_default(),
+                        expires_ms: r.get(4)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
             Ok(snap)
         })
     }
