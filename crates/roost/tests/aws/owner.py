@@ -81,6 +81,11 @@ assert r["version"] == 2, r
 
 # Bad documents: AWS's errors, nothing changed.
 expect_error("InvalidRequestException", iot.update_thing_shadow, thingName="lamp", payload=b"{not json")
+# A nesting bomb is refused, not recursed into.
+expect_error("InvalidRequestException", iot.update_thing_shadow, thingName="lamp",
+             payload=b'{"state":{"desired":' + b"[" * 100_000)
+expect_error("RequestEntityTooLargeException", iot.update_thing_shadow, thingName="lamp",
+             payload=b'{"state":{"desired":{"a":"' + b"x" * 200_000 + b'"}}}')
 deep = {"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}}
 expect_error("InvalidRequestException", iot.update_thing_shadow, thingName="lamp",
              payload=json.dumps({"state": {"desired": deep}}))
