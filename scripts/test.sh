@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests need
 # (a Python venv with the ziglang C toolchain for the C-built wasm module,
-# the Lambda runtime client, paho-mqtt, boto3 and the AWS CLI; openssl for
-# the TLS test), then formatting, lints and every test.
+# the Lambda runtime client, paho-mqtt, boto3, the AWS CLI and the AWS IoT
+# Device SDK; the npm Lambda runtime client and AWS SDK for JavaScript;
+# openssl for the TLS test), then formatting, lints and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +42,11 @@ if [ ! -f "$NODE_DIR/node_modules/aws-lambda-ric/bin/index.mjs" ]; then
   step "installing the Node.js Lambda runtime client into $NODE_DIR (npm; builds a native addon)"
   mkdir -p "$NODE_DIR"
   (cd "$NODE_DIR" && npm init -y >/dev/null && npm install --no-audit --no-fund aws-lambda-ric@3.3.0 >/dev/null)
+fi
+# The AWS SDK for JavaScript v3, a second SDK family against the local APIs.
+if [ ! -d "$NODE_DIR/node_modules/@aws-sdk/client-secrets-manager" ]; then
+  step "installing the AWS SDK for JavaScript into $NODE_DIR (npm)"
+  (cd "$NODE_DIR" && npm install --no-audit --no-fund @aws-sdk/client-iot-data-plane@3.1138.0 @aws-sdk/client-lambda@3.1164.0 @aws-sdk/client-secrets-manager@3.1164.0 >/dev/null)
 fi
 export ROOST_NODE_RIC="$NODE_DIR/node_modules/aws-lambda-ric/bin/index.mjs"
 

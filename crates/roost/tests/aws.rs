@@ -207,6 +207,48 @@ fn password_hash(password: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+#[test]
+fn the_aws_sdk_for_javascript_works_against_the_hub_too() {
+    // node_modules beside the npm Lambda runtime client scripts/test.sh
+    // installs (it installs the SDK there too).
+    let ric = std::env::var("ROOST_NODE_RIC").expect(
+        "set ROOST_NODE_RIC to aws-lambda-ric's bin/index.mjs (scripts/test.sh installs it and the AWS SDK for JavaScript beside it)",
+    );
+    let modules = Path::new(&ric).ancestors().nth(3).unwrap().to_owned();
+    let hub = TestHub::start(&[]);
+    let pkg = Package::new(&owner_manifest(), &["echo.wat", "trap.wat", "stderr.wat"]);
+    let out = deploy_with(&hub, &pkg.manifest(), &[("DB_PASSWORD", "js-pw")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = hub.data_dir.display().to_string();
+    let out = Command::new("node")
+        .arg(script("owner_sdk.cjs"))
+        .env("NODE_PATH", &modules)
+        .env("NODE_NO_WARNINGS", "1")
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            format!("{d}/aws-credentials"),
+        )
+        .env("AWS_CONFIG_FILE", format!("{d}/aws-config"))
+        .env("AWS_PROFILE", "roost")
+        .env("EXPECT_SECRET", "js-pw")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_REGION")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}\nhub log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        hub.log_text()
+    );
+}
+
 fn port(hub: &TestHub) -> &str {
     hub.mqtt.rsplit(':').next().unwrap()
 }
