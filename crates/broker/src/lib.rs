@@ -18,7 +18,7 @@ pub use persist::{Done, Persistence, Queued, Restore, Retained};
 pub use policy::{Device, Devices, Policy};
 
 use bytes::Bytes;
-use mqtt5_protocol::Properties;
+pub use mqtt5_protocol::Properties;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -10,7 +10,7 @@ mod broker_store;
 mod calls;
 pub mod credentials;
 mod deploy;
-mod local;
+pub mod local;
 pub mod logs;
 pub mod metrics;
 mod routing;

@@ -9,6 +9,17 @@ use bytes::Bytes;
 use roost_shadows::{Operation, ShadowId};
 use serde_json::Value;
 
+/// How the hub publishes a message: QoS (0 or 1), retain, and the MQTT 5
+/// properties subscribers see.
+#[derive(Default)]
+pub struct PublishOptions {
+    pub qos: u8,
+    pub retain: bool,
+    pub properties: roost_broker::Properties,
+    /// MQTT 5 message expiry.
+    pub expiry: Option<std::time::Duration>,
+}
+
 /// A deployed secret, opened.
 pub struct SecretValue {
     pub value: String,
@@ -96,12 +107,13 @@ impl Hub {
         &self,
         topic: &str,
         payload: Bytes,
-        qos: u8,
-        retain: bool,
+        options: PublishOptions,
     ) -> Result<(), String> {
         let mut m = roost_broker::Message::from_hub(topic, payload);
-        m.qos = qos.min(1);
-        m.retain = retain;
+        m.qos = options.qos.min(1);
+        m.retain = options.retain;
+        m.properties = options.properties;
+        m.expires_at = options.expiry.map(|d| std::time::Instant::now() + d);
         match self.inner.broker.publish(m) {
             Some(done) => done.await.map_err(|e| e.to_string()),
             None => Ok(()),

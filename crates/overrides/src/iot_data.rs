@@ -226,6 +226,99 @@ fn list(hub: &Hub, caller: &Principal, parts: &Parts, raw: &str) -> Result<Respo
     Ok(json(&doc, CONTENT_TYPE))
 }
 
+/// The MQTT 5 side of `Publish`: user properties, payload format, content
+/// type, response topic, correlation data and message expiry, where botocore
+/// puts them (headers `x-amz-mqtt5-*`, base64; query parameters).
+fn publish_options(
+    parts: &Parts,
+    body: &[u8],
+    qos: u8,
+    retain: bool,
+) -> Result<roost_hub::local::PublishOptions, AwsError> {
+    use base64::Engine;
+    let b64 = |name: &str| -> Result<Option<Vec<u8>>, AwsError> {
+        match parts.headers.get(name) {
+            None => Ok(None),
+            Some(v) => base64::engine::general_purpose::STANDARD
+                .decode(v.as_bytes())
+                .map(Some)
+                .map_err(|_| invalid(format!("{name} must be base64"))),
+        }
+    };
+    let mut props = roost_broker::Properties::new();
+    if let Some(raw) = b64("x-amz-mqtt5-user-properties")? {
+        let bad = || {
+            invalid("userProperties must be a JSON array of objects with string values, e.g. [{\"site\": \"plant-7\"}]")
+        };
+        // botocore JSON-encodes the caller's JSON string once more, so
+        // the array may arrive as a JSON string holding it.
+        let value: serde_json::Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
+        let value = match value {
+            serde_json::Value::String(inner) => serde_json::from_str(&inner).map_err(|_| bad())?,
+            v => v,
+        };
+        let list: Vec<serde_json::Map<String, serde_json::Value>> =
+            serde_json::from_value(value).map_err(|_| bad())?;
+        for entry in list {
+            for (k, v) in entry {
+                let serde_json::Value::String(v) = v else {
+                    return Err(bad());
+                };
+                props.add_user_property(k, v);
+            }
+        }
+    }
+    match parts
+        .headers
+        .get("x-amz-mqtt5-payload-format-indicator")
+        .map(|v| v.as_bytes())
+    {
+        None | Some(b"UNSPECIFIED_BYTES") => {}
+        Some(b"UTF8_DATA") => {
+            if std::str::from_utf8(body).is_err() {
+                return Err(invalid(
+                    "payloadFormatIndicator is UTF8_DATA but the payload is not UTF-8",
+                ));
+            }
+            props.set_payload_format_indicator(true);
+        }
+        Some(_) => {
+            return Err(invalid(
+                "payloadFormatIndicator must be UNSPECIFIED_BYTES or UTF8_DATA",
+            ))
+        }
+    }
+    if let Some(data) = b64("x-amz-mqtt5-correlation-data")? {
+        props.set_correlation_data(bytes::Bytes::from(data));
+    }
+    if let Some(ct) = query_param(parts, "contentType") {
+        props.set_content_type(ct);
+    }
+    if let Some(t) = query_param(parts, "responseTopic") {
+        if !roost_broker::topic::valid_topic_name(&t) {
+            return Err(invalid(format!("responseTopic {t:?} is not a topic name")));
+        }
+        props.set_response_topic(t);
+    }
+    let expiry = match query_param(parts, "messageExpiry") {
+        None => None,
+        Some(s) => match s.parse::<u32>() {
+            Ok(n) if n > 0 => Some(std::time::Duration::from_secs(n as u64)),
+            _ => {
+                return Err(invalid(
+                    "messageExpiry must be a positive number of seconds",
+                ))
+            }
+        },
+    };
+    Ok(roost_hub::local::PublishOptions {
+        qos,
+        retain,
+        properties: props,
+        expiry,
+    })
+}
+
 async fn publish(
     hub: &Hub,
     caller: &Principal,
@@ -264,7 +357,8 @@ async fn publish(
         hub.shadow_over_mqtt(id, op, req.body.clone());
         return Ok(json(&serde_json::json!({}), CONTENT_TYPE));
     }
-    hub.publish(&topic, req.body.clone(), qos, retain)
+    let options = publish_options(&req.parts, &req.body, qos, retain)?;
+    hub.publish(&topic, req.body.clone(), options)
         .await
         .map_err(|e| {
             AwsError::new(

@@ -131,8 +131,12 @@ fn boto3_as_the_owner_gets_shadows_lambda_publish_and_secrets_with_aws_semantics
             "127.0.0.1",
             "-p",
             port(&hub),
+            "-V",
+            "mqttv5",
             "-t",
             "alerts/#",
+            "-F",
+            "%p|%P|%C",
             "-C",
             "1",
             "-W",
@@ -149,7 +153,11 @@ fn boto3_as_the_owner_gets_shadows_lambda_publish_and_secrets_with_aws_semantics
         &[("EXPECT_SECRET", "s3cr3t-Ü")],
     );
     let got = sub.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "from-boto3");
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim(),
+        "from-boto3|site:plant-7|text/plain",
+        "Publish carries its MQTT 5 properties"
+    );
 
     // The AWS CLI (v1, from PyPI) works from the same profile.
     let aws = Path::new(&python()).with_file_name("aws");

@@ -97,7 +97,13 @@ expect_error("InvalidRequestException", iot.get_thing_shadow, thingName="a/b")
 assert doc(iot.get_thing_shadow(thingName="lamp"))["version"] == 3
 
 # Publish reaches the local broker (the test's subscriber checks it).
-iot.publish(topic="alerts/owner", qos=1, payload=b"from-boto3")
+iot.publish(topic="alerts/owner", qos=1, payload=b"from-boto3",
+            userProperties=json.dumps([{"site": "plant-7"}]), contentType="text/plain",
+            payloadFormatIndicator="UTF8_DATA", messageExpiry=600)
+expect_error("InvalidRequestException", iot.publish, topic="alerts/x", payload=b"x",
+             userProperties=json.dumps({"not": "a list"}))
+expect_error("InvalidRequestException", iot.publish, topic="alerts/x", payload=b"\xff",
+             payloadFormatIndicator="UTF8_DATA")
 expect_error("InvalidRequestException", iot.publish, topic="alerts/+", payload=b"x")
 # The shadow service's answers are reserved for the hub, even for the owner.
 expect_error("ForbiddenException", iot.publish, topic="$aws/things/lamp/shadow/update/accepted", payload=b"{}")
