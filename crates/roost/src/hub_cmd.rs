@@ -91,7 +91,8 @@ pub struct HubOpts {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "ROOST_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// The AWS region the hub's Lambda-compatible environment reports (AWS_REGION).
+    /// The AWS region of the hub's local AWS APIs: tasks get it as AWS_REGION,
+    /// DATA_DIR/aws-config names it, and signed requests must be scoped to it.
     #[arg(long, env = "ROOST_REGION", default_value = "us-east-1")]
     region: String,
     /// How process tasks' worker pools are sized: `demand` (the reservation

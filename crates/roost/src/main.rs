@@ -35,12 +35,16 @@ pub struct HubArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the hub daemon: the scheduler, the runtimes and the HTTP API.
+    /// Run the hub daemon: the scheduler, the runtimes, the MQTT broker, the
+    /// shadows and the HTTP API (with the local AWS APIs: Lambda Invoke, the
+    /// IoT data plane, Secrets Manager).
     Hub(Box<hub_cmd::HubOpts>),
     /// Send a deployment manifest (and the files it names) to the hub.
     ///
     /// The hub validates the whole manifest, lists every problem, and applies
     /// it atomically: all tasks or none. The previous deployment is kept.
+    /// Each `[[secret]]`'s value is read from the variable its `value_env`
+    /// names in this shell and sent beside the manifest, never in it.
     Deploy {
         /// The manifest (TOML); `code` paths are relative to its folder.
         #[arg(required_unless_present = "rollback")]
