@@ -494,6 +494,51 @@ impl Conn {
             .expire_session_after(self.client_id.clone(), self.conn_id, expiry);
     }
 
+    /// MQTT 5 lets a client change its session's expiry when it leaves
+    /// (3.14.2.2.2): 0 ends the session with the connection, the maximum
+    /// keeps it forever; a session that had none may not gain one.
+    fn change_session_expiry(&mut self, secs: u32) -> Result<(), ReasonCode> {
+        if self.version != 5 {
+            return Ok(());
+        }
+        if !self.persistent {
+            return if secs == 0 {
+                Ok(())
+            } else {
+                Err(ReasonCode::ProtocolError)
+            };
+        }
+        self.session_expiry = match secs {
+            u32::MAX => None,
+            s => Some(Duration::from_secs(s as u64)),
+        };
+        if secs == 0 {
+            self.persistent = false;
+            if let Some(s) = self
+                .broker
+                .inner
+                .state
+                .lock()
+                .sessions
+                .get_mut(&self.client_id)
+            {
+                s.persistent = false;
+            }
+            if let Some(p) = &self.broker.inner.persist {
+                background(p.drop_session(&self.client_id));
+            }
+        } else if let Some(p) = &self.broker.inner.persist {
+            let device =
+                (!self.policy.device.name.is_empty()).then_some(self.policy.device.name.as_str());
+            background(p.save_session(
+                &self.client_id,
+                device,
+                self.session_expiry.map(|d| d.as_secs() as u32),
+            ));
+        }
+        Ok(())
+    }
+
     fn next_packet_id(&mut self) -> u16 {
         loop {
             self.next_pid = self.next_pid.wrapping_add(1);
@@ -727,6 +772,11 @@ impl Conn {
                 Step::Continue
             }
             Packet::Disconnect(d) => {
+                if let Some(secs) = d.properties.get_session_expiry_interval() {
+                    if let Err(code) = self.change_session_expiry(secs) {
+                        return Step::Broken(code);
+                    }
+                }
                 // MQTT 5: "disconnect with will message" keeps the will.
                 if d.reason_code == ReasonCode::DisconnectWithWillMessage {
                     return Step::Broken(ReasonCode::Success);

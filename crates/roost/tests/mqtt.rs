@@ -1435,3 +1435,66 @@ fn session_and_message_expiry_survive_a_kill_9() {
     let gone = run_sub(&hub, "brief", "1", "t/none", 1);
     assert!(lines(gone).is_empty(), "the expired session was resumed");
 }
+
+#[test]
+fn a_client_may_change_its_session_expiry_when_it_leaves() {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    let script = r#"
+import sys, time, paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+host, port = sys.argv[1].rsplit(":", 1)
+def session(client_id, expiry, leave_with):
+    # Connect with a session expiry, subscribe, leave with another one.
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = expiry
+    c.connect(host, int(port), clean_start=False, properties=props)
+    c.loop_start()
+    c.subscribe(client_id + "/#", qos=1)[1]
+    time.sleep(0.3)
+    out = Properties(PacketTypes.DISCONNECT)
+    out.SessionExpiryInterval = leave_with
+    c.disconnect(properties=out)
+    c.loop_stop()
+def resume(client_id):
+    got = []
+    present = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.on_connect = lambda c, u, flags, rc, p: present.append(flags.session_present)
+    c.on_message = lambda c, u, m: got.append(m.payload.decode())
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 60
+    c.connect(host, int(port), clean_start=False, properties=props)
+    c.loop_start()
+    time.sleep(0.8)
+    c.disconnect()
+    c.loop_stop()
+    return present, got
+session("ends", 300, 0)       # leaves ending its session at once
+session("stays", 1, 300)      # leaves extending it past its first expiry
+time.sleep(1.5)
+p = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pub", protocol=mqtt.MQTTv5)
+p.connect(host, int(port))
+p.loop_start()
+for t in ("ends/x", "stays/x"):
+    p.publish(t, t, qos=1).wait_for_publish(5)
+p.disconnect()
+p.loop_stop()
+print(resume("ends"), resume("stays"))
+"#;
+    let out = Command::new(&python)
+        .args(["-c", script, &hub.mqtt])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "([False], []) ([True], ['stays/x'])"
+    );
+}
