@@ -9,6 +9,7 @@ mod hub_cmd;
 mod mqtt_bench;
 mod pack;
 mod shadow_bench;
+mod shadow_cmd;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -104,6 +105,9 @@ enum Command {
         #[command(flatten)]
         hub: HubArgs,
     },
+    /// Read and change device shadows (signed with the owner's credentials
+    /// from the hub's data dir).
+    Shadow(shadow_cmd::ShadowOpts),
     /// Read a password on stdin and print its argon2id hash (for [[device]]).
     Passwd,
     /// Measure the hub against baselines measured in the same run.
@@ -129,6 +133,7 @@ fn main() -> ExitCode {
         Command::Tasks { json, hub } => client::tasks(&hub, json),
         Command::Devices { json, hub } => client::devices(&hub, json),
         Command::Logs { task, follow, hub } => client::logs(&hub, task.as_deref(), follow),
+        Command::Shadow(opts) => shadow_cmd::run(opts),
         Command::Passwd => passwd(),
         Command::Bench(opts) => bench::run(opts),
     };

@@ -257,6 +257,49 @@ fn the_aws_sdk_for_javascript_works_against_the_hub_too() {
     );
 }
 
+#[test]
+fn the_cli_reads_and_changes_shadows_with_the_owners_keys() {
+    let hub = TestHub::start(&[]);
+    let d = hub.data_dir.display().to_string();
+    let shadow = |args: &[&str]| {
+        let out = hub.cli(&[&["shadow"], args, &["--data-dir", &d]].concat());
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = shadow(&["update", "lamp-1", r#"{"state":{"desired":{"on":true}}}"#]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"version\": 1"), "{out}");
+    let (ok, out, _) = shadow(&[
+        "update",
+        "lamp-1",
+        "--name",
+        "cfg",
+        r#"{"state":{"reported":{"x":1}}}"#,
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out, _) = shadow(&["get", "lamp-1"]);
+    assert!(ok && out.contains("\"delta\""), "{out}");
+    let (ok, out, _) = shadow(&["list", "lamp-1"]);
+    assert!(ok && out.contains("\"cfg\""), "{out}");
+    let (ok, _, err) = shadow(&[
+        "update",
+        "lamp-1",
+        r#"{"state":{"desired":{"on":false}},"version":7}"#,
+    ]);
+    assert!(!ok && err.contains("ConflictException"), "{err}");
+    let (ok, _, _) = shadow(&["delete", "lamp-1"]);
+    assert!(ok);
+    let (ok, _, err) = shadow(&["get", "lamp-1"]);
+    assert!(!ok && err.contains("ResourceNotFoundException"), "{err}");
+    // Without the hub's profile files there is nothing to sign with.
+    let out = hub.cli(&["shadow", "get", "lamp-1", "--data-dir", "/nonexistent"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("aws-credentials"));
+}
+
 fn port(hub: &TestHub) -> &str {
     hub.mqtt.rsplit(':').next().unwrap()
 }
