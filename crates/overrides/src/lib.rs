@@ -46,6 +46,9 @@ pub async fn dispatch(
         Err(e) => {
             if e.status.is_server_error() {
                 tracing::error!(service = service.name(), code = e.code, message = %e.message, "local service failed");
+            } else if e.status == StatusCode::FORBIDDEN || e.code == "AccessDeniedException" {
+                // Denials are what an operator audits: who was refused what.
+                tracing::warn!(service = service.name(), code = e.code, message = %e.message, "local service request refused");
             } else {
                 tracing::debug!(service = service.name(), code = e.code, message = %e.message, "local service refused a request");
             }
