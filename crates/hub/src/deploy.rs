@@ -341,7 +341,10 @@ impl Hub {
         names.sort();
         let credentials = tasks
             .keys()
-            .map(|t| (self.inner.key.task(t).access_key_id, t.clone()))
+            .map(|t| {
+                let c = self.inner.key.task(t);
+                (c.access_key_id.clone(), (t.clone(), c))
+            })
             .collect();
         let new = Arc::new(ActiveDeployment {
             id,

@@ -138,8 +138,8 @@ pub fn default_cpu_slots() -> u32 {
 pub struct ActiveDeployment {
     pub id: Option<i64>,
     pub tasks: HashMap<TaskName, Arc<dyn PreparedTask>>,
-    /// Each task's access key id.
-    pub credentials: HashMap<String, TaskName>,
+    /// Each task's credentials, by access key id.
+    pub credentials: HashMap<String, (TaskName, credentials::Credential)>,
 }
 
 pub(crate) struct HubInner {
@@ -156,6 +156,8 @@ pub(crate) struct HubInner {
     pub routes: RwLock<Arc<roost_routes::RouteTable>>,
     pub route_stats: Arc<roost_routes::RouteStats>,
     pub key: credentials::HubKey,
+    /// Derived from `key` once: asked for on every signed request.
+    pub owner: credentials::Credential,
     pub shadows: shadows::Shadows,
 }
 
@@ -249,6 +251,7 @@ impl Hub {
                     tasks: HashMap::new(),
                     credentials: HashMap::new(),
                 })),
+                owner: key.owner(),
                 key,
                 shadows: shadows::Shadows::new(),
                 deploy_lock: tokio::sync::Mutex::new(()),

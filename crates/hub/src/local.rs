@@ -31,20 +31,22 @@ pub struct SecretValue {
 impl Hub {
     /// The owner's credentials (written to `DATA_DIR/aws-credentials`).
     pub fn owner_credential(&self) -> Credential {
-        self.inner.key.owner()
+        self.inner.owner.clone()
     }
 
     /// Who holds `access_key_id`, and its secret key.
     pub fn principal(&self, access_key_id: &str) -> Option<(Principal, String)> {
-        let owner = self.inner.key.owner();
+        let owner = &self.inner.owner;
         if access_key_id == owner.access_key_id {
-            return Some((Principal::Owner, owner.secret_access_key));
+            return Some((Principal::Owner, owner.secret_access_key.clone()));
         }
         let active = self.inner.active.read().clone();
-        let task = active.credentials.get(access_key_id)?;
-        let spec = active.tasks.get(task)?.spec().clone();
-        let secret = self.inner.key.task(task).secret_access_key;
-        Some((Principal::Task(task.clone(), spec.allow), secret))
+        let (task, cred) = active.credentials.get(access_key_id)?;
+        let allow = active.tasks.get(task)?.spec().allow.clone();
+        Some((
+            Principal::Task(task.clone(), allow),
+            cred.secret_access_key.clone(),
+        ))
     }
 
     /// Runs a shadow request in order with every other request to that
@@ -56,7 +58,7 @@ impl Hub {
         payload: Bytes,
     ) -> Result<Value, ShadowFailure> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        shadows::submit(&self.inner, id, op, payload, Origin::Http(tx));
+        shadows::submit(&self.inner, id, op, payload, Origin::Caller(tx));
         rx.await
             .unwrap_or_else(|_| Err(ShadowFailure::Store("the hub is shutting down".into())))
     }

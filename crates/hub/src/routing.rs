@@ -51,18 +51,10 @@ impl roost_routes::Hooks for HubHooks {
             thing: roost_shadows::ThingName::parse(thing).map_err(|e| e.to_string())?,
             name: None,
         };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        crate::shadows::submit(
-            &inner,
-            id,
-            roost_shadows::Operation::Update,
-            document,
-            crate::shadows::Origin::Route(tx),
-        );
-        match rx.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("the hub is shutting down".into()),
-        }
+        Hub { inner }
+            .shadow(id, roost_shadows::Operation::Update, document)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }

@@ -23,12 +23,11 @@ const QUEUE_PER_SHADOW: usize = 1000;
 const IDLE: Duration = Duration::from_secs(30);
 
 /// Where a shadow request came from: over MQTT the answer goes to the
-/// `/accepted` or `/rejected` topic; over HTTP to the waiting caller.
+/// `/accepted` or `/rejected` topic; over HTTP or from a route, to the
+/// caller waiting for it.
 pub enum Origin {
     Mqtt,
-    Http(oneshot::Sender<Result<Value, ShadowFailure>>),
-    /// A `shadow:` route: nobody waits, failures are logged.
-    Route(oneshot::Sender<Result<Value, ShadowFailure>>),
+    Caller(oneshot::Sender<Result<Value, ShadowFailure>>),
 }
 
 /// Why a shadow request failed: the shadow's own rule, or the hub.
@@ -72,11 +71,9 @@ fn key(id: &ShadowId) -> Key {
     )
 }
 
+/// The clock shadows are stamped with: epoch seconds.
 pub fn now_s() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    (roost_store::now_ms() / 1000) as u64
 }
 
 /// Queues a request for its shadow, in order behind the ones before it.
@@ -317,7 +314,7 @@ fn answer(
                 tracing::debug!(shadow = %id.topic_prefix(), error = %e, "shadow request rejected");
             }
         }
-        Origin::Http(tx) | Origin::Route(tx) => {
+        Origin::Caller(tx) => {
             let _ = tx.send(result);
         }
     }

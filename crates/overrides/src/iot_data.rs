@@ -5,7 +5,7 @@
 
 use crate::service::{decode, json, query_param, AwsError, LocalService, Protocol, Signed};
 use async_trait::async_trait;
-use axum::http::{request::Parts, Method, StatusCode};
+use axum::http::{request::Parts, HeaderMap, Method, StatusCode, Uri};
 use axum::response::Response;
 use roost_hub::credentials::{Principal, Right};
 use roost_hub::shadows::ShadowFailure;
@@ -95,8 +95,8 @@ impl LocalService for IotData {
     fn protocol(&self) -> Protocol {
         Protocol::RestJson
     }
-    fn claims(&self, parts: &Parts) -> bool {
-        let p = parts.uri.path();
+    fn claims(&self, uri: &Uri, _headers: &HeaderMap) -> bool {
+        let p = uri.path();
         p.starts_with("/things/") || p.starts_with("/topics/") || p.starts_with(LIST_PREFIX)
     }
     fn max_body(&self, hub: &Hub) -> (usize, AwsError) {

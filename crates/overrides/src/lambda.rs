@@ -5,7 +5,7 @@
 use crate::service::{with_request_id, AwsError, LocalService, Protocol, Signed, ACCOUNT};
 use async_trait::async_trait;
 use axum::body::Body;
-use axum::http::{request::Parts, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::Response;
 use base64::Engine;
 use roost_hub::credentials::{Principal, Right};
@@ -74,8 +74,8 @@ impl LocalService for Lambda {
     fn protocol(&self) -> Protocol {
         Protocol::RestJson
     }
-    fn claims(&self, parts: &Parts) -> bool {
-        parts.uri.path().starts_with(PREFIX)
+    fn claims(&self, uri: &Uri, _headers: &HeaderMap) -> bool {
+        uri.path().starts_with(PREFIX)
     }
     fn max_body(&self, hub: &Hub) -> (usize, AwsError) {
         let limit = hub.config().max_sync_input;

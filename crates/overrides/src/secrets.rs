@@ -3,7 +3,7 @@
 
 use crate::service::{json, AwsError, LocalService, Protocol, Signed, ACCOUNT};
 use async_trait::async_trait;
-use axum::http::{request::Parts, Method, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::Response;
 use roost_hub::credentials::{Principal, Right};
 use roost_hub::Hub;
@@ -78,9 +78,8 @@ impl LocalService for SecretsManager {
     fn protocol(&self) -> Protocol {
         Protocol::Json11
     }
-    fn claims(&self, parts: &Parts) -> bool {
-        parts
-            .headers
+    fn claims(&self, _uri: &Uri, headers: &HeaderMap) -> bool {
+        headers
             .get("x-amz-target")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|t| t.starts_with(TARGET_PREFIX))

@@ -5,7 +5,7 @@
 
 use async_trait::async_trait;
 use axum::body::Body;
-use axum::http::{header, request::Parts, HeaderValue, StatusCode};
+use axum::http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::Response;
 use bytes::Bytes;
 use roost_hub::credentials::Principal;
@@ -112,8 +112,9 @@ pub trait LocalService: Send + Sync + 'static {
     /// The signing name in a request's credential scope.
     fn signing_name(&self) -> &'static str;
     fn protocol(&self) -> Protocol;
-    /// Whether a request is meant for this service.
-    fn claims(&self, parts: &Parts) -> bool;
+    /// Whether a request is meant for this service (by its path or its
+    /// headers, before the body is read).
+    fn claims(&self, uri: &Uri, headers: &HeaderMap) -> bool;
     /// The largest request body it takes, and the error past it.
     fn max_body(&self, hub: &Hub) -> (usize, AwsError);
     /// Serves a signed request from `caller`.

@@ -184,20 +184,7 @@ pub fn verify<S: AsRef<str>>(
     secret_for: impl FnOnce(&str) -> Option<S>,
     now_unix: u64,
 ) -> Result<Verified, SigError> {
-    let mut values = req.headers.get_all(http::header::AUTHORIZATION).iter();
-    let Some(value) = values.next() else {
-        return Err(SigError::Missing);
-    };
-    if values.next().is_some() {
-        return Err(incomplete("More than one Authorization header."));
-    }
-    if value.len() > MAX_AUTHORIZATION_LEN {
-        return Err(incomplete("Authorization header is too long."));
-    }
-    let value = value
-        .to_str()
-        .map_err(|_| incomplete("Authorization header is not ASCII."))?;
-    let auth = parse_authorization(value)?;
+    let auth = authorization(req.headers)?;
 
     let amz_date = single_header_str(req.headers, X_AMZ_DATE)?.ok_or_else(|| {
         // Unlike AWS we do not fall back to `Date`: no SDK we serve sends it.
@@ -263,6 +250,31 @@ pub fn verify<S: AsRef<str>>(
         region: auth.region.to_owned(),
         service: auth.service.to_owned(),
     })
+}
+
+/// The access key ID a request's `Authorization` header names, checked only
+/// for its form: lets a server refuse a request it cannot verify before it
+/// reads the body.
+pub fn access_key_id(headers: &HeaderMap) -> Result<&str, SigError> {
+    authorization(headers).map(|a| a.access_key_id)
+}
+
+/// The one `Authorization` header, bounded and parsed.
+fn authorization(headers: &HeaderMap) -> Result<Authorization<'_>, SigError> {
+    let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Err(SigError::Missing);
+    };
+    if values.next().is_some() {
+        return Err(incomplete("More than one Authorization header."));
+    }
+    if value.len() > MAX_AUTHORIZATION_LEN {
+        return Err(incomplete("Authorization header is too long."));
+    }
+    let value = value
+        .to_str()
+        .map_err(|_| incomplete("Authorization header is not ASCII."))?;
+    parse_authorization(value)
 }
 
 /// Signs `req` as botocore would and returns the headers to add to it:
@@ -726,6 +738,20 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_access_key_is_read_before_anything_else_is_checked() {
+        let mut h = HeaderMap::new();
+        assert_eq!(access_key_id(&h), Err(SigError::Missing));
+        let auth = format!(
+            "AWS4-HMAC-SHA256 Credential=AKID/20261124/us-east-1/iotdata/aws4_request, SignedHeaders=host, Signature={}",
+            "0".repeat(64)
+        );
+        h.insert("authorization", auth.parse().unwrap());
+        assert_eq!(access_key_id(&h), Ok("AKID"));
+        h.insert("authorization", "garbage".parse().unwrap());
+        assert!(matches!(access_key_id(&h), Err(SigError::Incomplete(_))));
+    }
 
     /// A request as some client put it on the wire.
     struct Fixture {
