@@ -251,6 +251,12 @@ fn every_ms(s: &str) -> Option<u64> {
     (ms >= 100).then_some(ms)
 }
 
+/// Records that route endpoint `s` (at `f`) is refused, and why.
+fn refused<T>(c: &mut Checker, f: String, s: &str, why: &str) -> Option<T> {
+    c.problem(f, format!("{s:?}"), why);
+    None
+}
+
 fn route(c: &mut Checker, field: &str, r: &Value, tasks: &HashSet<TaskName>) -> Option<RouteSpec> {
     let Some(t) = r.as_table() else {
         c.problem(
@@ -288,39 +294,30 @@ fn route(c: &mut Checker, field: &str, r: &Value, tasks: &HashSet<TaskName>) -> 
             Some(("device", filter)) if topic_filter_ok(filter) => {
                 Some(RouteSource::Device(filter.to_owned()))
             }
-            Some(("device", _)) => {
-                c.problem(f, format!("{s:?}"), "not a valid MQTT topic filter");
-                None
-            }
+            Some(("device", _)) => refused(c, f, s, "not a valid MQTT topic filter"),
             Some(("task", name)) => task(c, &f, name).map(RouteSource::Task),
             Some(("timer", every)) => match every_ms(every) {
                 Some(ms) => Some(RouteSource::Timer(ms)),
-                None => {
-                    c.problem(
-                        f,
-                        format!("{s:?}"),
-                        "write the period like 500ms, 5s, 2m or 1h (at least 100ms)",
-                    );
-                    None
-                }
+                None => refused(
+                    c,
+                    f,
+                    s,
+                    "write the period like 500ms, 5s, 2m or 1h (at least 100ms)",
+                ),
             },
             Some(("shadow", thing)) => thing_name(c, &f, thing).map(RouteSource::Shadow),
-            Some(("cloud", _)) => {
-                c.problem(
-                    f,
-                    format!("{s:?}"),
-                    "cloud sources need the control plane, which this hub does not have yet",
-                );
-                None
-            }
-            _ => {
-                c.problem(
-                    f,
-                    format!("{s:?}"),
-                    "a source is device:FILTER, task:NAME, shadow:THING or timer:EVERY",
-                );
-                None
-            }
+            Some(("cloud", _)) => refused(
+                c,
+                f,
+                s,
+                "cloud sources need the control plane, which this hub does not have yet",
+            ),
+            _ => refused(
+                c,
+                f,
+                s,
+                "a source is device:FILTER, task:NAME, shadow:THING or timer:EVERY",
+            ),
         }
     });
     let to = string(c, t, field, "to").and_then(|s| {
@@ -330,31 +327,25 @@ fn route(c: &mut Checker, field: &str, r: &Value, tasks: &HashSet<TaskName>) -> 
             Some(("device", topic)) if topic_filter_ok(topic) && !topic.contains(['+', '#']) => {
                 Some(RouteDestination::Device(topic.to_owned()))
             }
-            Some(("device", _)) => {
-                c.problem(
-                    f,
-                    format!("{s:?}"),
-                    "not a topic a message can be published to (no wildcards)",
-                );
-                None
-            }
+            Some(("device", _)) => refused(
+                c,
+                f,
+                s,
+                "not a topic a message can be published to (no wildcards)",
+            ),
             Some(("shadow", thing)) => thing_name(c, &f, thing).map(RouteDestination::Shadow),
-            Some(("cloud", _)) => {
-                c.problem(
-                    f,
-                    format!("{s:?}"),
-                    "cloud destinations need the control plane, which this hub does not have yet",
-                );
-                None
-            }
-            _ => {
-                c.problem(
-                    f,
-                    format!("{s:?}"),
-                    "a destination is task:NAME, device:TOPIC or shadow:THING",
-                );
-                None
-            }
+            Some(("cloud", _)) => refused(
+                c,
+                f,
+                s,
+                "cloud destinations need the control plane, which this hub does not have yet",
+            ),
+            _ => refused(
+                c,
+                f,
+                s,
+                "a destination is task:NAME, device:TOPIC or shadow:THING",
+            ),
         }
     });
     Some(RouteSpec {
@@ -370,12 +361,9 @@ const HUB_CREDENTIAL_VARS: &[&str] = &[
     "AWS_SESSION_TOKEN",
 ];
 
-/// A thing name as AWS IoT accepts it: 1 to 128 of `[a-zA-Z0-9:_-]`.
+/// A thing name as the shadows accept it (AWS IoT's rule).
 fn thing_name_ok(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 128
-        && n.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))
+    roost_shadows::ThingName::parse(n).is_ok()
 }
 
 fn thing_name(c: &mut Checker, field: &str, n: &str) -> Option<String> {
