@@ -5,7 +5,8 @@
 
 use crate::bench::{connect, stats, HubProcess, Sender};
 use crate::mqtt_bench::Client;
-use anyhow::{bail, Context, Result};
+use crate::shadow_cmd::Owner;
+use anyhow::{bail, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use mqtt5_protocol::packet::publish::PublishPacket;
@@ -13,42 +14,16 @@ use mqtt5_protocol::{Packet, QoS};
 use roost_overrides::sigv4;
 use std::time::{Duration, Instant};
 
-/// The owner's key pair from the hub's `aws-credentials`.
-fn owner_keys(data_dir: &std::path::Path) -> Result<(String, String)> {
-    let text = std::fs::read_to_string(data_dir.join("aws-credentials"))?;
-    let field = |k: &str| -> Result<String> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .map(|v| v.trim_start_matches([' ', '=']).trim().to_owned())
-            .with_context(|| format!("{k} missing from aws-credentials"))
-    };
-    Ok((field("aws_access_key_id")?, field("aws_secret_access_key")?))
-}
-
-fn now_s() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// A request signed the way botocore signs it (host and x-amz-date).
 fn signed(
     addr: &str,
-    keys: &(String, String),
+    owner: &Owner,
     method: &str,
     path: &str,
     body: Vec<u8>,
 ) -> Result<hyper::Request<Full<Bytes>>> {
-    let mut headers = http::HeaderMap::new();
-    headers.insert(http::header::HOST, addr.parse()?);
-    let m: http::Method = method.parse()?;
-    let uri: http::Uri = path.parse()?;
-    let req = sigv4::Request::from_http(&m, &uri, &headers, &body);
-    let auth = sigv4::sign(&req, &keys.0, &keys.1, "us-east-1", "iotdata", now_s())
-        .map_err(|e| anyhow::anyhow!("signing: {e}"))?;
-    let mut b = hyper::Request::builder().method(m).uri(uri);
-    for (k, v) in headers.iter().chain(auth.iter()) {
+    let mut b = hyper::Request::builder().method(method).uri(path);
+    for (k, v) in owner.sign(method, path, addr, &body)?.iter() {
         b = b.header(k, v);
     }
     Ok(b.body(Full::new(Bytes::from(body)))?)
@@ -87,7 +62,7 @@ pub async fn run(n: usize) -> Result<()> {
     let endpoints: serde_json::Value =
         serde_json::from_slice(&std::fs::read(hub.data_dir().join("endpoints.json"))?)?;
     let mqtt = endpoints["mqtt"].as_str().unwrap_or_default().to_owned();
-    let keys = owner_keys(hub.data_dir())?;
+    let owner = Owner::load(hub.data_dir())?;
     let addr = hub.addr.clone();
     let n = n.max(100);
 
@@ -102,7 +77,7 @@ pub async fn run(n: usize) -> Result<()> {
     let update = |i: usize| {
         signed(
             &addr,
-            &keys,
+            &owner,
             "POST",
             "/things/bench/shadow",
             format!(
@@ -112,7 +87,7 @@ pub async fn run(n: usize) -> Result<()> {
             .into_bytes(),
         )
     };
-    let get = || signed(&addr, &keys, "GET", "/things/bench/shadow", Vec::new());
+    let get = || signed(&addr, &owner, "GET", "/things/bench/shadow", Vec::new());
     for i in 0..200 {
         send(&mut s, healthz()).await?;
         send(&mut s, update(i)?).await?;
@@ -150,7 +125,7 @@ pub async fn run(n: usize) -> Result<()> {
         let secs = 2.0;
         let mut tasks = Vec::new();
         for c in 0..conns {
-            let (addr, keys) = (addr.clone(), keys.clone());
+            let (addr, owner) = (addr.clone(), owner.clone());
             tasks.push(tokio::spawn(async move {
                 let mut s = connect(&addr).await?;
                 let started = Instant::now();
@@ -159,7 +134,7 @@ pub async fn run(n: usize) -> Result<()> {
                     let body = format!(r#"{{"state":{{"reported":{{"n":{done}}}}}}}"#);
                     let req = signed(
                         &addr,
-                        &keys,
+                        &owner,
                         "POST",
                         &format!("/things/load-{c}/shadow"),
                         body.into_bytes(),
@@ -224,22 +199,17 @@ pub async fn run(n: usize) -> Result<()> {
     line("update -> update/accepted", upd, Some(bare_p50));
 
     println!("\nSigV4 verification, in process (a signed UpdateThingShadow)");
-    let mut headers = http::HeaderMap::new();
-    headers.insert(http::header::HOST, "127.0.0.1:8420".parse()?);
     let body = br#"{"state":{"reported":{"temp":21.5,"humidity":40}}}"#.to_vec();
     let (m, uri): (http::Method, http::Uri) =
         ("POST".parse()?, "/things/bench/shadow?name=cfg".parse()?);
-    let now = now_s();
-    let req = sigv4::Request::from_http(&m, &uri, &headers, &body);
-    let auth = sigv4::sign(&req, &keys.0, &keys.1, "us-east-1", "iotdata", now)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut full = headers.clone();
-    full.extend(auth);
+    let full = owner.sign("POST", &uri.to_string(), "127.0.0.1:8420", &body)?;
+    let now = (roost_store::now_ms() / 1000) as u64;
     let req = sigv4::Request::from_http(&m, &uri, &full, &body);
     let rounds = 100_000;
     let t = Instant::now();
     for _ in 0..rounds {
-        sigv4::verify(&req, |_| Some(keys.1.as_str()), now).map_err(|e| anyhow::anyhow!("{e}"))?;
+        sigv4::verify(&req, |_| Some(owner.secret.as_str()), now)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let per = t.elapsed().as_secs_f64() * 1e6 / rounds as f64;
     println!(

@@ -59,31 +59,67 @@ enum Action {
     },
 }
 
-/// The owner's key pair and region from the hub's profile files.
-fn owner(data_dir: &Path) -> Result<(String, String, String)> {
-    let read = |f: &str| {
-        std::fs::read_to_string(data_dir.join(f)).with_context(|| {
-            format!(
-                "cannot read {} (is --data-dir the hub's data dir? the hub writes it at start)",
-                data_dir.join(f).display()
-            )
-        })
-    };
-    let field = |text: &str, k: &str| {
-        text.lines()
-            .find_map(|l| {
-                let (key, v) = l.split_once('=')?;
-                (key.trim() == k).then(|| v.trim().to_owned())
+/// The hub owner's keys and region, from the profile files the hub writes.
+#[derive(Clone)]
+pub(crate) struct Owner {
+    pub key: String,
+    pub secret: String,
+    pub region: String,
+}
+
+impl Owner {
+    pub(crate) fn load(data_dir: &Path) -> Result<Self> {
+        let read = |f: &str| {
+            std::fs::read_to_string(data_dir.join(f)).with_context(|| {
+                format!(
+                    "cannot read {} (is --data-dir the hub's data dir? the hub writes it at start)",
+                    data_dir.join(f).display()
+                )
             })
-            .ok_or_else(|| anyhow!("{k} is missing from the hub's profile files"))
-    };
-    let creds = read("aws-credentials")?;
-    let config = read("aws-config")?;
-    Ok((
-        field(&creds, "aws_access_key_id")?,
-        field(&creds, "aws_secret_access_key")?,
-        field(&config, "region")?,
-    ))
+        };
+        let field = |text: &str, k: &str| {
+            text.lines()
+                .find_map(|l| {
+                    let (key, v) = l.split_once('=')?;
+                    (key.trim() == k).then(|| v.trim().to_owned())
+                })
+                .ok_or_else(|| anyhow!("{k} is missing from the hub's profile files"))
+        };
+        let creds = read("aws-credentials")?;
+        let config = read("aws-config")?;
+        Ok(Self {
+            key: field(&creds, "aws_access_key_id")?,
+            secret: field(&creds, "aws_secret_access_key")?,
+            region: field(&config, "region")?,
+        })
+    }
+
+    /// The headers that sign an IoT data plane request to `host` as
+    /// botocore would (`x-amz-date`, `authorization`; `host` included).
+    pub(crate) fn sign(
+        &self,
+        method: &str,
+        path: &str,
+        host: &str,
+        body: &[u8],
+    ) -> Result<http::HeaderMap> {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::HOST, host.parse()?);
+        let m: http::Method = method.parse()?;
+        let uri: http::Uri = path.parse()?;
+        let now = (roost_store::now_ms() / 1000) as u64;
+        let auth = sigv4::sign(
+            &sigv4::Request::from_http(&m, &uri, &headers, body),
+            &self.key,
+            &self.secret,
+            &self.region,
+            "iotdata",
+            now,
+        )
+        .map_err(|e| anyhow!("cannot sign the request: {e}"))?;
+        headers.extend(auth);
+        Ok(headers)
+    }
 }
 
 fn encode(s: &str) -> String {
@@ -147,29 +183,14 @@ pub fn run(opts: ShadowOpts) -> Result<()> {
             common,
         ),
     };
-    let (key, secret, region) = owner(&common.data_dir)?;
+    let owner = Owner::load(&common.data_dir)?;
     let base = reqwest::Url::parse(&common.hub.hub).context("--hub is not a URL")?;
     let host = match (base.host_str(), base.port()) {
         (Some(h), Some(p)) => format!("{h}:{p}"),
         (Some(h), None) => h.to_owned(),
         _ => bail!("--hub {} has no host", common.hub.hub),
     };
-    let mut headers = http::HeaderMap::new();
-    headers.insert(http::header::HOST, host.parse()?);
-    let m: http::Method = method.parse()?;
-    let uri: http::Uri = path.parse()?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    let signed = sigv4::sign(
-        &sigv4::Request::from_http(&m, &uri, &headers, &body),
-        &key,
-        &secret,
-        &region,
-        "iotdata",
-        now,
-    )
-    .map_err(|e| anyhow!("cannot sign the request: {e}"))?;
+    let signed = owner.sign(method, &path, &host, &body)?;
     let client = reqwest::blocking::Client::new();
     let mut req = client.request(
         reqwest::Method::from_bytes(method.as_bytes())?,
