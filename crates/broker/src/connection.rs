@@ -402,28 +402,23 @@ impl Conn {
             queued = std::mem::take(&mut session.queue);
             self.incoming_qos2 = session.qos2_in.clone();
         }
-        self.session_expiry = match c.properties.get_session_expiry_interval() {
-            Some(s) if self.version == 5 && s > 0 && s < u32::MAX => {
-                Some(Duration::from_secs(s as u64))
-            }
-            _ => None,
-        };
-        if let Some(p) = &self.broker.inner.persist {
-            // Submitted in order, ahead of anything this session does next.
-            if c.clean_start || !persistent {
-                background(p.drop_session(&client_id));
-            }
-            if persistent {
-                background(p.save_session(
-                    &client_id,
-                    (!policy.device.name.is_empty()).then_some(policy.device.name.as_str()),
-                    self.session_expiry.map(|d| d.as_secs() as u32),
-                ));
-            }
-        }
+        self.session_expiry = c
+            .properties
+            .get_session_expiry_interval()
+            .filter(|&s| self.version == 5 && s > 0)
+            .and_then(session_expiry);
         self.persistent = persistent;
         self.client_id = client_id;
         self.policy = policy;
+        if let Some(p) = &self.broker.inner.persist {
+            // Submitted in order, ahead of anything this session does next.
+            if c.clean_start || !persistent {
+                background(p.drop_session(&self.client_id));
+            }
+        }
+        if persistent {
+            self.save_session();
+        }
         if self.version == 5 {
             let mut ack = ConnAckPacket::new(session_present, ReasonCode::Success);
             let mut p = Properties::new();
@@ -494,6 +489,18 @@ impl Conn {
             .expire_session_after(self.client_id.clone(), self.conn_id, expiry);
     }
 
+    /// Keeps this persistent session (its device and expiry) in the store.
+    fn save_session(&self) {
+        if let Some(p) = &self.broker.inner.persist {
+            let device = &self.policy.device.name;
+            background(p.save_session(
+                &self.client_id,
+                (!device.is_empty()).then_some(device.as_str()),
+                self.session_expiry.map(|d| d.as_secs() as u32),
+            ));
+        }
+    }
+
     /// MQTT 5 lets a client change its session's expiry when it leaves
     /// (3.14.2.2.2): 0 ends the session with the connection, the maximum
     /// keeps it forever; a session that had none may not gain one.
@@ -508,10 +515,7 @@ impl Conn {
                 Err(ReasonCode::ProtocolError)
             };
         }
-        self.session_expiry = match secs {
-            u32::MAX => None,
-            s => Some(Duration::from_secs(s as u64)),
-        };
+        self.session_expiry = session_expiry(secs);
         if secs == 0 {
             self.persistent = false;
             if let Some(s) = self
@@ -527,14 +531,8 @@ impl Conn {
             if let Some(p) = &self.broker.inner.persist {
                 background(p.drop_session(&self.client_id));
             }
-        } else if let Some(p) = &self.broker.inner.persist {
-            let device =
-                (!self.policy.device.name.is_empty()).then_some(self.policy.device.name.as_str());
-            background(p.save_session(
-                &self.client_id,
-                device,
-                self.session_expiry.map(|d| d.as_secs() as u32),
-            ));
+        } else {
+            self.save_session();
         }
         Ok(())
     }
@@ -1039,6 +1037,11 @@ impl Conn {
         }
         tracing::debug!(client = %self.client_id, clean, "MQTT client left");
     }
+}
+
+/// An MQTT 5 session expiry interval: the maximum means never.
+fn session_expiry(secs: u32) -> Option<Duration> {
+    (secs != u32::MAX).then(|| Duration::from_secs(secs as u64))
 }
 
 enum Step {

@@ -234,23 +234,23 @@ fn decode_properties(b: &[u8]) -> Properties {
     Properties::decode(&mut &b[..]).unwrap_or_default()
 }
 
-/// An expiry instant as wall-clock milliseconds, for the store.
-fn wall_clock_ms(at: std::time::Instant) -> i64 {
-    let now_ms = std::time::SystemTime::now()
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    let left = at.saturating_duration_since(std::time::Instant::now());
-    now_ms + left.as_millis() as i64
+        .unwrap_or(0)
+}
+
+/// An expiry instant as wall-clock milliseconds, for the store.
+fn wall_clock_ms(at: std::time::Instant) -> i64 {
+    now_ms()
+        + at.saturating_duration_since(std::time::Instant::now())
+            .as_millis() as i64
 }
 
 /// A stored wall-clock expiry as an instant (now, if already past).
 fn instant_of_wall_clock(ms: i64) -> std::time::Instant {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    std::time::Instant::now() + std::time::Duration::from_millis((ms - now_ms).max(0) as u64)
+    std::time::Instant::now() + std::time::Duration::from_millis((ms - now_ms()).max(0) as u64)
 }
 
 /// A hook called with (topic, payload) of each message a client publishes.
