@@ -35,22 +35,26 @@ fn script(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Runs a client script; panics with its output and the hub's log unless
-/// it passes.
-fn run_py(hub: &TestHub, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let out = Command::new(python())
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
+/// Runs a client; panics with its output and the hub's log unless it
+/// passes.
+fn run_ok(hub: &TestHub, cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
-        "{args:?} failed:\n{}\n{}\nhub log:\n{}",
+        "{cmd:?} failed:\n{}\n{}\nhub log:\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
         hub.log_text()
     );
     out
+}
+
+/// Runs a Python client script with `$PYTHON`.
+fn run_py(hub: &TestHub, args: &[&str], env: &[(&str, &str)]) -> Output {
+    run_ok(
+        hub,
+        Command::new(python()).args(args).envs(env.iter().copied()),
+    )
 }
 
 /// Deploys with the given variables set in the deploying shell.
@@ -130,7 +134,7 @@ fn boto3_as_the_owner_gets_shadows_lambda_publish_and_secrets_with_aws_semantics
             "-h",
             "127.0.0.1",
             "-p",
-            port(&hub),
+            hub.mqtt_port(),
             "-V",
             "mqttv5",
             "-t",
@@ -193,115 +197,6 @@ fn boto3_as_the_owner_gets_shadows_lambda_publish_and_secrets_with_aws_semantics
         "{m}"
     );
     assert!(m.contains("roost_shadow_requests_total"), "{m}");
-}
-
-/// `roost passwd` with the password on stdin.
-fn password_hash(password: &str) -> String {
-    use std::io::Write;
-    let mut child = Command::new(roost_bin())
-        .arg("passwd")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(password.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-#[test]
-fn the_aws_sdk_for_javascript_works_against_the_hub_too() {
-    // node_modules beside the npm Lambda runtime client scripts/test.sh
-    // installs (it installs the SDK there too).
-    let ric = std::env::var("ROOST_NODE_RIC").expect(
-        "set ROOST_NODE_RIC to aws-lambda-ric's bin/index.mjs (scripts/test.sh installs it and the AWS SDK for JavaScript beside it)",
-    );
-    let modules = Path::new(&ric).ancestors().nth(3).unwrap().to_owned();
-    let hub = TestHub::start(&[]);
-    let pkg = Package::new(&owner_manifest(), &["echo.wat", "trap.wat", "stderr.wat"]);
-    let out = deploy_with(&hub, &pkg.manifest(), &[("DB_PASSWORD", "js-pw")]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let d = hub.data_dir.display().to_string();
-    let out = Command::new("node")
-        .arg(script("owner_sdk.cjs"))
-        .env("NODE_PATH", &modules)
-        .env("NODE_NO_WARNINGS", "1")
-        .env(
-            "AWS_SHARED_CREDENTIALS_FILE",
-            format!("{d}/aws-credentials"),
-        )
-        .env("AWS_CONFIG_FILE", format!("{d}/aws-config"))
-        .env("AWS_PROFILE", "roost")
-        .env("EXPECT_SECRET", "js-pw")
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env_remove("AWS_REGION")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}\nhub log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        hub.log_text()
-    );
-}
-
-#[test]
-fn the_cli_reads_and_changes_shadows_with_the_owners_keys() {
-    let hub = TestHub::start(&[]);
-    let d = hub.data_dir.display().to_string();
-    let shadow = |args: &[&str]| {
-        let out = hub.cli(&[&["shadow"], args, &["--data-dir", &d]].concat());
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let (ok, out, err) = shadow(&["update", "lamp-1", r#"{"state":{"desired":{"on":true}}}"#]);
-    assert!(ok, "{err}");
-    assert!(out.contains("\"version\": 1"), "{out}");
-    let (ok, out, _) = shadow(&[
-        "update",
-        "lamp-1",
-        "--name",
-        "cfg",
-        r#"{"state":{"reported":{"x":1}}}"#,
-    ]);
-    assert!(ok, "{out}");
-    let (ok, out, _) = shadow(&["get", "lamp-1"]);
-    assert!(ok && out.contains("\"delta\""), "{out}");
-    let (ok, out, _) = shadow(&["list", "lamp-1"]);
-    assert!(ok && out.contains("\"cfg\""), "{out}");
-    let (ok, _, err) = shadow(&[
-        "update",
-        "lamp-1",
-        r#"{"state":{"desired":{"on":false}},"version":7}"#,
-    ]);
-    assert!(!ok && err.contains("ConflictException"), "{err}");
-    let (ok, _, _) = shadow(&["delete", "lamp-1"]);
-    assert!(ok);
-    let (ok, _, err) = shadow(&["get", "lamp-1"]);
-    assert!(!ok && err.contains("ResourceNotFoundException"), "{err}");
-    // Without the hub's profile files there is nothing to sign with.
-    let out = hub.cli(&["shadow", "get", "lamp-1", "--data-dir", "/nonexistent"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("aws-credentials"));
-}
-
-fn port(hub: &TestHub) -> &str {
-    hub.mqtt.rsplit(':').next().unwrap()
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -440,7 +335,6 @@ print(r['FunctionError'], r['Payload'].read().decode())"#,
 
 #[test]
 fn devices_use_the_shadow_topics_and_deltas_feed_routes() {
-    let py = python();
     let hub = TestHub::start(&["--allow-anonymous"]);
     let hash = password_hash("lamp-pw");
     let manifest = task("echo", "echo.wat", "")
@@ -455,31 +349,28 @@ fn devices_use_the_shadow_topics_and_deltas_feed_routes() {
         + "[[route]]\nfrom = \"device:heater/set\"\nto = \"shadow:heater\"\n";
     let pkg = Package::new(&manifest, &["echo.wat"]);
     hub.deploy(&pkg.manifest());
-    let out = Command::new(&py)
-        .arg(script("device.py"))
-        .args(["127.0.0.1", port(&hub), "lamp-pw"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}\nhub log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        hub.log_text()
+    run_py(
+        &hub,
+        &[
+            script("device.py").to_str().unwrap(),
+            "127.0.0.1",
+            hub.mqtt_port(),
+            "lamp-pw",
+        ],
+        &[],
     );
     // The AWS IoT Device SDK v2 (awscrt MQTT, its shadow client) parses
     // every answer; it appends usage metrics to its user name, as on AWS.
-    let out = Command::new(&py)
-        .arg(script("sdk_device.py"))
-        .args(["127.0.0.1", port(&hub), "fan-1", "fan-pw"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}\nhub log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        hub.log_text()
+    run_py(
+        &hub,
+        &[
+            script("sdk_device.py").to_str().unwrap(),
+            "127.0.0.1",
+            hub.mqtt_port(),
+            "fan-1",
+            "fan-pw",
+        ],
+        &[],
     );
     // The device could not touch a shadow outside its policy.
     assert_eq!(get_shadow(&hub, "other"), "ResourceNotFoundException");
@@ -501,7 +392,7 @@ fn an_accepted_shadow_update_survives_kill_9() {
             "-h",
             "127.0.0.1",
             "-p",
-            port(&hub),
+            hub.mqtt_port(),
             "-t",
             "$aws/things/vault/shadow/update/accepted",
             "-C",
@@ -541,6 +432,85 @@ fn an_accepted_shadow_update_survives_kill_9() {
     assert!(named.contains("\"open\":false"), "{named}");
 }
 
+#[test]
+fn the_aws_sdk_for_javascript_works_against_the_hub_too() {
+    // node_modules beside the npm Lambda runtime client scripts/test.sh
+    // installs (it installs the SDK there too).
+    let ric = std::env::var("ROOST_NODE_RIC").expect(
+        "set ROOST_NODE_RIC to aws-lambda-ric's bin/index.mjs (scripts/test.sh installs it and the AWS SDK for JavaScript beside it)",
+    );
+    let modules = Path::new(&ric).ancestors().nth(3).unwrap().to_owned();
+    let hub = TestHub::start(&[]);
+    let pkg = Package::new(&owner_manifest(), &["echo.wat", "trap.wat", "stderr.wat"]);
+    let out = deploy_with(&hub, &pkg.manifest(), &[("DB_PASSWORD", "js-pw")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = hub.data_dir.display().to_string();
+    run_ok(
+        &hub,
+        Command::new("node")
+            .arg(script("owner_sdk.cjs"))
+            .env("NODE_PATH", &modules)
+            .env("NODE_NO_WARNINGS", "1")
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                format!("{d}/aws-credentials"),
+            )
+            .env("AWS_CONFIG_FILE", format!("{d}/aws-config"))
+            .env("AWS_PROFILE", "roost")
+            .env("EXPECT_SECRET", "js-pw")
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_REGION"),
+    );
+}
+
+#[test]
+fn the_cli_reads_and_changes_shadows_with_the_owners_keys() {
+    let hub = TestHub::start(&[]);
+    let d = hub.data_dir.display().to_string();
+    let shadow = |args: &[&str]| {
+        let out = hub.cli(&[&["shadow"], args, &["--data-dir", &d]].concat());
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = shadow(&["update", "lamp-1", r#"{"state":{"desired":{"on":true}}}"#]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"version\": 1"), "{out}");
+    let (ok, out, _) = shadow(&[
+        "update",
+        "lamp-1",
+        "--name",
+        "cfg",
+        r#"{"state":{"reported":{"x":1}}}"#,
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out, _) = shadow(&["get", "lamp-1"]);
+    assert!(ok && out.contains("\"delta\""), "{out}");
+    let (ok, out, _) = shadow(&["list", "lamp-1"]);
+    assert!(ok && out.contains("\"cfg\""), "{out}");
+    let (ok, _, err) = shadow(&[
+        "update",
+        "lamp-1",
+        r#"{"state":{"desired":{"on":false}},"version":7}"#,
+    ]);
+    assert!(!ok && err.contains("ConflictException"), "{err}");
+    let (ok, _, _) = shadow(&["delete", "lamp-1"]);
+    assert!(ok);
+    let (ok, _, err) = shadow(&["get", "lamp-1"]);
+    assert!(!ok && err.contains("ResourceNotFoundException"), "{err}");
+    // Without the hub's profile files there is nothing to sign with.
+    let out = hub.cli(&["shadow", "get", "lamp-1", "--data-dir", "/nonexistent"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("aws-credentials"));
+}
+
 trait Publish {
     fn kill9_safe_publish(&self, topic: &str, payload: &str) -> Output;
 }
@@ -553,7 +523,7 @@ impl Publish for TestHub {
                 "-h",
                 "127.0.0.1",
                 "-p",
-                port(self),
+                self.mqtt_port(),
                 "-q",
                 "1",
                 "-t",

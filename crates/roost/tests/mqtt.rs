@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 fn host_port(hub: &TestHub) -> (String, String) {
-    let (h, p) = hub.mqtt.rsplit_once(':').unwrap();
-    (h.to_owned(), p.to_owned())
+    let (h, _) = hub.mqtt.rsplit_once(':').unwrap();
+    (h.to_owned(), hub.mqtt_port().to_owned())
 }
 
 fn pub_(hub: &TestHub, args: &[&str]) -> std::process::Output {
@@ -73,24 +73,6 @@ fn lines(c: Child) -> Vec<String> {
         .collect()
 }
 
-fn hash(password: &str) -> String {
-    let mut child = Command::new(roost_bin())
-        .arg("passwd")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(password.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 fn hub_with_devices() -> (TestHub, Package) {
     let hub = TestHub::start(&[]);
     let manifest = format!(
@@ -107,8 +89,8 @@ password_hash = "{}"
 publish = ["commands/#"]
 subscribe = ["sensors/#"]
 "#,
-        hash("s1-secret"),
-        hash("panel-secret")
+        password_hash("s1-secret"),
+        password_hash("panel-secret")
     );
     let pkg = Package::new(&manifest, &[]);
     hub.deploy(&pkg.manifest());
@@ -874,7 +856,7 @@ fn a_device_logs_in_over_tls_with_its_client_certificate() {
     ]);
     let manifest = format!(
         "[[device]]\nname = \"sensor-1\"\npublish = [\"sensors/{{device}}/#\"]\n\n[[device]]\nname = \"panel\"\npassword_hash = \"{}\"\nsubscribe = [\"sensors/#\"]\n",
-        hash("panel-secret")
+        password_hash("panel-secret")
     );
     let pkg = Package::new(&manifest, &[]);
     hub.deploy(&pkg.manifest());

@@ -282,3 +282,31 @@ pub fn id_of(resp: reqwest::blocking::Response) -> String {
         .unwrap()
         .to_owned()
 }
+
+/// `roost passwd` with the password on stdin: an argon2 hash for a
+/// `[[device]]`.
+pub fn password_hash(password: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(roost_bin())
+        .arg("passwd")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(password.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+impl TestHub {
+    /// The MQTT broker's port.
+    pub fn mqtt_port(&self) -> &str {
+        self.mqtt.rsplit_once(':').unwrap().1
+    }
+}
