@@ -237,16 +237,16 @@ async fn apply(
             {
                 return (Err(ShadowFailure::Store(e.to_string())), token);
             }
-            let prefix = id.topic_prefix();
             if let Some(delta) = &outcome.delta {
+                let topic = roost_shadows::delta_topic(id);
                 let body = Bytes::from(delta.to_string());
-                publish(inner, &format!("{prefix}/update/delta"), body.clone());
+                publish(inner, &topic, body.clone());
                 let routes = inner.routes.read().clone();
-                routes.on_shadow_delta(id.thing.as_str(), &format!("{prefix}/update/delta"), &body);
+                routes.on_shadow_delta(id.thing.as_str(), &topic, &body);
             }
             publish(
                 inner,
-                &format!("{prefix}/update/documents"),
+                &roost_shadows::documents_topic(id),
                 Bytes::from(outcome.documents.to_string()),
             );
             (Ok((Some(outcome.record), outcome.accepted)), token)
@@ -321,7 +321,7 @@ fn answer(
 }
 
 /// The `/rejected` document for any failure.
-pub fn rejection(e: &ShadowFailure, token: Option<&str>) -> Value {
+fn rejection(e: &ShadowFailure, token: Option<&str>) -> Value {
     let now = now_s();
     match e {
         ShadowFailure::Rejected(e) => e.rejected(token, now),
