@@ -57,4 +57,4 @@ step "cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
 
 step "cargo test"
-cargo test --workspace --quiet "$@"
+cargo test --workspace --quiet --no-fail-fast "$@"

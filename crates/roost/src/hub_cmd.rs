@@ -314,8 +314,9 @@ async fn serve(opts: HubOpts) -> Result<()> {
     let app = roost_api::router(hub.clone(), opts.token.clone());
     tracing::info!(url = %format!("{scheme}://{addr}"), mqtt = %mqtt_addr, anonymous = opts.allow_anonymous, budget_mb = hub.config().memory_budget_mb, "roost hub serving");
     if opts.example {
+        let data = opts.data_dir.display();
         eprintln!(
-            "\nThe example is deployed. Try:\n  curl -d 'world' {scheme}://{addr}/v1/tasks/greet/calls\n  roost call echo --input - --hub {scheme}://{addr} <<< 'hi'\n  roost tasks --hub {scheme}://{addr}\n"
+            "\nThe example is deployed. Try:\n  curl -d 'world' {scheme}://{addr}/v1/tasks/greet/calls\n  roost call echo --input - --hub {scheme}://{addr} <<< 'hi'\n  roost tasks --hub {scheme}://{addr}\n  roost shadow update lamp '{{\"state\":{{\"desired\":{{\"on\":true}}}}}}' --data-dir {data} --hub {scheme}://{addr}\n\nAny AWS SDK or the AWS CLI reaches the hub's local Lambda, IoT data plane and\nSecrets Manager with the profile the hub wrote:\n  export AWS_SHARED_CREDENTIALS_FILE={data}/aws-credentials AWS_CONFIG_FILE={data}/aws-config AWS_PROFILE=roost\n  aws iot-data get-thing-shadow --thing-name lamp lamp.json && cat lamp.json\n  aws lambda invoke --function-name greet --payload '\"world\"' out.json && cat out.json\n"
         );
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

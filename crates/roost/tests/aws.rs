@@ -30,9 +30,7 @@ fn python() -> String {
 }
 
 fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/aws")
-        .join(name)
+    crate_dir().join("tests/aws").join(name)
 }
 
 /// Runs a client; panics with its output and the hub's log unless it
@@ -129,36 +127,15 @@ fn boto3_as_the_owner_gets_shadows_lambda_publish_and_secrets_with_aws_semantics
     }
     assert!(!on_disk.windows(6).any(|w| w == b"s3cr3t"));
 
-    let sub = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            hub.mqtt_port(),
-            "-V",
-            "mqttv5",
-            "-t",
-            "alerts/#",
-            "-F",
-            "%p|%P|%C",
-            "-C",
-            "1",
-            "-W",
-            "30",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let sub = hub.subscribe_plain(&["-V", "mqttv5", "-t", "alerts/#", "-F", "%p|%P|%C"], 1, 30);
     let d = hub.data_dir.display().to_string();
     run_py(
         &hub,
         &[script("owner.py").to_str().unwrap(), &d],
         &[("EXPECT_SECRET", "s3cr3t-Ü")],
     );
-    let got = sub.wait_with_output().unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&got.stdout).trim(),
+        sub.output().trim(),
         "from-boto3|site:plant-7|text/plain",
         "Publish carries its MQTT 5 properties"
     );
@@ -263,7 +240,7 @@ fn a_process_task_uses_boto3_unconfigured_and_gets_only_what_allow_grants() {
     let pkg = Package::new(&manifest, &["echo.wat"]);
     let status = Command::new("cp")
         .arg("-a")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lambda/boto"))
+        .arg(crate_dir().join("tests/lambda/boto"))
         .arg(pkg.path().join("boto"))
         .status()
         .unwrap();
@@ -387,31 +364,12 @@ fn devices_use_the_shadow_topics_and_deltas_feed_routes() {
 fn an_accepted_shadow_update_survives_kill_9() {
     let mut hub = TestHub::start(&["--allow-anonymous"]);
     // Over MQTT: the accepted reply is sent only after the commit.
-    let mut sub = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            hub.mqtt_port(),
-            "-t",
-            "$aws/things/vault/shadow/update/accepted",
-            "-C",
-            "1",
-            "-W",
-            "20",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let sub = hub.subscribe_plain(&["-t", "$aws/things/vault/shadow/update/accepted"], 1, 20);
     hub.kill9_safe_publish(
         "$aws/things/vault/shadow/update",
         r#"{"state":{"reported":{"locked":true}},"clientToken":"k9"}"#,
     );
-    let mut got = String::new();
-    use std::io::Read;
-    sub.stdout.take().unwrap().read_to_string(&mut got).unwrap();
-    sub.wait().unwrap();
+    let got = sub.output();
     assert!(got.contains("\"clientToken\":\"k9\""), "{got}");
     // Over HTTP with boto3: the 200 means it is on disk.
     as_owner(

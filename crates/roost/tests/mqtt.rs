@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn host_port(hub: &TestHub) -> (String, String) {
@@ -23,54 +23,14 @@ fn pub_(hub: &TestHub, args: &[&str]) -> std::process::Output {
         .expect("mosquitto_pub (apt install mosquitto-clients)")
 }
 
-/// A subscriber collecting `count` messages (or until the timeout).
-fn sub(hub: &TestHub, args: &[&str], count: usize, secs: u32) -> Child {
-    let (h, p) = host_port(hub);
-    let child = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            &h,
-            "-p",
-            &p,
-            "-v",
-            "-C",
-            &count.to_string(),
-            "-W",
-            &secs.to_string(),
-        ])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_sub (apt install mosquitto-clients)");
-    // Give it time to subscribe.
-    std::thread::sleep(Duration::from_millis(500));
-    child
+/// A subscriber collecting `count` messages (or until the timeout), started
+/// once the broker has acknowledged its subscription.
+fn sub(hub: &TestHub, args: &[&str], count: usize, secs: u32) -> Subscriber {
+    hub.subscribe(args, count, secs)
 }
 
-/// Waits until the device shows as connected (its login is done).
-fn wait_connected(hub: &TestHub, device: &str) {
-    wait_until(
-        &format!("{device} to be connected"),
-        Duration::from_secs(20),
-        || {
-            hub.get_json("/v1/devices")["devices"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|d| d["name"] == device && d["connected"] == true)
-        },
-    );
-    // ...and its SUBSCRIBE, sent right after the CONNACK, handled.
-    std::thread::sleep(Duration::from_millis(200));
-}
-
-fn lines(c: Child) -> Vec<String> {
-    let out = c.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
+fn lines(s: Subscriber) -> Vec<String> {
+    s.lines()
 }
 
 fn hub_with_devices() -> (TestHub, Package) {
@@ -214,7 +174,6 @@ fn device_cannot_publish_or_subscribe_outside_its_policy() {
         2,
         4,
     );
-    wait_connected(&hub, "panel");
     // Inside the policy: delivered. Outside: dropped, and MQTT 5 says so.
     let ok = pub_(
         &hub,
@@ -881,7 +840,6 @@ fn a_device_logs_in_over_tls_with_its_client_certificate() {
         1,
         10,
     );
-    wait_connected(&hub, "panel");
     let tls_pub = |extra: &[&str]| {
         Command::new("mosquitto_pub")
             .args([

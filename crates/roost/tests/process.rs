@@ -6,7 +6,7 @@
 
 mod common;
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 fn python() -> String {
@@ -24,7 +24,7 @@ fn python() -> String {
 }
 
 fn lambda_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lambda")
+    crate_dir().join("tests/lambda")
 }
 
 /// A package with the fixture folders copied in (modes kept) and a manifest.
@@ -523,12 +523,7 @@ fn a_routed_message_reaches_a_python_handler_with_its_topic() {
     let pkg = package(&manifest, &["py"]);
     hub.deploy(&pkg.manifest());
     let (h, p) = hub.mqtt.rsplit_once(':').unwrap();
-    let seen = std::process::Command::new("mosquitto_sub")
-        .args(["-h", h, "-p", p, "-t", "seen", "-C", "1", "-W", "15"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let seen = hub.subscribe_plain(&["-t", "seen"], 1, 15);
     let ok = std::process::Command::new("mosquitto_pub")
         .args([
             "-h",
@@ -545,13 +540,8 @@ fn a_routed_message_reaches_a_python_handler_with_its_topic() {
         .status()
         .unwrap();
     assert!(ok.success());
-    let out = seen.wait_with_output().unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    assert_eq!(
-        v["topic"],
-        "events/door",
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let out = seen.output();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    assert_eq!(v["topic"], "events/door", "{out}");
     assert_eq!(v["event"]["open"], true);
 }

@@ -10,8 +10,18 @@ pub fn roost_bin() -> &'static str {
     env!("CARGO_BIN_EXE_roost")
 }
 
+/// This crate's folder, as cargo names it when it runs the tests. Read at
+/// run time: a test binary reused from a build made in another checkout of
+/// the same target dir (cargo does not rebuild for a moved workspace) would
+/// carry that checkout's compile-time path.
+pub fn crate_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 pub fn wasm_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wasm")
+    crate_dir().join("tests/wasm")
 }
 
 pub struct TestHub {
@@ -308,5 +318,83 @@ impl TestHub {
     /// The MQTT broker's port.
     pub fn mqtt_port(&self) -> &str {
         self.mqtt.rsplit_once(':').unwrap().1
+    }
+}
+
+/// A `mosquitto_sub` whose subscription the broker has acknowledged, so
+/// whatever is published after `subscribe` returns reaches it. It runs with
+/// `-d`: its debug lines are read up to "received SUBACK" and kept out of
+/// what it printed. (Sleeping "long enough" instead raced on a loaded CI.)
+pub struct Subscriber {
+    child: Child,
+    printed: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl TestHub {
+    /// Starts `mosquitto_sub -v -C count -W secs ARGS` against the broker and
+    /// returns once it has its SUBACK.
+    pub fn subscribe(&self, args: &[&str], count: usize, secs: u32) -> Subscriber {
+        self.subscribe_plain(&[&["-v"], args].concat(), count, secs)
+    }
+
+    /// As `subscribe`, without `-v` (for `-F` formats or bare payloads).
+    pub fn subscribe_plain(&self, args: &[&str], count: usize, secs: u32) -> Subscriber {
+        use std::io::BufRead;
+        let (host, _) = self.mqtt.rsplit_once(':').unwrap();
+        // Line-buffered (stdbuf): a pipe would hold the SUBACK line back
+        // until mosquitto_sub exits.
+        let mut child = Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub"])
+            .args(["-h", host, "-p", self.mqtt_port(), "-d"])
+            .args(["-C", &count.to_string(), "-W", &secs.to_string()])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("mosquitto_sub (apt install mosquitto-clients)");
+        let stdout = child.stdout.take().unwrap();
+        let (subscribed, acked) = std::sync::mpsc::sync_channel(1);
+        let printed = std::thread::spawn(move || {
+            let mut printed = Vec::new();
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.starts_with("Client ") {
+                    if line.ends_with("received SUBACK") {
+                        let _ = subscribed.try_send(());
+                    }
+                } else if !line.starts_with("Subscribed (mid:") {
+                    printed.push(line);
+                }
+            }
+            printed
+        });
+        // Disconnected: it has already left (a resumed session's queued
+        // messages can fill `-C` before the SUBACK); its output says why.
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            acked.recv_timeout(Duration::from_secs(30))
+        {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "mosquitto_sub {args:?} got no SUBACK: {}\nhub log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.log_text()
+            );
+        }
+        Subscriber { child, printed }
+    }
+}
+
+impl Subscriber {
+    /// What it printed, a line each, once it has left (after `count`
+    /// messages or its timeout).
+    pub fn lines(mut self) -> Vec<String> {
+        self.child.wait().unwrap();
+        self.printed.join().unwrap()
+    }
+
+    /// What it printed, as one string.
+    pub fn output(self) -> String {
+        self.lines().join("\n")
     }
 }
