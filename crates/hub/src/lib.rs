@@ -63,6 +63,8 @@ pub struct HubConfig {
     pub api_url: Option<String>,
     /// The certificate tasks should trust for it, when it is served over TLS.
     pub api_ca_bundle: Option<PathBuf>,
+    /// Run each process task under its own user and group (needs root).
+    pub task_identities: bool,
 }
 
 impl HubConfig {
@@ -86,6 +88,7 @@ impl HubConfig {
             shadow_limits: roost_shadows::Limits::default(),
             api_url: None,
             api_ca_bundle: None,
+            task_identities: false,
         }
     }
 }
@@ -94,6 +97,36 @@ impl HubConfig {
 /// shadow's request topics.
 pub fn reserved_topic(topic: &str) -> bool {
     topic.starts_with("$aws/") && roost_shadows::parse_request_topic(topic).is_none()
+}
+
+/// Closes what the hub keeps in its data dir to everyone but its own user:
+/// the store (with its WAL), the hub key, the owner's credentials, the
+/// compiled code and the unpacked deployments (a process task's own folder
+/// is opened to that task alone when it is prepared). Files made later are
+/// private too (the hub runs with umask 077). The data dir itself keeps its
+/// mode: it may be a folder the hub does not own alone.
+fn make_private(data_dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let set = |name: &str, mode: u32| {
+        let p = data_dir.join(name);
+        if p.exists() {
+            if let Err(e) = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)) {
+                tracing::warn!(path = %p.display(), error = %e, "cannot make this private");
+            }
+        }
+    };
+    for f in [
+        "roost.db",
+        "roost.db-wal",
+        "roost.db-shm",
+        credentials::KEY_FILE,
+        "aws-credentials",
+    ] {
+        set(f, 0o600);
+    }
+    for d in ["code", "cache", "deployments", "run"] {
+        set(d, 0o700);
+    }
 }
 
 /// A short, stable id for the hub owning `data_dir`: names its worker
@@ -189,6 +222,7 @@ impl Hub {
         }
         let store = Arc::new(Store::open(&config.data_dir.join("roost.db"))?);
         let key = credentials::HubKey::load_or_create(&config.data_dir).map_err(StartError::Key)?;
+        make_private(&config.data_dir);
         let wasm = Arc::new(roost_runtime_wasm::WasmRuntime::new(
             roost_runtime_wasm::WasmConfig {
                 cache_dir: config.data_dir.join("cache"),
@@ -206,6 +240,8 @@ impl Hub {
                 } else {
                     roost_runtime_process::pool::PoolPolicy::Demand
                 },
+                task_identities: config.task_identities,
+                data_dir: config.data_dir.clone(),
             },
             logs.clone(),
         );

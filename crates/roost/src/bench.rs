@@ -129,6 +129,10 @@ impl HubProcess {
             .arg("--data-dir")
             .arg(data.path())
             .args(["--http", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"])
+            // The benchmarks' Python is usually a venv in a private home,
+            // which a task's own user could not reach; identities change
+            // only how workers start, not a warm call.
+            .args(["--task-identities", "off"])
             .args(extra)
             .env("ROOST_LOG", "warn")
             .stdout(Stdio::null())

@@ -106,6 +106,14 @@ pub struct HubOpts {
     /// Deepest nesting of objects inside a shadow's desired or reported.
     #[arg(long, env = "ROOST_SHADOW_MAX_DEPTH", default_value_t = 6)]
     shadow_max_depth: usize,
+    /// Run each process task's workers under a user and group of its own
+    /// (a code group's tasks share one), so a task cannot read the hub's
+    /// key, store or credentials, nor another task's code. `auto`: on when
+    /// the hub runs as root. `on` refuses to start otherwise. With it on, a
+    /// task's runtime (its python, node, ...) must be readable by other
+    /// users: not under a private home folder.
+    #[arg(long, env = "ROOST_TASK_IDENTITIES", default_value = "auto", value_parser = ["auto", "on", "off"])]
+    task_identities: String,
     /// Deploy the bundled example (tasks `echo` and `greet`) on start.
     #[arg(long)]
     example: bool,
@@ -200,6 +208,13 @@ pub fn run(opts: HubOpts) -> Result<()> {
             opts.http
         );
     }
+    if opts.task_identities == "on" && !roost_runtime_process::identity::can_switch() {
+        bail!("--task-identities on needs the hub to run as root (or use auto/off)");
+    }
+    // Whatever the hub writes (store, keys, packages) is its own; what a
+    // task needs is opened to that task explicitly.
+    // SAFETY: umask has no preconditions; set before any thread starts.
+    unsafe { libc::umask(0o077) };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("roost")
@@ -223,6 +238,10 @@ async fn serve(opts: HubOpts) -> Result<()> {
     config.retention = Duration::from_secs(opts.retention_s);
     config.region = opts.region.clone();
     config.fixed_pools = opts.pool_policy == "fixed";
+    config.task_identities = match opts.task_identities.as_str() {
+        "off" => false,
+        _ => roost_runtime_process::identity::can_switch(),
+    };
     config.broker.allow_anonymous = opts.allow_anonymous;
     config.broker.max_packet_bytes = opts.mqtt_max_packet_bytes;
     config.broker.session_queue_limit = opts.mqtt_session_queue;

@@ -315,12 +315,18 @@ impl WorkerGroup {
         }
     }
 
-    /// The `cgroup.procs` files a forked worker writes its pid into.
-    pub fn procs_paths(&self) -> Vec<String> {
-        self.dirs
-            .iter()
-            .map(|d| d.join("cgroup.procs").display().to_string())
-            .collect()
+    /// Puts an already running process (a worker forked by a zygote, held
+    /// until this is done) into the group, from the hub's side.
+    pub fn place(&self, pid: i32) -> std::io::Result<()> {
+        for d in &self.dirs {
+            std::fs::write(d.join("cgroup.procs"), pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The first of the group's `cgroup.procs` files (who is in it).
+    pub fn procs_file(&self) -> Option<PathBuf> {
+        self.dirs.first().map(|d| d.join("cgroup.procs"))
     }
 
     pub fn rlimit_bytes(&self) -> Option<u64> {

@@ -12,6 +12,7 @@
 //! The pool is sized by a reservation policy from anticipated demand (see
 //! [`pool::target_workers`]), within the task's `min_warm`/`max_workers`.
 
+pub mod identity;
 mod isolation;
 mod peer;
 pub mod pool;
@@ -39,18 +40,28 @@ pub struct ProcessConfig {
     pub run_dir: PathBuf,
     /// How worker pools are sized.
     pub pool_policy: pool::PoolPolicy,
+    /// Run each task's workers under its own user and group (needs root).
+    pub task_identities: bool,
+    /// The hub's data dir, under which task folders are unpacked: the only
+    /// folders whose modes the runtime changes.
+    pub data_dir: PathBuf,
 }
 
 pub struct ProcessRuntime {
     config: ProcessConfig,
     isolation: Isolation,
     logs: Arc<dyn LogSink>,
-    /// Live zygotes by (code group, python); pools hold the strong refs.
     worker_ids: Arc<std::sync::atomic::AtomicU64>,
-    zygotes: tokio::sync::Mutex<
-        std::collections::HashMap<(String, String), std::sync::Weak<zygote::Zygote>>,
-    >,
+    /// Live zygotes by (code group, python, identity); pools hold the
+    /// strong refs.
+    zygotes:
+        tokio::sync::Mutex<std::collections::HashMap<ZygoteKey, std::sync::Weak<zygote::Zygote>>>,
+    /// Which identity (and task) each task folder was opened to: a folder
+    /// belongs to one identity.
+    dir_identities: parking_lot::Mutex<DirIdentities>,
 }
+
+type DirIdentities = std::collections::HashMap<PathBuf, (identity::Identity, String)>;
 
 impl ProcessRuntime {
     /// Detects how worker limits can be enforced and sweeps up whatever an
@@ -72,6 +83,7 @@ impl ProcessRuntime {
             isolation,
             logs,
             zygotes: Default::default(),
+            dir_identities: Default::default(),
             worker_ids: Arc::new(std::sync::atomic::AtomicU64::new(1)),
         }
     }
@@ -95,10 +107,17 @@ fn resolve_command(cmd: &str, dir: &Path) -> Option<PathBuf> {
     })
 }
 
+type ZygoteKey = (String, String, Option<identity::Identity>);
+
 impl ProcessRuntime {
     /// The zygote of a code group, started on first use.
-    async fn zygote(&self, group: &str, python: &str) -> Result<Arc<zygote::Zygote>, PrepareError> {
-        let key = (group.to_owned(), python.to_owned());
+    async fn zygote(
+        &self,
+        group: &str,
+        python: &str,
+        run_as: Option<identity::Identity>,
+    ) -> Result<Arc<zygote::Zygote>, PrepareError> {
+        let key = (group.to_owned(), python.to_owned(), run_as);
         let mut map = self.zygotes.lock().await;
         if let Some(z) = map.get(&key).and_then(|w| w.upgrade()) {
             return Ok(z);
@@ -109,7 +128,7 @@ impl ProcessRuntime {
             .run_dir
             .join("zygotes")
             .join(format!("{group}-{n}"));
-        let z = zygote::Zygote::start(python, dir, group)
+        let z = zygote::Zygote::start(python, dir, group, run_as)
             .await
             .map_err(PrepareError)?;
         map.insert(key, Arc::downgrade(&z));
@@ -141,6 +160,41 @@ impl Runtime for ProcessRuntime {
                 command[0]
             )));
         };
+        // Its own identity: the code group's when it has one (its workers
+        // share one pre-loaded parent), else the task's.
+        let run_as = self.config.task_identities.then(|| {
+            let key = match code_group {
+                Some(g) => format!("group:{g}"),
+                None => format!("task:{}", spec.name),
+            };
+            identity::Identity::derive(&self.config.hub_id, &key)
+        });
+        if let Some(id) = run_as {
+            {
+                let mut owners = self.dir_identities.lock();
+                match owners.get(dir) {
+                    Some((other_id, other)) if *other_id != id => {
+                        return Err(PrepareError(format!(
+                            "tasks {other} and {} share the folder {} but run as different users; give each its own `dir`, or put them in one code_group",
+                            spec.name,
+                            dir.display()
+                        )));
+                    }
+                    Some(_) => {}
+                    None => {
+                        owners.insert(dir.clone(), (id, spec.name.to_string()));
+                    }
+                }
+            }
+            let refuse = |e: String| {
+                PrepareError(format!(
+                    "task {} runs as its own user (uid {}), which cannot use it: {e}. Install the runtime where other users can read it (not under a private home), or run the hub with --task-identities off",
+                    spec.name, id.uid
+                ))
+            };
+            identity::open_task_dir(dir, &self.config.data_dir, id).map_err(refuse)?;
+            identity::reachable(&program, id, true).map_err(refuse)?;
+        }
         let mut command = command.clone();
         command[0] = program.display().to_string();
         let wspec = worker::WorkerSpec {
@@ -156,10 +210,11 @@ impl Runtime for ProcessRuntime {
             memory_mb: spec.limits.memory_mb,
             region: self.config.region.clone(),
             version: "$LATEST".into(),
+            run_as,
         };
         let launcher = match code_group {
             Some(group) if zygote::can_preload(&command) => {
-                let z = self.zygote(group, &command[0]).await?;
+                let z = self.zygote(group, &command[0], run_as).await?;
                 if let Err(e) = z.preload(dir, handler).await {
                     tracing::warn!(task = %spec.name, error = %e, "the handler could not be pre-loaded; its workers will report the error");
                 }

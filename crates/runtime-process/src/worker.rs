@@ -37,6 +37,8 @@ pub struct WorkerSpec {
     pub memory_mb: u32,
     pub region: String,
     pub version: String,
+    /// The task's own user and group (when the hub runs as root).
+    pub run_as: Option<crate::identity::Identity>,
 }
 
 /// A call handed to the worker on its next `/next`.
@@ -384,20 +386,32 @@ async fn spawn_direct(
         .process_group(0);
     {
         let group = group.clone();
-        // SAFETY: the closure only makes async-signal-safe calls
-        // (prctl, getppid, and WorkerGroup::enter's open/write/setrlimit).
+        let run_as = spec.run_as;
+        // SAFETY: the closure only makes async-signal-safe calls (prctl,
+        // getppid, umask, WorkerGroup::enter's open/write/setrlimit and
+        // Identity::drop_to's setgroups/setgid/setuid).
         unsafe {
             cmd.pre_exec(move || {
+                // Into its cgroup while still root, then down to the task's
+                // identity.
+                group.enter()?;
+                if let Some(id) = run_as {
+                    id.drop_to()?;
+                }
+                // The hub's own files are private (umask 077); a task's are
+                // its business.
+                libc::umask(0o022);
                 // Die with the hub. PDEATHSIG follows the thread that
                 // forked; workers are forked from the runtime's worker
-                // threads, which live as long as the hub.
+                // threads, which live as long as the hub. Set after the
+                // user changes: a change of credentials clears it.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 if libc::getppid() == 1 {
                     return Err(std::io::Error::other("the hub is gone"));
                 }
-                group.enter()
+                Ok(())
             });
         }
     }
@@ -456,6 +470,11 @@ async fn spawn_forked(
                 std::io::Error::last_os_error()
             )));
         }
+        // The worker opens its ends as the task's user.
+        if let Some(id) = spec.run_as {
+            std::os::unix::fs::chown(p, Some(id.uid), Some(id.gid))
+                .map_err(|e| crashed(format!("cannot hand a FIFO to the task's user: {e}")))?;
+        }
     }
     // Read ends open read-write, so they neither block nor see EOF before
     // the worker opens its ends.
@@ -468,14 +487,11 @@ async fn spawn_forked(
     let (out, err) = (open(&out_path)?, open(&err_path)?);
     let pump_out = tokio::spawn(pump_lines(out, shared.clone()));
     let pump_err = tokio::spawn(pump_lines(err, shared.clone()));
-    let mut full_env: Vec<(String, String)> = std::env::vars().collect();
-    full_env.extend(env.iter().cloned());
     let forked = z
         .fork(ForkRequest {
             cwd: &spec.dir,
             handler: &spec.handler,
-            env: &full_env,
-            procs: group.procs_paths(),
+            env,
             rlimit_data: group.rlimit_bytes(),
             stdout: &out_path,
             stderr: &err_path,
@@ -489,6 +505,18 @@ async fn spawn_forked(
             return Err(crashed(format!("the zygote could not fork a worker: {e}")));
         }
     };
+    // The child waits until the hub has put it in its cgroup: the task's
+    // user may not write cgroup files, and nothing of the task runs
+    // unconfined in between.
+    let placed = group.place(pid);
+    if let Err(e) = &placed {
+        // SAFETY: the pid is the zygote's child, held before it ran anything.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        tracing::warn!(task = %spec.task, error = %e, "could not put a forked worker in its cgroup");
+    }
+    if let Err(e) = z.release(pid).await {
+        tracing::warn!(task = %spec.task, error = %e, "could not release a forked worker");
+    }
     let (exit_tx, exited) = watch::channel(None);
     let group = group.clone();
     tokio::spawn(async move {
@@ -572,7 +600,7 @@ impl Worker {
                 return Err(f);
             }
         };
-        owner.set(pid, group.procs_paths().first().map(PathBuf::from));
+        owner.set(pid, group.procs_file());
         let worker = Worker {
             id,
             pid,

@@ -4,8 +4,10 @@
 #
 # Protocol: newline-delimited JSON on fd 3 (a socket to the hub).
 #   hub -> zygote: {"op": "preload", "id", "dir", "module"}
-#                  {"op": "fork", "id", "cwd", "handler", "env", "procs",
+#                  {"op": "fork", "id", "cwd", "handler", "env",
 #                   "rlimit_data", "stdout", "stderr"}
+#                  {"op": "release", "pid"}  (the hub has put the child in
+#                   its cgroup: it may go on)
 #   zygote -> hub: {"op": "ready"}, {"op": "preloaded", "id", "error"?},
 #                  {"op": "forked", "id", "pid"} or {"op": "error", "id", "message"},
 #                  {"op": "exit", "pid", "status"}   (raw wait status)
@@ -29,6 +31,8 @@ ctl = socket.socket(fileno=3)
 zygote_pid = os.getpid()
 # (module name, folder) of modules imported from task folders
 from_task_dirs = []
+# Write ends of the pipes forked children wait on until released, by pid.
+holds = {}
 
 
 def send(msg):
@@ -61,18 +65,21 @@ def preload(req):
     send(msg)
 
 
-def child(req, wake_r, wake_w):
+def child(req, wake_r, wake_w, hold_r):
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     ctl.close()
     os.close(wake_r)
     os.close(wake_w)
+    for w in holds.values():
+        os.close(w)
     os.setpgid(0, 0)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0 or os.getppid() != zygote_pid:
         os._exit(70)
-    for path in req["procs"]:
-        with open(path, "w") as f:
-            f.write(str(os.getpid()))
+    # Wait until the hub has put this process in its cgroup.
+    if os.read(hold_r, 1) != b"1":
+        os._exit(71)
+    os.close(hold_r)
     if req.get("rlimit_data"):
         n = int(req["rlimit_data"])
         resource.setrlimit(resource.RLIMIT_DATA, (n, n))
@@ -110,22 +117,37 @@ def child(req, wake_r, wake_w):
 def fork(req, wake_r, wake_w):
     sys.stdout.flush()
     sys.stderr.flush()
+    hold_r, hold_w = os.pipe()
     try:
         pid = os.fork()
     except OSError as e:
+        os.close(hold_r)
+        os.close(hold_w)
         send({"op": "error", "id": req["id"], "message": str(e)})
         return
     if pid == 0:
         code = 0
+        os.close(hold_w)
         try:
-            child(req, wake_r, wake_w)
+            child(req, wake_r, wake_w, hold_r)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
         except BaseException as e:
             print("roost zygote child: %s: %s" % (type(e).__name__, e), file=sys.stderr, flush=True)
             code = 1
         os._exit(code)
+    os.close(hold_r)
+    holds[pid] = hold_w
     send({"op": "forked", "id": req["id"], "pid": pid})
+
+
+def release(req):
+    w = holds.pop(req["pid"], None)
+    if w is not None:
+        try:
+            os.write(w, b"1")
+        finally:
+            os.close(w)
 
 
 def reap():
@@ -136,6 +158,9 @@ def reap():
             return
         if pid == 0:
             return
+        w = holds.pop(pid, None)
+        if w is not None:
+            os.close(w)
         send({"op": "exit", "pid": pid, "status": status})
 
 
@@ -186,6 +211,8 @@ def main():
                     preload(req)
                 elif req["op"] == "fork":
                     fork(req, wake_r, wake_w)
+                elif req["op"] == "release":
+                    release(req)
 
 
 main()

@@ -50,7 +50,6 @@ pub struct ForkRequest<'a> {
     pub cwd: &'a Path,
     pub handler: &'a str,
     pub env: &'a [(String, String)],
-    pub procs: Vec<String>,
     pub rlimit_data: Option<u64>,
     pub stdout: &'a Path,
     pub stderr: &'a Path,
@@ -59,9 +58,23 @@ pub struct ForkRequest<'a> {
 impl Zygote {
     /// Starts a zygote with `python` and waits until it has loaded the
     /// runtime client.
-    pub async fn start(python: &str, fifo_dir: PathBuf, group: &str) -> Result<Arc<Self>, String> {
+    pub async fn start(
+        python: &str,
+        fifo_dir: PathBuf,
+        group: &str,
+        run_as: Option<crate::identity::Identity>,
+    ) -> Result<Arc<Self>, String> {
         std::fs::create_dir_all(&fifo_dir)
             .map_err(|e| format!("cannot create {}: {e}", fifo_dir.display()))?;
+        if run_as.is_some() {
+            // The workers open their FIFOs (0600, theirs) in here: the
+            // folders are searchable, not listable.
+            use std::os::unix::fs::PermissionsExt;
+            for d in fifo_dir.ancestors().take(3) {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))
+                    .map_err(|e| format!("cannot open {} to workers: {e}", d.display()))?;
+            }
+        }
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
         let theirs_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
         let mut cmd = tokio::process::Command::new(python);
@@ -73,13 +86,19 @@ impl Zygote {
             .env("ROOST_CODE_GROUP", group)
             .kill_on_drop(true)
             .process_group(0);
-        // SAFETY: dup2 and prctl are async-signal-safe.
+        // SAFETY: dup2, umask, prctl and Identity::drop_to's calls are
+        // async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                if libc::dup2(theirs_fd, 3) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if libc::dup2(theirs_fd, 3) < 0 {
+                if let Some(id) = run_as {
+                    id.drop_to()?;
+                }
+                libc::umask(0o022);
+                // After the user changes, which clears it.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -169,14 +188,7 @@ impl Zygote {
         msg["id"] = id.into();
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(id, tx);
-        let mut line = msg.to_string();
-        line.push('\n');
-        self.ctl
-            .lock()
-            .await
-            .write_all(line.as_bytes())
-            .await
-            .map_err(|e| format!("the zygote is gone: {e}"))?;
+        self.send(&msg).await?;
         tokio::time::timeout(std::time::Duration::from_secs(60), rx)
             .await
             .map_err(|_| "the zygote did not answer".to_string())?
@@ -209,7 +221,6 @@ impl Zygote {
             "cwd": req.cwd,
             "handler": req.handler,
             "env": env,
-            "procs": req.procs,
             "rlimit_data": req.rlimit_data,
             "stdout": req.stdout,
             "stderr": req.stderr,
@@ -219,6 +230,25 @@ impl Zygote {
             Reply::Error(e) => Err(e),
             _ => Err("unexpected answer from the zygote".into()),
         }
+    }
+
+    /// Lets a forked worker go on, once the hub has put it in its cgroup
+    /// (it waits before running anything of the task's).
+    pub async fn release(&self, pid: i32) -> Result<(), String> {
+        self.send(&serde_json::json!({"op": "release", "pid": pid}))
+            .await
+    }
+
+    /// Writes one line of the protocol.
+    async fn send(&self, msg: &serde_json::Value) -> Result<(), String> {
+        let mut line = msg.to_string();
+        line.push('\n');
+        self.ctl
+            .lock()
+            .await
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|e| format!("the zygote is gone: {e}"))
     }
 
     pub fn pid(&self) -> i32 {

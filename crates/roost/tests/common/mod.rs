@@ -44,12 +44,23 @@ impl TestHub {
             mqtt: String::new(),
             data_dir,
             child: None,
-            args: args.iter().map(|s| s.to_string()).collect(),
+            args: Self::with_defaults(args),
             log: tmp.path().join("hub.log"),
             _tmp: Some(tmp),
         };
         hub.launch();
         hub
+    }
+
+    /// The tests' Python and Node runtimes live under root's private home
+    /// (~/.cache), which a task's own user cannot enter: tasks run as the
+    /// hub's user unless a test asks for `--task-identities`.
+    fn with_defaults(args: &[&str]) -> Vec<String> {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        if !args.contains(&"--task-identities") {
+            all.extend(["--task-identities".into(), "off".into()]);
+        }
+        all
     }
 
     /// Starts (or restarts) the hub process on the same data dir.

@@ -57,3 +57,19 @@ def huge(event, context):
 def topic(event, context):
     custom = getattr(context.client_context, "custom", None) or {}
     return {"topic": custom.get("topic"), "event": event}
+
+
+def whoami(event, context):
+    def can_read(path):
+        try:
+            with open(path, "rb"):
+                return "yes"
+        except OSError:
+            return "no"
+
+    return {
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "ppid": os.getppid(),
+        "key": can_read(os.path.join(os.environ.get("DATA", "/nonexistent"), "hub.key")),
+    }

@@ -1,0 +1,233 @@
+//! Task identities: with the hub running as root, each process task's
+//! workers run under a user and group of their own and cannot read the
+//! hub's key, store or owner credentials, another task's code, or signal
+//! the hub.
+
+mod common;
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A hub with task identities on, its data dir reachable by other users
+/// (the test's temp folder is 0700; a real data dir's parent is /var/lib).
+fn hub_with_identities() -> TestHub {
+    let hub = TestHub::start(&["--task-identities", "on"]);
+    let parent = hub.data_dir.parent().unwrap();
+    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711)).unwrap();
+    hub
+}
+
+fn lambda_dir() -> PathBuf {
+    crate_dir().join("tests/lambda")
+}
+
+fn copy_into(pkg: &Package, from: &str, to: &str) {
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(lambda_dir().join(from))
+        .arg(pkg.path().join(to))
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn probe_task(hub: &TestHub, name: &str, other: &str) -> String {
+    format!(
+        "[[task]]\nname = \"{name}\"\nruntime = \"process\"\ndir = \"{name}\"\ncommand = [\"./bootstrap\"]\nenv = {{ DATA = \"{}\", OTHER = \"{}\", HUB_PID = \"{}\" }}\n",
+        hub.data_dir.display(),
+        hub.data_dir
+            .join("deployments/1")
+            .join(other)
+            .join("bootstrap")
+            .display(),
+        hub.pid()
+    )
+}
+
+#[test]
+fn each_process_task_runs_as_its_own_user_and_cannot_reach_the_hubs_secrets() {
+    if !is_root() {
+        eprintln!("skipped: task identities need the tests to run as root");
+        return;
+    }
+    let mut hub = hub_with_identities();
+    let manifest = probe_task(&hub, "probe-a", "probe-b") + &probe_task(&hub, "probe-b", "probe-a");
+    let pkg = Package::new(&manifest, &[]);
+    copy_into(&pkg, "probe", "probe-a");
+    copy_into(&pkg, "probe", "probe-b");
+    hub.deploy(&pkg.manifest());
+    // What the probes try exists: a "no" below is the identity at work.
+    for f in [
+        "hub.key",
+        "aws-credentials",
+        "roost.db",
+        "deployments/1/probe-b/bootstrap",
+    ] {
+        assert!(hub.data_dir.join(f).exists(), "{f}");
+    }
+    let ask = |hub: &TestHub, task: &str| -> serde_json::Value {
+        let r = hub.call(task, "{}");
+        assert_eq!(r.status(), 200, "{}", hub.log_text());
+        r.json().unwrap()
+    };
+    let a = ask(&hub, "probe-a");
+    let b = ask(&hub, "probe-b");
+    for v in [&a, &b] {
+        assert_ne!(v["uid"], 0, "not root: {v}");
+        assert_eq!(v["uid"], v["gid"], "{v}");
+        assert_eq!(v["own"], "yes", "a task reads its own code: {v}");
+        assert_eq!(v["key"], "no", "the hub key is the hub's: {v}");
+        assert_eq!(v["creds"], "no", "the owner's credentials: {v}");
+        assert_eq!(v["store"], "no", "the store: {v}");
+        assert_eq!(v["other"], "no", "another task's code: {v}");
+        assert_eq!(v["signal_hub"], "no", "the hub's process: {v}");
+    }
+    assert_ne!(a["uid"], b["uid"], "one user per task");
+    // The same users after a restart (ids are derived, not allocated).
+    hub.kill9();
+    hub.launch();
+    let again = ask(&hub, "probe-a");
+    assert_eq!(again["uid"], a["uid"]);
+    // Files the hub made are its own.
+    for f in ["hub.key", "aws-credentials", "roost.db"] {
+        let mode = std::fs::metadata(hub.data_dir.join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{f} is {mode:o}");
+    }
+}
+
+#[test]
+fn a_runtime_the_tasks_user_cannot_reach_is_refused_at_deploy_with_the_reason() {
+    if !is_root() {
+        eprintln!("skipped: task identities need the tests to run as root");
+        return;
+    }
+    let hub = hub_with_identities();
+    // A "runtime" in a folder only root may enter, as ~/.cache is in /root.
+    let private = tempfile::tempdir().unwrap();
+    let runtime = private.path().join("bin/runtime");
+    std::fs::create_dir_all(runtime.parent().unwrap()).unwrap();
+    std::fs::copy(lambda_dir().join("probe/bootstrap"), &runtime).unwrap();
+    std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let manifest = format!(
+        "[[task]]\nname = \"stuck\"\nruntime = \"process\"\ndir = \"stuck\"\ncommand = [\"{}\"]\n",
+        runtime.display()
+    );
+    let pkg = Package::new(&manifest, &[]);
+    copy_into(&pkg, "probe", "stuck");
+    let out = hub.cli(&["deploy", pkg.manifest().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot enter") && err.contains(&private.path().display().to_string()),
+        "{err}"
+    );
+    assert!(err.contains("--task-identities off"), "{err}");
+    // Two tasks with their own users cannot share one folder.
+    let manifest = "[[task]]\nname = \"one\"\nruntime = \"process\"\ndir = \"probe\"\ncommand = [\"./bootstrap\"]\n[[task]]\nname = \"two\"\nruntime = \"process\"\ndir = \"probe\"\ncommand = [\"./bootstrap\"]\n";
+    let pkg = Package::new(manifest, &[]);
+    copy_into(&pkg, "probe", "probe");
+    let out = hub.cli(&["deploy", pkg.manifest().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("share the folder"), "{err}");
+}
+
+/// A venv that other users can use: the test venv lives under /root, so
+/// the runtime client is copied next to the system Python in a temp folder.
+fn reachable_python(into: &Path) -> String {
+    let py = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(&py)
+        .args([
+            "-c",
+            "import awslambdaric, os, sys; print(os.path.dirname(os.path.dirname(awslambdaric.__file__))); print(sys.version_info[1])",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "needs awslambdaric: run scripts/test.sh"
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    let site = PathBuf::from(lines.next().unwrap());
+    let minor = lines.next().unwrap();
+    let venv = into.join("venv");
+    let base = format!("/usr/bin/python3.{minor}");
+    let ok = std::process::Command::new(&base)
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&venv)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let dest = venv.join(format!("lib/python3.{minor}/site-packages"));
+    for entry in std::fs::read_dir(&site).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with("awslambdaric")
+            || name.starts_with("runtime_client")
+            || name.starts_with("simplejson")
+            || name.starts_with("snapshot_restore_py")
+        {
+            let ok = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(entry.path())
+                .arg(&dest)
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+    }
+    std::fs::set_permissions(into, std::fs::Permissions::from_mode(0o755)).unwrap();
+    venv.join("bin/python").display().to_string()
+}
+
+#[test]
+fn a_code_groups_zygote_and_its_workers_run_as_the_groups_user() {
+    if !is_root() {
+        eprintln!("skipped: task identities need the tests to run as root");
+        return;
+    }
+    let hub = hub_with_identities();
+    let tmp = tempfile::tempdir().unwrap();
+    let python = reachable_python(tmp.path());
+    let task = |name: &str| {
+        format!(
+            "[[task]]\nname = \"{name}\"\nruntime = \"process\"\ndir = \"py\"\ncommand = [\"{python}\", \"-m\", \"awslambdaric\"]\nhandler = \"app.whoami\"\ncode_group = \"shared\"\nenv = {{ DATA = \"{}\" }}\n",
+            hub.data_dir.display()
+        )
+    };
+    let pkg = Package::new(&(task("left") + &task("right")), &[]);
+    copy_into(&pkg, "py", "py");
+    hub.deploy(&pkg.manifest());
+    assert!(hub
+        .log_text()
+        .contains("workers fork from the code group's zygote"));
+    let ask = |task: &str| -> serde_json::Value {
+        let r = hub.call(task, "{}");
+        assert_eq!(r.status(), 200, "{}", hub.log_text());
+        r.json().unwrap()
+    };
+    let (l, r) = (ask("left"), ask("right"));
+    assert_ne!(l["uid"], 0, "{l}");
+    assert_eq!(l["uid"], r["uid"], "one user per code group");
+    assert_eq!(l["ppid"], r["ppid"], "both forked from one zygote");
+    assert_eq!(l["key"], "no", "{l}");
+    // The zygote itself runs as the group's user.
+    let zygote = l["ppid"].as_i64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{zygote}/status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid_line
+            .split_whitespace()
+            .skip(1)
+            .all(|u| u.parse::<i64>().ok() == l["uid"].as_i64()),
+        "{uid_line}"
+    );
+}

@@ -1,0 +1,213 @@
+//! Task identities (MISSION row 10): when the hub runs as root, each process
+//! task's workers run under a user and group of their own, so a task cannot
+//! read the hub's data (its key, store, owner credentials), another task's
+//! code, or signal another task's workers.
+//!
+//! The ids are derived, not allocated: a hash of the hub id and the task (or
+//! its code group, whose workers share one pre-loaded parent and so one
+//! identity) picked from a high range that no distribution hands out. They
+//! need no `/etc/passwd` entry (like systemd's `DynamicUser`), stay the same
+//! across restarts, and two hubs on one machine never share them.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// The first id of the range, and how many ids it holds.
+const BASE: u32 = 1_900_000_000;
+const SPAN: u32 = 100_000_000;
+
+/// The user and group a task's workers run as (the same number).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Identity {
+    /// The identity of `key` (`task:NAME` or `group:NAME`) on hub `hub_id`.
+    pub fn derive(hub_id: &str, key: &str) -> Self {
+        // FNV-1a: tiny, stable across releases and platforms.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in hub_id.bytes().chain([0]).chain(key.bytes()) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        let id = BASE + (h % SPAN as u64) as u32;
+        Identity { uid: id, gid: id }
+    }
+
+    /// Runs in a forked child before exec: drops every privilege to this
+    /// identity. Only async-signal-safe calls.
+    pub fn drop_to(&self) -> std::io::Result<()> {
+        // SAFETY: setgroups, setgid, setuid and umask are async-signal-safe.
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(self.gid) != 0
+                || libc::setuid(self.uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Dropped for good: a way back to root would be a bug.
+            if libc::setuid(0) == 0 {
+                return Err(std::io::Error::other("could not drop root"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the hub can switch users (it runs as root).
+pub fn can_switch() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Gives `id` read access to a task folder the hub unpacked: the folder's
+/// group becomes the task's, the group gets the owner's read and execute
+/// bits (never write: a task cannot change its own code), others get
+/// nothing. Folders between `managed_root` (the hub's data dir) and `dir`
+/// become searchable (`o+x`, not listable), and every folder above is
+/// checked: the error says which one keeps the task out.
+pub fn open_task_dir(dir: &Path, managed_root: &Path, id: Identity) -> Result<(), String> {
+    let err = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&p).map_err(|e| err(&p, e))?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        std::os::unix::fs::lchown(&p, None, Some(id.gid)).map_err(|e| err(&p, e))?;
+        let mode = meta.mode() & 0o7777;
+        let owner = mode & 0o700;
+        let mut new = (mode & 0o7700) | ((owner & 0o500) >> 3);
+        if meta.is_dir() {
+            new |= 0o050;
+            for e in std::fs::read_dir(&p).map_err(|e| err(&p, e))? {
+                stack.push(e.map_err(|e| err(&p, e))?.path());
+            }
+        }
+        // No set-id bits on task files.
+        new &= !0o6000;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(new))
+            .map_err(|e| err(&p, e))?;
+    }
+    let root = managed_root
+        .canonicalize()
+        .map_err(|e| err(managed_root, e))?;
+    let mut above = dir.canonicalize().map_err(|e| err(dir, e))?;
+    while above.pop() {
+        if above.starts_with(&root) {
+            let meta = std::fs::metadata(&above).map_err(|e| err(&above, e))?;
+            let mode = meta.mode() & 0o7777;
+            if mode & 0o001 == 0 {
+                std::fs::set_permissions(&above, std::fs::Permissions::from_mode(mode | 0o001))
+                    .map_err(|e| err(&above, e))?;
+            }
+        } else {
+            break;
+        }
+    }
+    reachable(dir, id, false)
+}
+
+/// Checks that `id` can reach `path` (every folder on the way searchable by
+/// it) and, when `exec`, execute it. Symlinks are followed the way exec
+/// follows them, so both the named path and its target must be reachable.
+pub fn reachable(path: &Path, id: Identity, exec: bool) -> Result<(), String> {
+    let mut walk: Vec<PathBuf> = vec![path.to_path_buf()];
+    if let Ok(real) = path.canonicalize() {
+        if real != path {
+            walk.push(real);
+        }
+    }
+    for p in walk {
+        let mut prefix = PathBuf::new();
+        let comps: Vec<_> = p.components().collect();
+        for (i, c) in comps.iter().enumerate() {
+            prefix.push(c);
+            let last = i + 1 == comps.len();
+            if last && !exec {
+                break;
+            }
+            // metadata() follows links: a link's target folder decides.
+            let Ok(meta) = std::fs::metadata(&prefix) else {
+                return Err(format!("{} does not exist", prefix.display()));
+            };
+            if !last && !meta.is_dir() {
+                continue;
+            }
+            let bits = if meta.uid() == id.uid {
+                (meta.mode() >> 6) & 7
+            } else if meta.gid() == id.gid {
+                (meta.mode() >> 3) & 7
+            } else {
+                meta.mode() & 7
+            };
+            if bits & 1 == 0 {
+                let what = if last { "execute" } else { "enter" };
+                return Err(format!(
+                    "the task's user (uid {}) cannot {what} {} (mode {:o}, owner uid {})",
+                    id.uid,
+                    prefix.display(),
+                    meta.mode() & 0o7777,
+                    meta.uid()
+                ));
+            }
+            if last && bits & 4 == 0 && meta.is_file() {
+                return Err(format!(
+                    "the task's user (uid {}) cannot read {} (mode {:o})",
+                    id.uid,
+                    prefix.display(),
+                    meta.mode() & 0o7777
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_stable_distinct_and_in_range() {
+        let a = Identity::derive("hub1", "task:a");
+        assert_eq!(a, Identity::derive("hub1", "task:a"));
+        assert_ne!(a, Identity::derive("hub1", "task:b"));
+        assert_ne!(a, Identity::derive("hub2", "task:a"));
+        assert_ne!(a, Identity::derive("hub1", "group:a"));
+        for k in 0..1000 {
+            let i = Identity::derive("h", &format!("task:{k}"));
+            assert!((BASE..BASE + SPAN).contains(&i.uid));
+            assert_eq!(i.uid, i.gid);
+        }
+    }
+
+    #[test]
+    fn a_folder_closed_to_others_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let closed = tmp.path().join("closed");
+        std::fs::create_dir(&closed).unwrap();
+        std::fs::write(closed.join("python"), "").unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(
+            closed.join("python"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let id = Identity::derive("h", "task:t");
+        let e = reachable(&closed.join("python"), id, true).unwrap_err();
+        assert!(e.contains("cannot enter") && e.contains("closed"), "{e}");
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o711)).unwrap();
+        reachable(&closed.join("python"), id, true).unwrap();
+        std::fs::set_permissions(
+            closed.join("python"),
+            std::fs::Permissions::from_mode(0o750),
+        )
+        .unwrap();
+        let e = reachable(&closed.join("python"), id, true).unwrap_err();
+        assert!(e.contains("cannot execute"), "{e}");
+    }
+}
