@@ -8,7 +8,7 @@
 mod errors;
 mod serve;
 
-pub use serve::{serve, ServeConfig, TlsFiles};
+pub use serve::{serve, Peer, ServeConfig, TlsFiles};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -58,6 +58,31 @@ pub fn router(hub: Hub, token: Option<String>) -> Router {
 }
 
 async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    // A process task's worker, under its own identity, is held to its
+    // manifest's `allow` here too, token or not.
+    if st.hub.task_identities() {
+        let uid = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<Peer>>()
+            .and_then(|c| c.0.local_uid());
+        if let Some(uid) = uid {
+            match st.hub.local_user(uid) {
+                roost_hub::local::LocalUser::Other => {}
+                roost_hub::local::LocalUser::RetiredTask => {
+                    return task_refused(&req, "no deployed task runs as this user");
+                }
+                roost_hub::local::LocalUser::Task { tasks, allow } => {
+                    return match task_may(&req, &allow) {
+                        Ok(()) => next.run(req).await,
+                        Err(why) => {
+                            tracing::warn!(tasks = ?tasks, path = %req.uri().path(), "refused a task's request to /v1");
+                            task_refused(&req, why)
+                        }
+                    };
+                }
+            }
+        }
+    }
     if let Some(token) = &st.token {
         let ok = req
             .headers()
@@ -75,6 +100,38 @@ async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Resp
         }
     }
     next.run(req).await
+}
+
+/// What a task may do on `/v1`: call the tasks its `allow.invoke` names and
+/// follow its calls (their ids are 128 random bits). Deployments, logs,
+/// devices, the task list and metrics are the owner's.
+fn task_may(req: &Request, allow: &roost_model::Grants) -> Result<(), &'static str> {
+    let path = req.uri().path();
+    if req.method() == axum::http::Method::POST {
+        if let Some(task) = path
+            .strip_prefix("/v1/tasks/")
+            .and_then(|p| p.strip_suffix("/calls"))
+        {
+            return if roost_model::Grants::matches(&allow.invoke, task) {
+                Ok(())
+            } else {
+                Err("its manifest's allow.invoke does not name that task")
+            };
+        }
+    }
+    if req.method() == axum::http::Method::GET && path.starts_with("/v1/calls/") {
+        return Ok(());
+    }
+    Err("a task may only call the tasks its allow.invoke names and read those calls")
+}
+
+fn task_refused(req: &Request, why: &str) -> Response {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!("{} {}: {why}", req.method(), req.uri().path()),
+    )
+    .into_response()
 }
 
 /// Compares without an early exit, so the time taken does not reveal how

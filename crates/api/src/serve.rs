@@ -1,10 +1,13 @@
 //! Serving the router on a bound listener, in plain HTTP or over TLS
 //! (rustls with ring), until the shutdown future resolves.
 
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::serve::IncomingStream;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -19,6 +22,45 @@ pub struct TlsFiles {
 
 pub struct ServeConfig {
     pub tls: Option<TlsFiles>,
+}
+
+/// The other end of a connection, and (asked once per connection, only
+/// when needed) which user of this machine holds it.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    local: Option<SocketAddr>,
+    uid: Arc<std::sync::OnceLock<Option<u32>>>,
+}
+
+impl Peer {
+    fn new(addr: SocketAddr, local: Option<SocketAddr>) -> Self {
+        Peer {
+            addr,
+            local,
+            uid: Arc::default(),
+        }
+    }
+
+    /// The uid holding a loopback connection's client end (from
+    /// `/proc/net/tcp`); none for a remote peer.
+    pub fn local_uid(&self) -> Option<u32> {
+        *self.uid.get_or_init(|| {
+            let local = self.local?;
+            if !self.addr.ip().is_loopback() {
+                return None;
+            }
+            roost_runtime_process::peer::socket_owner(self.addr, local).map(|o| o.uid)
+        })
+    }
+}
+
+impl Connected<IncomingStream<'_, TcpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        // Called once per accepted connection: the place to set it up.
+        let _ = stream.io().set_nodelay(true);
+        Peer::new(*stream.remote_addr(), stream.io().local_addr().ok())
+    }
 }
 
 fn load_tls(files: &TlsFiles) -> std::io::Result<rustls::ServerConfig> {
@@ -59,11 +101,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let Some(tls) = config.tls else {
-        use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        return axum::serve(listener, app)
+        return axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
             .with_graceful_shutdown(shutdown)
             .await;
     };
@@ -81,6 +119,7 @@ pub async fn serve(
             },
         };
         let _ = tcp.set_nodelay(true);
+        let who = Peer::new(peer, tcp.local_addr().ok());
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
@@ -97,7 +136,10 @@ pub async fn serve(
                 }
                 Err(_) => return,
             };
-            let service = hyper::service::service_fn(move |req| app.clone().oneshot(req));
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+                req.extensions_mut().insert(ConnectInfo(who.clone()));
+                app.clone().oneshot(req)
+            });
             if let Err(e) = Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await

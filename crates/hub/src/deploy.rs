@@ -346,10 +346,12 @@ impl Hub {
                 (c.access_key_id.clone(), (t.clone(), c))
             })
             .collect();
+        let identities = self.task_identities_of(&tasks);
         let new = Arc::new(ActiveDeployment {
             id,
             tasks,
             credentials,
+            identities,
         });
         let old = std::mem::replace(&mut *self.inner.active.write(), new.clone());
         for (name, task) in &old.tasks {

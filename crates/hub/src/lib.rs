@@ -173,6 +173,9 @@ pub struct ActiveDeployment {
     pub tasks: HashMap<TaskName, Arc<dyn PreparedTask>>,
     /// Each task's credentials, by access key id.
     pub credentials: HashMap<String, (TaskName, credentials::Credential)>,
+    /// The process tasks running under each task identity (a code group's
+    /// tasks share one), by uid; empty when identities are off.
+    pub identities: HashMap<u32, Vec<TaskName>>,
 }
 
 pub(crate) struct HubInner {
@@ -286,6 +289,7 @@ impl Hub {
                     id: None,
                     tasks: HashMap::new(),
                     credentials: HashMap::new(),
+                    identities: HashMap::new(),
                 })),
                 owner: key.owner(),
                 key,

@@ -36,9 +36,9 @@ fn copy_into(pkg: &Package, from: &str, to: &str) {
     assert!(status.success());
 }
 
-fn probe_task(hub: &TestHub, name: &str, other: &str) -> String {
+fn probe_task(hub: &TestHub, name: &str, other: &str, extra: &str) -> String {
     format!(
-        "[[task]]\nname = \"{name}\"\nruntime = \"process\"\ndir = \"{name}\"\ncommand = [\"./bootstrap\"]\nenv = {{ DATA = \"{}\", OTHER = \"{}\", HUB_PID = \"{}\" }}\n",
+        "[[task]]\nname = \"{name}\"\nruntime = \"process\"\ndir = \"{name}\"\ncommand = [\"./bootstrap\"]\ntimeout_ms = 10000\n{extra}\nenv = {{ DATA = \"{}\", OTHER = \"{}\", HUB_PID = \"{}\", CALL_TASK = \"{other}\" }}\n",
         hub.data_dir.display(),
         hub.data_dir
             .join("deployments/1")
@@ -56,7 +56,13 @@ fn each_process_task_runs_as_its_own_user_and_cannot_reach_the_hubs_secrets() {
         return;
     }
     let mut hub = hub_with_identities();
-    let manifest = probe_task(&hub, "probe-a", "probe-b") + &probe_task(&hub, "probe-b", "probe-a");
+    // probe-a may call probe-b; probe-b may call nothing.
+    let manifest = probe_task(
+        &hub,
+        "probe-a",
+        "probe-b",
+        "allow = { invoke = [\"probe-b\"] }",
+    ) + &probe_task(&hub, "probe-b", "probe-a", "");
     let pkg = Package::new(&manifest, &[]);
     copy_into(&pkg, "probe", "probe-a");
     copy_into(&pkg, "probe", "probe-b");
@@ -88,6 +94,17 @@ fn each_process_task_runs_as_its_own_user_and_cannot_reach_the_hubs_secrets() {
         assert_eq!(v["signal_hub"], "no", "the hub's process: {v}");
     }
     assert_ne!(a["uid"], b["uid"], "one user per task");
+    // On the hub's /v1 API a task is itself, without a token: it calls what
+    // its allow.invoke names and nothing else, and cannot deploy or read logs.
+    assert_eq!(a["call"], 200, "{a}");
+    assert_eq!(b["call"], 403, "{b}");
+    for v in [&a, &b] {
+        assert_eq!(v["deploy"], 403, "{v}");
+        assert_eq!(v["logs"], 403, "{v}");
+    }
+    assert!(hub.log_text().contains("refused a task's request to /v1"));
+    // The owner still can (loopback, no token).
+    assert_eq!(hub.cli(&["tasks"]).status.code(), Some(0));
     // The same users after a restart (ids are derived, not allocated).
     hub.kill9();
     hub.launch();

@@ -56,6 +56,20 @@ impl Identity {
     }
 }
 
+/// What a task's identity is derived from: its code group when it has one
+/// (the group's workers share one pre-loaded parent), else the task.
+pub fn key_for(task: &str, code_group: Option<&str>) -> String {
+    match code_group {
+        Some(g) => format!("group:{g}"),
+        None => format!("task:{task}"),
+    }
+}
+
+/// Whether `uid` lies in the range task identities are taken from.
+pub fn is_task_uid(uid: u32) -> bool {
+    (BASE..BASE + SPAN).contains(&uid)
+}
+
 /// Whether the hub can switch users (it runs as root).
 pub fn can_switch() -> bool {
     // SAFETY: geteuid has no preconditions.

@@ -14,7 +14,7 @@
 
 pub mod identity;
 mod isolation;
-mod peer;
+pub mod peer;
 pub mod pool;
 mod worker;
 mod zygote;
@@ -163,11 +163,10 @@ impl Runtime for ProcessRuntime {
         // Its own identity: the code group's when it has one (its workers
         // share one pre-loaded parent), else the task's.
         let run_as = self.config.task_identities.then(|| {
-            let key = match code_group {
-                Some(g) => format!("group:{g}"),
-                None => format!("task:{}", spec.name),
-            };
-            identity::Identity::derive(&self.config.hub_id, &key)
+            identity::Identity::derive(
+                &self.config.hub_id,
+                &identity::key_for(spec.name.as_str(), code_group.as_deref()),
+            )
         });
         if let Some(id) = run_as {
             {

@@ -1,4 +1,5 @@
-//! Makes each worker's Runtime API endpoint serve its own worker only.
+//! Makes each worker's Runtime API endpoint serve its own worker only, and
+//! tells who holds the other end of a loopback connection ([`socket_owner`]).
 //!
 //! The endpoint is a loopback TCP port (the Runtime API is addressed as
 //! `host:port`), which any local process could connect to. On accept, the
@@ -38,7 +39,7 @@ impl Owner {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let Some(info) = info else { return false };
-        let Some(inode) = socket_inode(peer, local) else {
+        let Some(SocketOwner { inode, .. }) = socket_owner(peer, local) else {
             return false;
         };
         let target = format!("socket:[{inode}]");
@@ -48,26 +49,58 @@ impl Owner {
     }
 }
 
-/// The inode of the client end of a loopback connection from `peer` to `local`.
-fn socket_inode(peer: SocketAddr, local: SocketAddr) -> Option<u64> {
-    let (SocketAddr::V4(p), SocketAddr::V4(l)) = (peer, local) else {
-        return None;
+/// The client end of a loopback connection, as the kernel lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketOwner {
+    /// The user that opened the socket.
+    pub uid: u32,
+    pub inode: u64,
+}
+
+/// Finds the client end of a loopback connection from `peer` to `local`
+/// in `/proc/net/tcp` (IPv4) or `/proc/net/tcp6`.
+pub fn socket_owner(peer: SocketAddr, local: SocketAddr) -> Option<SocketOwner> {
+    let (table, want_local, want_remote) = match (peer, local) {
+        (SocketAddr::V4(p), SocketAddr::V4(l)) => ("/proc/net/tcp", hex_v4(p), hex_v4(l)),
+        (SocketAddr::V6(p), SocketAddr::V6(l)) => ("/proc/net/tcp6", hex_v6(p), hex_v6(l)),
+        _ => return None,
     };
-    let hex = |a: std::net::SocketAddrV4| {
-        format!(
-            "{:08X}:{:04X}",
-            u32::from_le_bytes(a.ip().octets()),
-            a.port()
-        )
-    };
-    let (want_local, want_remote) = (hex(p), hex(l));
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let table = std::fs::read_to_string(table).ok()?;
     table.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
-        (f.len() > 9 && f[1] == want_local && f[2] == want_remote)
-            .then(|| f[9].parse().ok())
-            .flatten()
+        if f.len() > 9 && f[1] == want_local && f[2] == want_remote {
+            Some(SocketOwner {
+                uid: f[7].parse().ok()?,
+                inode: f[9].parse().ok()?,
+            })
+        } else {
+            None
+        }
     })
+}
+
+/// An address as `/proc/net/tcp` prints it: the address as one host-order
+/// word, then the port.
+fn hex_v4(a: std::net::SocketAddrV4) -> String {
+    format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(a.ip().octets()),
+        a.port()
+    )
+}
+
+/// As `/proc/net/tcp6` prints it: four host-order words, then the port.
+fn hex_v6(a: std::net::SocketAddrV6) -> String {
+    let o = a.ip().octets();
+    let mut s = String::with_capacity(37);
+    for w in o.chunks(4) {
+        s.push_str(&format!(
+            "{:08X}",
+            u32::from_le_bytes([w[0], w[1], w[2], w[3]])
+        ));
+    }
+    s.push_str(&format!(":{:04X}", a.port()));
+    s
 }
 
 fn candidate_pids(info: &OwnerInfo) -> Vec<i32> {
@@ -144,5 +177,32 @@ impl axum::serve::Listener for OwnListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         self.inner.local_addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_owner_of_a_loopback_connection_is_found() {
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        for ip in ["127.0.0.1", "[::1]"] {
+            let Ok(server) = std::net::TcpListener::bind(format!("{ip}:0")) else {
+                continue; // no IPv6 loopback here
+            };
+            let client = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
+            let (_conn, peer) = server.accept().unwrap();
+            assert_eq!(peer, client.local_addr().unwrap());
+            let owner = socket_owner(peer, server.local_addr().unwrap())
+                .unwrap_or_else(|| panic!("{ip}: not found"));
+            assert_eq!(owner.uid, me);
+            assert!(owner.inode > 0);
+            // Another port: nothing.
+            let mut other = server.local_addr().unwrap();
+            other.set_port(1);
+            assert_eq!(socket_owner(peer, other), None);
+        }
     }
 }
