@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 #[derive(clap::Args)]
 pub struct BenchOpts {
     /// Which figures: all, http, instantiate, throughput, async, rss,
-    /// process, pss, burst, mqtt, shadow.
+    /// process, pss, burst, mqtt, shadow, identity.
     #[arg(default_value = "all")]
     which: String,
     /// Round trips per measurement.
@@ -61,6 +61,7 @@ pub fn run(opts: BenchOpts) -> Result<()> {
         "burst",
         "mqtt",
         "shadow",
+        "identity",
     ];
     if !known.contains(&opts.which.as_str()) {
         bail!(
@@ -111,6 +112,9 @@ pub fn run(opts: BenchOpts) -> Result<()> {
     if all || opts.which == "shadow" {
         rt.block_on(crate::shadow_bench::run(opts.calls))?;
     }
+    if all || opts.which == "identity" {
+        rt.block_on(bench_identity(&opts))?;
+    }
     Ok(())
 }
 
@@ -131,8 +135,13 @@ impl HubProcess {
             .args(["--http", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"])
             // The benchmarks' Python is usually a venv in a private home,
             // which a task's own user could not reach; identities change
-            // only how workers start, not a warm call.
-            .args(["--task-identities", "off"])
+            // only how workers start, not a warm call (`bench identity`
+            // measures what they do cost).
+            .args(if extra.contains(&"--task-identities") {
+                &[][..]
+            } else {
+                &["--task-identities", "off"][..]
+            })
             .args(extra)
             .env("ROOST_LOG", "warn")
             .stdout(Stdio::null())
@@ -283,6 +292,66 @@ async fn bench_http(opts: &BenchOpts) -> Result<()> {
         opts.calls
     );
     print_paired("POST echo call", &p, "(target <= 1.25)");
+    Ok(())
+}
+
+/// What task identities cost a local program on `/v1`: the hub asks the
+/// kernel (sock_diag) who holds each new loopback connection. Calls on
+/// a fresh connection each, and on one kept-alive connection, with
+/// identities on against the same hub with them off.
+async fn bench_identity(opts: &BenchOpts) -> Result<()> {
+    if !roost_runtime_process::identity::can_switch() {
+        println!("\n[identity] skipped: task identities need root");
+        return Ok(());
+    }
+    let n = opts.calls.min(2000);
+    let path = "/v1/tasks/echo/calls";
+    let body: &'static [u8] = b"0123456789abcdef";
+    // Both hubs at once, measured in alternating batches of 100, so drift
+    // (CPU frequency, TIME_WAIT sockets piling up) hits both alike.
+    let hubs = [
+        HubProcess::start(&["--example", "--task-identities", "off"])?,
+        HubProcess::start(&["--example", "--task-identities", "on"])?,
+    ];
+    let mut fresh: [Vec<Duration>; 2] = Default::default();
+    let mut kept: [Vec<Duration>; 2] = Default::default();
+    let mut conns = [connect(&hubs[0].addr).await?, connect(&hubs[1].addr).await?];
+    for round in 0..(n / 100).max(1) + 2 {
+        for (i, hub) in hubs.iter().enumerate() {
+            for _ in 0..100 {
+                let t = Instant::now();
+                let mut s = connect(&hub.addr).await?;
+                let st = round_trip(&mut s, "POST", path, body).await?;
+                if st != 200 {
+                    bail!("POST {path} failed with {st}");
+                }
+                // The first two rounds warm up.
+                if round >= 2 {
+                    fresh[i].push(t.elapsed());
+                }
+                let t = Instant::now();
+                round_trip(&mut conns[i], "POST", path, body).await?;
+                if round >= 2 {
+                    kept[i].push(t.elapsed());
+                }
+            }
+        }
+    }
+    let [f0, f1] = fresh;
+    let [k0, k1] = kept;
+    let fresh = [stats(f0), stats(f1)];
+    let kept = [stats(k0), stats(k1)];
+    println!("\n[identity] /v1 calls with task identities off and on (the hub asks who holds each new connection), {n} each");
+    for (label, s) in [("fresh connection", &fresh), ("kept-alive", &kept)] {
+        println!(
+            "  {label:<18} off p50 {:>8.1} us  on p50 {:>8.1} us  ratio {:.3}  (mean {:.1} / {:.1})",
+            s[0].p50_us,
+            s[1].p50_us,
+            s[1].p50_us / s[0].p50_us,
+            s[0].mean_us,
+            s[1].mean_us
+        );
+    }
     Ok(())
 }
 
