@@ -69,6 +69,10 @@ pub struct TaskView {
     pub failed: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool: Option<roost_runtime::PoolStats>,
+    /// The uid (and gid, the same number) a process task's workers run as,
+    /// when task identities are on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
 }
 
 /// Which edge a call came through (the `mode` metric label).
@@ -375,6 +379,11 @@ impl Hub {
     pub fn tasks(&self) -> Vec<TaskView> {
         let active = self.inner.active.read().clone();
         let snap = self.inner.scheduler.snapshot();
+        let uid_of: std::collections::HashMap<&roost_model::TaskName, u32> = active
+            .identities
+            .iter()
+            .flat_map(|(uid, tasks)| tasks.iter().map(move |t| (t, *uid)))
+            .collect();
         let mut out: Vec<TaskView> = active
             .tasks
             .values()
@@ -396,6 +405,7 @@ impl Hub {
                     succeeded,
                     failed,
                     pool: t.pool_stats(),
+                    uid: uid_of.get(&s.name).copied(),
                 }
             })
             .collect();

@@ -992,6 +992,16 @@ fn process_code(
             "a process task names its folder with `dir`, not `code`",
         );
     }
+    if t.contains_key("resource") {
+        // A wasm task sees only what is preopened for it; a process sees
+        // the machine's filesystem with its user's rights, so a resource
+        // could not be enforced (and was silently ignored before).
+        c.problem(
+            format!("{field}.resource"),
+            String::new(),
+            "resources are for wasm tasks: a process task sees the machine's files with its own user's rights (its uid is in `roost tasks`); grant that user access to what it needs",
+        );
+    }
     let dir = string(c, t, field, "dir").and_then(|rel| match inside(root, rel) {
         Ok(p) if p.is_dir() => Some(p),
         Ok(_) => {
@@ -1316,5 +1326,18 @@ to = "cloud:up"
         );
         let p = parse(&m, d.path()).unwrap_err();
         assert_eq!(p.len(), 4, "{p:?}");
+    }
+
+    #[test]
+    fn a_process_task_with_resources_is_refused_not_silently_ignored() {
+        let d = pkg(&[("app/run.sh", "")]);
+        let m = format!(
+            "[[task]]\nname=\"p\"\nruntime=\"process\"\ndir=\"app\"\ncommand=[\"./run.sh\"]\n[[task.resource]]\nsource = {:?}\npath = \"/data\"\n",
+            d.path().display()
+        );
+        let p = parse(&m, d.path()).unwrap_err();
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].field, "task[0].resource");
+        assert!(p[0].why.contains("wasm tasks"), "{p:?}");
     }
 }

@@ -203,7 +203,7 @@ pub fn tasks(hub: &HubArgs, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<24} {:<8} {:>7} {:>9} {:>5} {:>4} {:>7} {:>7} {:>9} {:>7}",
+        "{:<24} {:<8} {:>7} {:>9} {:>5} {:>4} {:>7} {:>7} {:>9} {:>7}  USER",
         "TASK",
         "RUNTIME",
         "MEM_MB",
@@ -218,7 +218,7 @@ pub fn tasks(hub: &HubArgs, json: bool) -> Result<()> {
     for t in tasks {
         let n = |k: &str| t[k].to_string();
         println!(
-            "{:<24} {:<8} {:>7} {:>7}ms {:>5} {:>4} {:>7} {:>7} {:>9} {:>7}",
+            "{:<24} {:<8} {:>7} {:>7}ms {:>5} {:>4} {:>7} {:>7} {:>9} {:>7}  {}",
             t["name"].as_str().unwrap_or("?"),
             t["runtime"].as_str().unwrap_or("?"),
             n("memory_mb"),
@@ -228,7 +228,12 @@ pub fn tasks(hub: &HubArgs, json: bool) -> Result<()> {
             n("queued"),
             n("running"),
             n("succeeded"),
-            n("failed")
+            n("failed"),
+            // A process task's own uid (task identities), else the hub's.
+            t["uid"]
+                .as_u64()
+                .map(|u| u.to_string())
+                .unwrap_or_else(|| "hub".into())
         );
     }
     Ok(())

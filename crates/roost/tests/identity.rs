@@ -103,8 +103,21 @@ fn each_process_task_runs_as_its_own_user_and_cannot_reach_the_hubs_secrets() {
         assert_eq!(v["logs"], 403, "{v}");
     }
     assert!(hub.log_text().contains("refused a task's request to /v1"));
-    // The owner still can (loopback, no token).
-    assert_eq!(hub.cli(&["tasks"]).status.code(), Some(0));
+    // The owner still can (loopback, no token), and sees each task's user.
+    let listed = hub.get_json("/v1/tasks");
+    let uid_of = |name: &str| {
+        listed["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .map(|t| t["uid"].clone())
+            .unwrap()
+    };
+    assert_eq!(uid_of("probe-a"), a["uid"], "{listed}");
+    assert_eq!(uid_of("probe-b"), b["uid"], "{listed}");
+    let table = String::from_utf8_lossy(&hub.cli(&["tasks"]).stdout).to_string();
+    assert!(table.contains(&a["uid"].to_string()), "{table}");
     // The same users after a restart (ids are derived, not allocated).
     hub.kill9();
     hub.launch();
