@@ -8,7 +8,7 @@
 mod errors;
 mod serve;
 
-pub use serve::{serve, Peer, ServeConfig, TlsFiles};
+pub use serve::{serve, Peer, PeerUser, ServeConfig, TlsFiles};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -61,11 +61,20 @@ async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Resp
     // A process task's worker, under its own identity, is held to its
     // manifest's `allow` here too, token or not.
     if st.hub.task_identities() {
-        let uid = req
+        let user = req
             .extensions()
             .get::<axum::extract::ConnectInfo<Peer>>()
-            .and_then(|c| c.0.local_uid());
-        if let Some(uid) = uid {
+            .map(|c| c.0.user())
+            .unwrap_or(PeerUser::Unknown);
+        if user == PeerUser::Unknown {
+            // Fail closed: it could be a task's.
+            tracing::warn!(path = %req.uri().path(), "refused a /v1 request from a local connection whose user is unknown");
+            return task_refused(
+                &req,
+                "cannot tell which local user holds this connection (was it closed before the answer?)",
+            );
+        }
+        if let PeerUser::Local(uid) = user {
             match st.hub.local_user(uid) {
                 roost_hub::local::LocalUser::Other => {}
                 roost_hub::local::LocalUser::RetiredTask => {

@@ -30,7 +30,20 @@ pub struct ServeConfig {
 pub struct Peer {
     pub addr: SocketAddr,
     local: Option<SocketAddr>,
-    uid: Arc<std::sync::OnceLock<Option<u32>>>,
+    user: Arc<std::sync::OnceLock<PeerUser>>,
+}
+
+/// Who holds the client end of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerUser {
+    /// Another machine.
+    Remote,
+    /// A process of this machine running as this uid.
+    Local(u32),
+    /// A connection from this machine whose owner could not be found (for
+    /// one, a client that already closed its end: the kernel keeps no
+    /// owner for a socket in TIME_WAIT). Not to be trusted as anyone.
+    Unknown,
 }
 
 impl Peer {
@@ -38,19 +51,31 @@ impl Peer {
         Peer {
             addr,
             local,
-            uid: Arc::default(),
+            user: Arc::default(),
         }
     }
 
-    /// The uid holding a loopback connection's client end (from
-    /// `/proc/net/tcp`); none for a remote peer.
-    pub fn local_uid(&self) -> Option<u32> {
-        *self.uid.get_or_init(|| {
-            let local = self.local?;
-            if !self.addr.ip().is_loopback() {
-                return None;
+    /// Who holds the connection's client end: a connection from this
+    /// machine (loopback, or from one of its own addresses; IPv4-mapped
+    /// IPv6 addresses count as IPv4) is looked up in the kernel's socket
+    /// table.
+    pub fn user(&self) -> PeerUser {
+        *self.user.get_or_init(|| {
+            let Some(local) = self.local else {
+                return PeerUser::Unknown;
+            };
+            let canon = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+            let (peer, local_c) = (canon(self.addr), canon(local));
+            if !(peer.ip().is_loopback() || peer.ip() == local_c.ip()) {
+                return PeerUser::Remote;
             }
-            roost_runtime_process::peer::socket_owner(self.addr, local).map(|o| o.uid)
+            let found = roost_runtime_process::peer::socket_owner(peer, local_c)
+                .or_else(|| roost_runtime_process::peer::socket_owner(self.addr, local));
+            match found {
+                // No inode: a socket its process has already let go of.
+                Some(o) if o.inode != 0 => PeerUser::Local(o.uid),
+                _ => PeerUser::Unknown,
+            }
         })
     }
 }
@@ -147,5 +172,37 @@ pub async fn serve(
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_is_remote_local_or_unknown_never_assumed() {
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        let (conn, peer) = server.accept().unwrap();
+        let local = conn.local_addr().unwrap();
+        assert_eq!(Peer::new(peer, Some(local)).user(), PeerUser::Local(me));
+        // The same, seen through an IPv4-mapped IPv6 address.
+        let mapped = |a: SocketAddr| match a {
+            SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+            v6 => v6,
+        };
+        assert_eq!(
+            Peer::new(mapped(peer), Some(mapped(local))).user(),
+            PeerUser::Local(me)
+        );
+        // A local connection nobody holds: unknown, not the owner.
+        let gone: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(Peer::new(gone, Some(local)).user(), PeerUser::Unknown);
+        assert_eq!(Peer::new(peer, None).user(), PeerUser::Unknown);
+        // Another machine.
+        let far: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+        assert_eq!(Peer::new(far, Some(local)).user(), PeerUser::Remote);
     }
 }

@@ -159,7 +159,7 @@ impl Hub {
                         .join("; "),
                     other => other.to_string(),
                 };
-                tracing::error!(deployment = stored.id, %detail, "the active deployment no longer loads (was a resource removed?); no tasks are running: fix it and deploy again")
+                tracing::error!(deployment = stored.id, %detail, "the active deployment no longer loads (a resource removed? a runtime its task's own user cannot reach, with task identities on?); no tasks are running: fix it and deploy again")
             }
         }
     }
@@ -421,6 +421,9 @@ fn unpack(package: &[u8], dir: &PathBuf, max_bytes: usize) -> Result<Option<Vec<
     let gz = flate2::read::GzDecoder::new(package);
     let mut archive = tar::Archive::new(gz.take(max_bytes as u64 + 1));
     archive.set_preserve_permissions(true);
+    // No set-id bits, no group write, nothing for others: what a task may
+    // read is opened to it when it is prepared.
+    archive.set_mask(0o7027);
     archive.set_overwrite(true);
     let mut total = 0u64;
     for entry in archive.entries().map_err(bad)? {

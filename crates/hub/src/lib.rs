@@ -103,8 +103,10 @@ pub fn reserved_topic(topic: &str) -> bool {
 /// the store (with its WAL), the hub key, the owner's credentials, the
 /// compiled code and the unpacked deployments (a process task's own folder
 /// is opened to that task alone when it is prepared). Files made later are
-/// private too (the hub runs with umask 077). The data dir itself keeps its
-/// mode: it may be a folder the hub does not own alone.
+/// private too (the hub runs with umask 077). The data dir's own mode is
+/// left alone here (it may be a folder the hub does not own alone); with
+/// task identities on, preparing a process task adds `o+x` to it and to the
+/// folders down to the task's.
 fn make_private(data_dir: &std::path::Path) {
     use std::os::unix::fs::PermissionsExt;
     let set = |name: &str, mode: u32| {

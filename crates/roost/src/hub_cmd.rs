@@ -330,6 +330,14 @@ async fn serve(opts: HubOpts) -> Result<()> {
         opts.data_dir.join("endpoints.json"),
         serde_json::to_vec_pretty(&endpoints)?,
     )?;
+    // Where the hub listens is no secret (unlike the rest of the data dir).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            opts.data_dir.join("endpoints.json"),
+            std::fs::Permissions::from_mode(0o644),
+        )?;
+    }
     let app = roost_api::router(hub.clone(), opts.token.clone());
     tracing::info!(url = %format!("{scheme}://{addr}"), mqtt = %mqtt_addr, anonymous = opts.allow_anonymous, budget_mb = hub.config().memory_budget_mb, "roost hub serving");
     if opts.example {

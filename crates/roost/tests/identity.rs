@@ -92,6 +92,8 @@ fn each_process_task_runs_as_its_own_user_and_cannot_reach_the_hubs_secrets() {
         assert_eq!(v["store"], "no", "the store: {v}");
         assert_eq!(v["other"], "no", "another task's code: {v}");
         assert_eq!(v["signal_hub"], "no", "the hub's process: {v}");
+        assert_eq!(v["home_writable"], "yes", "a home of its own: {v}");
+        assert!(v["home"].as_str().unwrap().contains("/homes/"), "{v}");
     }
     assert_ne!(a["uid"], b["uid"], "one user per task");
     // On the hub's /v1 API a task is itself, without a token: it calls what
@@ -167,7 +169,16 @@ fn a_runtime_the_tasks_user_cannot_reach_is_refused_at_deploy_with_the_reason() 
     let out = hub.cli(&["deploy", pkg.manifest().to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("share the folder"), "{err}");
+    assert!(err.contains("overlap"), "{err}");
+    // Nor nest one's folder in another's.
+    let manifest = "[[task]]\nname = \"outer\"\nruntime = \"process\"\ndir = \"probe\"\ncommand = [\"./bootstrap\"]\n[[task]]\nname = \"inner\"\nruntime = \"process\"\ndir = \"probe/inner\"\ncommand = [\"./bootstrap\"]\n";
+    let pkg = Package::new(manifest, &[]);
+    copy_into(&pkg, "probe", "probe");
+    copy_into(&pkg, "probe", "probe/inner");
+    let out = hub.cli(&["deploy", pkg.manifest().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("overlap"), "{err}");
 }
 
 /// A venv that other users can use: the test venv lives under /root, so
@@ -233,9 +244,13 @@ fn a_code_groups_zygote_and_its_workers_run_as_the_groups_user() {
             hub.data_dir.display()
         )
     };
-    let pkg = Package::new(&(task("left") + &task("right")), &[]);
+    let sneaky = task("sneaky").replace("app.whoami", "app.sneak");
+    let pkg = Package::new(&(task("left") + &task("right") + &sneaky), &[]);
     copy_into(&pkg, "py", "py");
     hub.deploy(&pkg.manifest());
+    // Twice, so a rollback would have somewhere to go.
+    hub.deploy(&pkg.manifest());
+    let active = hub.get_json("/v1/deployments/active")["id"].clone();
     assert!(hub
         .log_text()
         .contains("workers fork from the code group's zygote"));
@@ -260,4 +275,49 @@ fn a_code_groups_zygote_and_its_workers_run_as_the_groups_user() {
             .all(|u| u.parse::<i64>().ok() == l["uid"].as_i64()),
         "{uid_line}"
     );
+    // An owner-only request sent by a task that hangs up before the hub asks
+    // who it is: refused, not taken for the owner's.
+    assert_eq!(hub.call("sneaky", "{}").status(), 200);
+    wait_until(
+        "the hub to refuse the hung-up request",
+        std::time::Duration::from_secs(10),
+        || {
+            let log = hub.log_text();
+            log.contains("refused a task's request") || log.contains("whose user is unknown")
+        },
+    );
+    assert_eq!(
+        hub.get_json("/v1/deployments/active")["id"],
+        active,
+        "no rollback happened"
+    );
+}
+
+#[test]
+fn a_zygote_that_lies_about_its_children_is_stopped_and_the_hub_is_untouched() {
+    if !is_root() {
+        eprintln!("skipped: task identities need the tests to run as root");
+        return;
+    }
+    let hub = hub_with_identities();
+    let tmp = tempfile::tempdir().unwrap();
+    let python = reachable_python(tmp.path());
+    // Its handler module, pre-loaded into the zygote, makes the zygote say
+    // the hub's own pid is a worker it forked.
+    let manifest = format!(
+        "[[task]]\nname = \"liar\"\nruntime = \"process\"\ndir = \"evil\"\ncommand = [\"{python}\", \"-m\", \"awslambdaric\"]\nhandler = \"evil.handler\"\ncode_group = \"bad\"\n"
+    );
+    let pkg = Package::new(&manifest, &[]);
+    copy_into(&pkg, "evil", "evil");
+    hub.deploy(&pkg.manifest());
+    let r = hub.call("liar", "{}");
+    let status = r.status();
+    let body = r.text().unwrap();
+    assert_ne!(status, 200, "{body}");
+    assert!(body.contains("not its child"), "{body}");
+    // The hub is alive, serving, and still outside every worker's cgroup.
+    let health = http().get(format!("{}/healthz", hub.url)).send().unwrap();
+    assert_eq!(health.status(), 200);
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", hub.pid())).unwrap();
+    assert!(!cgroups.contains("/roost/"), "{cgroups}");
 }

@@ -51,6 +51,10 @@ impl Identity {
             if libc::setuid(0) == 0 {
                 return Err(std::io::Error::other("could not drop root"));
             }
+            // Nor through a set-uid program (sudo, su, ...).
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
         }
         Ok(())
     }
@@ -121,7 +125,20 @@ pub fn open_task_dir(dir: &Path, managed_root: &Path, id: Identity) -> Result<()
             break;
         }
     }
-    reachable(dir, id, false)
+    reachable(dir, id, true)
+}
+
+/// The home (and temp) folder of `id`: `DATA_DIR/homes/UID`, 0700 and its
+/// own; `homes` is searchable, not listable.
+pub fn home_dir(data_dir: &Path, id: Identity) -> std::io::Result<PathBuf> {
+    let homes = data_dir.join("homes");
+    std::fs::create_dir_all(&homes)?;
+    std::fs::set_permissions(&homes, std::fs::Permissions::from_mode(0o711))?;
+    let home = homes.join(id.uid.to_string());
+    std::fs::create_dir_all(&home)?;
+    std::os::unix::fs::chown(&home, Some(id.uid), Some(id.gid))?;
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700))?;
+    Ok(home)
 }
 
 /// Checks that `id` can reach `path` (every folder on the way searchable by

@@ -110,6 +110,25 @@ fn resolve_command(cmd: &str, dir: &Path) -> Option<PathBuf> {
 type ZygoteKey = (String, String, Option<identity::Identity>);
 
 impl ProcessRuntime {
+    /// Records that `dir` is opened to `id`: refused when another identity
+    /// has it, a folder inside it, or a folder around it (opening one would
+    /// regroup the other), or when two keys hash to one uid.
+    fn claim(&self, dir: &Path, id: identity::Identity, task: &str) -> Result<(), PrepareError> {
+        let mut owners = self.dir_identities.lock();
+        for (path, (other_id, other)) in owners.iter() {
+            let overlaps = path.starts_with(dir) || dir.starts_with(path);
+            if overlaps && *other_id != id {
+                return Err(PrepareError(format!(
+                    "tasks {other} and {task} run as different users but their folders {} and {} overlap; give each its own `dir`, or put them in one code_group",
+                    path.display(),
+                    dir.display()
+                )));
+            }
+        }
+        owners.insert(dir.to_path_buf(), (id, task.to_owned()));
+        Ok(())
+    }
+
     /// The zygote of a code group, started on first use.
     async fn zygote(
         &self,
@@ -168,32 +187,31 @@ impl Runtime for ProcessRuntime {
                 &identity::key_for(spec.name.as_str(), code_group.as_deref()),
             )
         });
+        let mut env: Vec<(String, String)> = Vec::new();
         if let Some(id) = run_as {
-            {
-                let mut owners = self.dir_identities.lock();
-                match owners.get(dir) {
-                    Some((other_id, other)) if *other_id != id => {
-                        return Err(PrepareError(format!(
-                            "tasks {other} and {} share the folder {} but run as different users; give each its own `dir`, or put them in one code_group",
-                            spec.name,
-                            dir.display()
-                        )));
-                    }
-                    Some(_) => {}
-                    None => {
-                        owners.insert(dir.clone(), (id, spec.name.to_string()));
-                    }
-                }
-            }
-            let refuse = |e: String| {
+            self.claim(dir, id, spec.name.as_str())?;
+            identity::open_task_dir(dir, &self.config.data_dir, id).map_err(|e| {
                 PrepareError(format!(
-                    "task {} runs as its own user (uid {}), which cannot use it: {e}. Install the runtime where other users can read it (not under a private home), or run the hub with --task-identities off",
+                    "task {} runs as its own user (uid {}), which cannot reach its folder: {e}. Give the hub a data dir other users can enter (such as /var/lib/roost, not under a private home), or run it with --task-identities off",
                     spec.name, id.uid
                 ))
-            };
-            identity::open_task_dir(dir, &self.config.data_dir, id).map_err(refuse)?;
-            identity::reachable(&program, id, true).map_err(refuse)?;
+            })?;
+            identity::reachable(&program, id, true).map_err(|e| {
+                PrepareError(format!(
+                    "task {} runs as its own user (uid {}), which cannot run its command: {e}. Install the runtime where other users can read it (not under a private home), or run the hub with --task-identities off",
+                    spec.name, id.uid
+                ))
+            })?;
+            // A home and temp folder of its own (HOME=/root is of no use to
+            // it): kept across restarts, private to it.
+            let home = identity::home_dir(&self.config.data_dir, id)
+                .map_err(|e| PrepareError(format!("cannot make task {}'s home: {e}", spec.name)))?;
+            let home = home.display().to_string();
+            env.push(("HOME".into(), home.clone()));
+            env.push(("TMPDIR".into(), home));
         }
+        // The task's own variables win.
+        env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         let mut command = command.clone();
         command[0] = program.display().to_string();
         let wspec = worker::WorkerSpec {
@@ -201,11 +219,7 @@ impl Runtime for ProcessRuntime {
             dir: dir.clone(),
             command: command.clone(),
             handler: handler.clone(),
-            env: spec
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            env,
             memory_mb: spec.limits.memory_mb,
             region: self.config.region.clone(),
             version: "$LATEST".into(),

@@ -330,13 +330,18 @@ const INHERITED: &[&str] = &[
     "SSL_CERT_DIR",
 ];
 
+/// The hub's variables a worker (or a zygote) keeps.
+pub(crate) fn inherited_env() -> Vec<(String, String)> {
+    INHERITED
+        .iter()
+        .filter_map(|k| Some((k.to_string(), std::env::var(k).ok()?)))
+        .collect()
+}
+
 /// A worker's whole environment: the few inherited variables, Lambda's,
 /// then the task's (which carry the hub's `AWS_*` settings for it).
 fn lambda_env(spec: &WorkerSpec, id: u64, api: &str, hub_marker: &str) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = INHERITED
-        .iter()
-        .filter_map(|k| Some((k.to_string(), std::env::var(k).ok()?)))
-        .collect();
+    let mut env = inherited_env();
     env.extend::<Vec<(String, String)>>(vec![
         ("AWS_LAMBDA_RUNTIME_API".into(), api.into()),
         ("_HANDLER".into(), spec.handler.clone()),
@@ -382,16 +387,20 @@ async fn spawn_direct(
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .process_group(0);
+        .kill_on_drop(true);
     {
         let group = group.clone();
         let run_as = spec.run_as;
-        // SAFETY: the closure only makes async-signal-safe calls (prctl,
-        // getppid, umask, WorkerGroup::enter's open/write/setrlimit and
-        // Identity::drop_to's setgroups/setgid/setuid).
+        // SAFETY: the closure only makes async-signal-safe calls (setsid,
+        // prctl, getppid, umask, WorkerGroup::enter's open/write/setrlimit
+        // and Identity::drop_to's setgroups/setgid/setuid/prctl).
         unsafe {
             cmd.pre_exec(move || {
+                // Its own session and process group (no terminal of the
+                // hub's; killed as a group).
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 // Into its cgroup while still root, then down to the task's
                 // identity.
                 group.enter()?;
@@ -505,14 +514,27 @@ async fn spawn_forked(
             return Err(crashed(format!("the zygote could not fork a worker: {e}")));
         }
     };
+    // The zygote runs task code (pre-loaded handlers), so what it says is
+    // checked before the hub acts on it as root: the pid must be a child
+    // of this zygote. A zygote that lies is killed.
+    if !z.is_child(pid) {
+        z.kill();
+        pump_out.abort();
+        pump_err.abort();
+        return Err(crashed(format!(
+            "the zygote reported pid {pid}, which is not its child; the zygote was stopped"
+        )));
+    }
     // The child waits until the hub has put it in its cgroup: the task's
-    // user may not write cgroup files, and nothing of the task runs
-    // unconfined in between.
-    let placed = group.place(pid);
-    if let Err(e) = &placed {
-        // SAFETY: the pid is the zygote's child, held before it ran anything.
+    // user may not write cgroup files, and no code of its call runs
+    // outside its limits.
+    if let Err(e) = group.place(pid) {
+        // SAFETY: a checked child of the zygote, held before it ran anything.
         unsafe { libc::kill(pid, libc::SIGKILL) };
-        tracing::warn!(task = %spec.task, error = %e, "could not put a forked worker in its cgroup");
+        let _ = z.release(pid).await;
+        pump_out.abort();
+        pump_err.abort();
+        return Err(crashed(format!("cannot put the worker in its cgroup: {e}")));
     }
     if let Err(e) = z.release(pid).await {
         tracing::warn!(task = %spec.task, error = %e, "could not release a forked worker");

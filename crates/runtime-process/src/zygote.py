@@ -146,6 +146,8 @@ def release(req):
     if w is not None:
         try:
             os.write(w, b"1")
+        except OSError:
+            pass  # the child is gone (killed, or it failed): its exit is reported
         finally:
             os.close(w)
 

@@ -78,18 +78,26 @@ impl Zygote {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
         let theirs_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
         let mut cmd = tokio::process::Command::new(python);
+        // The zygote runs task code (the handlers it pre-loads): it gets a
+        // worker's clean environment, never the hub's (its token, its AWS
+        // settings), its own session (no terminal of the hub's), and its
+        // output goes to the hub's log.
         cmd.arg("-c")
             .arg(SCRIPT)
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::inherit())
-            .stderr(std::process::Stdio::inherit())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .env_clear()
+            .envs(crate::worker::inherited_env())
             .env("ROOST_CODE_GROUP", group)
-            .kill_on_drop(true)
-            .process_group(0);
-        // SAFETY: dup2, umask, prctl and Identity::drop_to's calls are
-        // async-signal-safe.
+            .kill_on_drop(true);
+        // SAFETY: setsid, dup2, umask, prctl and Identity::drop_to's calls
+        // are async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 if libc::dup2(theirs_fd, 3) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -104,9 +112,30 @@ impl Zygote {
                 Ok(())
             });
         }
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot start the zygote with {python}: {e}"))?;
+        for out in [
+            child
+                .stdout
+                .take()
+                .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child
+                .stderr
+                .take()
+                .map(|e| Box::new(e) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let group = group.to_owned();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(out).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::info!(code_group = %group, "zygote: {line}");
+                }
+            });
+        }
         drop(theirs);
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
         ours.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -134,9 +163,13 @@ impl Zygote {
                         }
                         Some("forked") => {
                             let pid = v["pid"].as_i64().unwrap_or(0) as i32;
-                            let (tx, rx) = watch::channel(None);
-                            exits.insert(pid, tx);
-                            Reply::Forked(pid, rx)
+                            if pid <= 0 {
+                                Reply::Error(format!("the zygote reported pid {pid}"))
+                            } else {
+                                let (tx, rx) = watch::channel(None);
+                                exits.insert(pid, tx);
+                                Reply::Forked(pid, rx)
+                            }
                         }
                         Some("preloaded") => {
                             Reply::Preloaded(v["error"].as_str().map(str::to_owned))
@@ -253,6 +286,28 @@ impl Zygote {
 
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// Whether `pid` is a live child of this zygote (from `/proc`, not from
+    /// anything the zygote said).
+    pub fn is_child(&self, pid: i32) -> bool {
+        pid > 0
+            && pid != self.pid
+            && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                        .and_then(|p| p.parse::<i32>().ok())
+                })
+                == Some(self.pid)
+    }
+
+    /// Stops the zygote (and with it, through PDEATHSIG, its children).
+    pub fn kill(&self) {
+        if let Some(c) = self.child.lock().as_mut() {
+            let _ = c.start_kill();
+        }
     }
 }
 

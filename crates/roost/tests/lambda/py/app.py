@@ -73,3 +73,19 @@ def whoami(event, context):
         "ppid": os.getppid(),
         "key": can_read(os.path.join(os.environ.get("DATA", "/nonexistent"), "hub.key")),
     }
+
+
+def sneak(event, context):
+    """Sends an owner-only request to the hub's /v1 and closes at once, so
+    the hub finds the socket already let go of when it asks who held it."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ["AWS_ENDPOINT_URL_LAMBDA"])
+    s = socket.create_connection((url.hostname, url.port))
+    s.sendall(
+        b"POST /v1/deployments/rollback HTTP/1.1\r\nHost: hub\r\nContent-Length: 0\r\n\r\n"
+        b"GET /healthz HTTP/1.1\r\n"
+    )
+    s.close()
+    return "sent"
