@@ -229,15 +229,24 @@ fn reachable_python(into: &Path) -> String {
     venv.join("bin/python").display().to_string()
 }
 
-#[test]
-fn a_code_groups_zygote_and_its_workers_run_as_the_groups_user() {
+/// A hub with identities on and a Python its tasks' users can run; none
+/// when the tests do not run as root.
+fn hub_and_python() -> Option<(TestHub, tempfile::TempDir, String)> {
     if !is_root() {
         eprintln!("skipped: task identities need the tests to run as root");
-        return;
+        return None;
     }
     let hub = hub_with_identities();
     let tmp = tempfile::tempdir().unwrap();
     let python = reachable_python(tmp.path());
+    Some((hub, tmp, python))
+}
+
+#[test]
+fn a_code_groups_zygote_and_its_workers_run_as_the_groups_user() {
+    let Some((hub, _tmp, python)) = hub_and_python() else {
+        return;
+    };
     let task = |name: &str| {
         format!(
             "[[task]]\nname = \"{name}\"\nruntime = \"process\"\ndir = \"py\"\ncommand = [\"{python}\", \"-m\", \"awslambdaric\"]\nhandler = \"app.whoami\"\ncode_group = \"shared\"\nenv = {{ DATA = \"{}\" }}\n",
@@ -295,13 +304,9 @@ fn a_code_groups_zygote_and_its_workers_run_as_the_groups_user() {
 
 #[test]
 fn a_zygote_that_lies_about_its_children_is_stopped_and_the_hub_is_untouched() {
-    if !is_root() {
-        eprintln!("skipped: task identities need the tests to run as root");
+    let Some((hub, _tmp, python)) = hub_and_python() else {
         return;
-    }
-    let hub = hub_with_identities();
-    let tmp = tempfile::tempdir().unwrap();
-    let python = reachable_python(tmp.path());
+    };
     // Its handler module, pre-loaded into the zygote, makes the zygote say
     // the hub's own pid is a worker it forked.
     let manifest = format!(
