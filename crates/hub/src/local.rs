@@ -18,6 +18,10 @@ pub struct PublishOptions {
     pub properties: roost_broker::Properties,
     /// MQTT 5 message expiry.
     pub expiry: Option<std::time::Duration>,
+    /// Whether `device:` routes see it, as they see an MQTT client's
+    /// message: true for the owner's (a local program), never for a task's
+    /// (a task publishing to a topic routed back to it would loop).
+    pub feeds_routes: bool,
 }
 
 /// A deployed secret, opened.
@@ -111,15 +115,19 @@ impl Hub {
         payload: Bytes,
         options: PublishOptions,
     ) -> Result<(), String> {
-        let mut m = roost_broker::Message::from_hub(topic, payload);
+        let mut m = roost_broker::Message::from_hub(topic, payload.clone());
         m.qos = options.qos.min(1);
         m.retain = options.retain;
         m.properties = options.properties;
         m.expires_at = options.expiry.map(|d| std::time::Instant::now() + d);
-        match self.inner.broker.publish(m) {
-            Some(done) => done.await.map_err(|e| e.to_string()),
-            None => Ok(()),
+        if let Some(done) = self.inner.broker.publish(m) {
+            done.await.map_err(|e| e.to_string())?;
         }
+        if options.feeds_routes {
+            let routes = self.inner.routes.read().clone();
+            routes.on_device_message(topic, &payload);
+        }
+        Ok(())
     }
 
     /// Counts a request to a local service, for the metrics.

@@ -316,6 +316,7 @@ fn publish_options(
         retain,
         properties: props,
         expiry,
+        feeds_routes: false,
     })
 }
 
@@ -357,7 +358,10 @@ async fn publish(
         hub.shadow_over_mqtt(id, op, req.body.clone());
         return Ok(json(&serde_json::json!({}), CONTENT_TYPE));
     }
-    let options = publish_options(&req.parts, &req.body, qos, retain)?;
+    let mut options = publish_options(&req.parts, &req.body, qos, retain)?;
+    // Like an MQTT client's message, the owner's reaches `device:` routes;
+    // a task's does not (a topic routed back to it would loop).
+    options.feeds_routes = matches!(caller, Principal::Owner);
     hub.publish(&topic, req.body.clone(), options)
         .await
         .map_err(|e| {

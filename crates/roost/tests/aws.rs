@@ -236,7 +236,8 @@ fn a_process_task_uses_boto3_unconfigured_and_gets_only_what_allow_grants() {
         "[[task]]\nname = \"boom\"\nruntime = \"process\"\ndir = \"boto\"\ncommand = [\"{py}\", \"-m\", \"awslambdaric\"]\nhandler = \"app.boom\"\nmemory_mb = 256\n[[task]]\nname = \"ctx\"\nruntime = \"process\"\ndir = \"boto\"\ncommand = [\"{py}\", \"-m\", \"awslambdaric\"]\nhandler = \"app.context_of\"\nmemory_mb = 256\n"
     ) + &task("echo", "echo.wat", "")
         + &task("secret-keeper", "echo.wat", "")
-        + "[[secret]]\nname = \"db-password\"\nvalue_env = \"DB_PASSWORD\"\n[[secret]]\nname = \"api-key\"\nvalue_env = \"API_KEY\"\n";
+        + "[[secret]]\nname = \"db-password\"\nvalue_env = \"DB_PASSWORD\"\n[[secret]]\nname = \"api-key\"\nvalue_env = \"API_KEY\"\n"
+        + "[[route]]\nfrom = \"device:alerts/#\"\nto = \"task:secret-keeper\"\n";
     let pkg = Package::new(&manifest, &["echo.wat"]);
     let status = Command::new("cp")
         .arg("-a")
@@ -283,6 +284,25 @@ fn a_process_task_uses_boto3_unconfigured_and_gets_only_what_allow_grants() {
     assert_eq!(v["secret_denied"], "AccessDeniedException", "{v}");
     // The denied update changed nothing.
     assert!(get_shadow(&hub, "door").contains("\"open\":false"));
+    // The task's Publish to alerts/hot reached subscribers but not the
+    // `device:alerts/#` route (a task cannot loop through its own topic);
+    // the owner's Publish, like an MQTT client's message, does.
+    as_owner(
+        &hub,
+        "import boto3; boto3.client('iot-data').publish(topic='alerts/owner', qos=1, payload=b'{}')",
+    );
+    let routed = || {
+        hub.task_row("secret-keeper")["succeeded"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    wait_until(
+        "the owner's message is routed",
+        Duration::from_secs(10),
+        || routed() >= 1,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(routed(), 1, "only the owner's Publish was routed");
 
     // Invoke passes a ClientContext to the handler and returns a failed
     // handler's own error document, as Lambda does.
