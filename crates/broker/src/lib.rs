@@ -71,6 +71,27 @@ pub struct Message {
     pub expires_at: Option<std::time::Instant>,
 }
 
+/// A retained message as `GetRetainedMessage` shows it.
+#[derive(Clone, Debug)]
+pub struct RetainedMessage {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    /// When it was retained (wall clock, ms).
+    pub modified_ms: i64,
+    /// Its MQTT 5 user properties, in order.
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// A retained message as `ListRetainedMessages` shows it.
+#[derive(Clone, Debug)]
+pub struct RetainedSummary {
+    pub topic: String,
+    pub payload_size: usize,
+    pub qos: u8,
+    pub modified_ms: i64,
+}
+
 impl Message {
     /// A QoS 1 message the hub itself publishes (a route, a task): it has
     /// no client behind it, so it feeds no `device:` route.
@@ -124,6 +145,8 @@ pub(crate) struct State {
     pub sessions: HashMap<String, Session>,
     pub subs: Trie<SubOptions>,
     pub retained: HashMap<String, Message>,
+    /// When each retained message was stored (wall clock, ms).
+    pub retained_at: HashMap<String, i64>,
     /// Shared subscriptions (`$share/GROUP/FILTER`): the trie holds one key
     /// per group and filter, the members take turns.
     pub shared: Trie<()>,
@@ -336,6 +359,7 @@ impl Broker {
             }
         }
         for r in restore.retained {
+            state.retained_at.insert(r.topic.clone(), r.modified_ms);
             state.retained.insert(
                 r.topic.clone(),
                 Message {
@@ -557,6 +581,72 @@ impl Broker {
         self.inner.state.lock().retained.len()
     }
 
+    /// The retained message of `topic`, unless there is none or it expired.
+    pub fn retained_message(&self, topic: &str) -> Option<RetainedMessage> {
+        let st = self.inner.state.lock();
+        let m = st.retained.get(topic)?;
+        if m.expires_at.is_some_and(|t| t <= std::time::Instant::now()) {
+            return None;
+        }
+        Some(RetainedMessage {
+            topic: m.topic.clone(),
+            payload: m.payload.clone(),
+            qos: m.qos,
+            modified_ms: st.retained_at.get(topic).copied().unwrap_or(0),
+            user_properties: m
+                .properties
+                .get_all(mqtt5_protocol::PropertyId::UserProperty)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|v| match v {
+                    mqtt5_protocol::PropertyValue::Utf8StringPair(k, v) => {
+                        Some((k.clone(), v.clone()))
+                    }
+                    _ => None,
+                })
+                .collect(),
+        })
+    }
+
+    /// Up to `limit` retained messages in topic order, after `after` (a
+    /// page's last topic), that `visible` lets through; and whether more
+    /// follow. Payloads stay out (their sizes are in).
+    pub fn retained_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        visible: impl Fn(&str) -> bool,
+    ) -> (Vec<RetainedSummary>, bool) {
+        let st = self.inner.state.lock();
+        let now = std::time::Instant::now();
+        let mut topics: Vec<&String> = st
+            .retained
+            .iter()
+            .filter(|(t, m)| {
+                after.is_none_or(|a| t.as_str() > a)
+                    && m.expires_at.is_none_or(|e| e > now)
+                    && visible(t)
+            })
+            .map(|(t, _)| t)
+            .collect();
+        topics.sort();
+        let more = topics.len() > limit;
+        let page = topics
+            .into_iter()
+            .take(limit)
+            .map(|t| {
+                let m = &st.retained[t];
+                RetainedSummary {
+                    topic: t.clone(),
+                    payload_size: m.payload.len(),
+                    qos: m.qos,
+                    modified_ms: st.retained_at.get(t).copied().unwrap_or(0),
+                }
+            })
+            .collect();
+        (page, more)
+    }
+
     /// Every deployed device with its connection state.
     pub fn devices(&self) -> Vec<DeviceState> {
         let devices = self.inner.devices.read().clone();
@@ -694,10 +784,13 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
     let mut writes: Vec<Done> = Vec::new();
     let mut st = inner.state.lock();
     if msg.retain {
+        let at = now_ms();
         if msg.payload.is_empty() {
             st.retained.remove(&msg.topic);
+            st.retained_at.remove(&msg.topic);
         } else {
             st.retained.insert(msg.topic.clone(), msg.clone());
+            st.retained_at.insert(msg.topic.clone(), at);
         }
         if let Some(p) = &inner.persist {
             writes.push(p.retain(Retained {
@@ -706,6 +799,7 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
                 qos: msg.qos,
                 properties: encode_properties(&msg.properties),
                 expires_ms: msg.expires_at.map(wall_clock_ms),
+                modified_ms: at,
             }));
         }
     }

@@ -31,6 +31,8 @@ pub struct Retained {
     pub qos: u8,
     pub properties: Vec<u8>,
     pub expires_ms: Option<i64>,
+    /// When it was retained (wall clock, ms).
+    pub modified_ms: i64,
 }
 
 /// The broker's durable state as loaded at start.

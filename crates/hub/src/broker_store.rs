@@ -68,6 +68,7 @@ impl Persistence for BrokerStore {
             qos: m.qos,
             properties: m.properties,
             expires_ms: m.expires_ms,
+            modified_ms: Some(m.modified_ms),
         }))
     }
 }
@@ -102,6 +103,8 @@ pub(crate) fn restore(store: &Store) -> Result<Restore, roost_store::StoreError>
                 qos: r.qos,
                 properties: r.properties,
                 expires_ms: r.expires_ms,
+                // Older stores kept no time: count it from this start.
+                modified_ms: r.modified_ms.unwrap_or_else(roost_store::now_ms),
             })
             .collect(),
     })

@@ -47,6 +47,10 @@ impl Principal {
                 .publish
                 .iter()
                 .any(|f| roost_broker::topic::matches(f, name)),
+            Right::ReadRetained => g
+                .retained
+                .iter()
+                .any(|f| roost_broker::topic::matches(f, name)),
         }
     }
 
@@ -67,6 +71,7 @@ pub enum Right {
     ShadowUpdate,
     Publish,
     Secret,
+    ReadRetained,
 }
 
 /// The hub's secret key, and what is derived from it.
@@ -238,6 +243,7 @@ mod tests {
                 shadow_update: vec!["thermo*".into()],
                 publish: vec!["alerts/#".into()],
                 secrets: vec![],
+                retained: vec!["state/+".into()],
             },
         );
         assert!(p.may(Right::Invoke, "echo"));
@@ -249,5 +255,8 @@ mod tests {
         assert!(!p.may(Right::Publish, "commands/x"));
         assert!(!p.may(Right::Secret, "db"));
         assert!(Principal::Owner.may(Right::Secret, "db"));
+        assert!(p.may(Right::ReadRetained, "state/mode"));
+        assert!(!p.may(Right::ReadRetained, "state/a/b"));
+        assert!(!p.may(Right::ReadRetained, "alerts/fire"));
     }
 }

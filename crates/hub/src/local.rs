@@ -186,6 +186,7 @@ impl Hub {
                 allow.shadow_update.extend(g.shadow_update.iter().cloned());
                 allow.publish.extend(g.publish.iter().cloned());
                 allow.secrets.extend(g.secrets.iter().cloned());
+                allow.retained.extend(g.retained.iter().cloned());
             }
         }
         LocalUser::Task {

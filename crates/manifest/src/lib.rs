@@ -436,6 +436,7 @@ const GRANT_KEYS: &[&str] = &[
     "shadow_update",
     "publish",
     "secrets",
+    "retained",
 ];
 
 fn grants(c: &mut Checker, t: &toml::Table, field: &str) -> Option<Grants> {
@@ -460,6 +461,7 @@ fn grants(c: &mut Checker, t: &toml::Table, field: &str) -> Option<Grants> {
             "shadow_update" => &mut g.shadow_update,
             "publish" => &mut g.publish,
             "secrets" => &mut g.secrets,
+            "retained" => &mut g.retained,
             _ => {
                 c.problem(
                     format!("{f}.{k}"),
@@ -479,7 +481,7 @@ fn grants(c: &mut Checker, t: &toml::Table, field: &str) -> Option<Grants> {
                 continue;
             };
             let ok = match k.as_str() {
-                "publish" => topic_filter_ok(p),
+                "publish" | "retained" => topic_filter_ok(p),
                 "invoke" => p == "*" || p.contains('*') || TaskName::parse(p).is_ok(),
                 "secrets" => secret_name_ok(&p.replace('*', "x")),
                 _ => thing_name_ok(&p.replace('*', "x")),
@@ -491,7 +493,7 @@ fn grants(c: &mut Checker, t: &toml::Table, field: &str) -> Option<Grants> {
                     format!("{f}.{k}"),
                     format!("{p:?}"),
                     match k.as_str() {
-                        "publish" => "not a valid MQTT topic filter",
+                        "publish" | "retained" => "not a valid MQTT topic filter",
                         "invoke" => "not a task name or pattern",
                         "secrets" => "not a secret name or pattern",
                         _ => "not a thing name or pattern ('*' matches any run of characters)",

@@ -76,6 +76,10 @@ pub struct Grants {
     pub publish: Vec<String>,
     /// Secrets it may read through Secrets Manager.
     pub secrets: Vec<String>,
+    /// Topic filters whose retained messages it may read through the IoT
+    /// data plane (`GetRetainedMessage`, `ListRetainedMessages`).
+    #[serde(default)]
+    pub retained: Vec<String>,
 }
 
 impl Grants {

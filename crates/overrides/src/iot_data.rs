@@ -15,6 +15,8 @@ use roost_shadows::{Operation, ShadowErrorKind, ShadowId, ShadowName, ThingName}
 pub struct IotData;
 
 const LIST_PREFIX: &str = "/api/things/shadow/ListNamedShadowsForThing/";
+const RETAINED: &str = "/retainedMessage";
+const RETAINED_PREFIX: &str = "/retainedMessage/";
 const CONTENT_TYPE: &str = "application/json";
 
 fn invalid(message: impl Into<String>) -> AwsError {
@@ -97,7 +99,11 @@ impl LocalService for IotData {
     }
     fn claims(&self, uri: &Uri, _headers: &HeaderMap) -> bool {
         let p = uri.path();
-        p.starts_with("/things/") || p.starts_with("/topics/") || p.starts_with(LIST_PREFIX)
+        p.starts_with("/things/")
+            || p.starts_with("/topics/")
+            || p.starts_with(LIST_PREFIX)
+            || p == RETAINED
+            || p.starts_with(RETAINED_PREFIX)
     }
     fn max_body(&self, hub: &Hub) -> (usize, AwsError) {
         // Publish takes MQTT-sized payloads; shadow documents are checked
@@ -127,6 +133,12 @@ impl LocalService for IotData {
         let method = req.parts.method.clone();
         if let Some(raw) = path.strip_prefix(LIST_PREFIX) {
             return list(hub, caller, &req.parts, raw);
+        }
+        if path == RETAINED {
+            return list_retained(hub, caller, &req.parts);
+        }
+        if let Some(raw) = path.strip_prefix(RETAINED_PREFIX) {
+            return get_retained(hub, caller, &req.parts, raw);
         }
         if let Some(raw) = path.strip_prefix("/topics/") {
             if method != Method::POST {
@@ -222,6 +234,115 @@ fn list(hub: &Hub, caller: &Principal, parts: &Parts, raw: &str) -> Result<Respo
     });
     if more {
         doc["nextToken"] = serde_json::Value::from(names.last().cloned().unwrap_or_default());
+    }
+    Ok(json(&doc, CONTENT_TYPE))
+}
+
+/// `GetRetainedMessage`: the retained message of one topic.
+fn get_retained(
+    hub: &Hub,
+    caller: &Principal,
+    parts: &Parts,
+    raw: &str,
+) -> Result<Response, AwsError> {
+    use base64::Engine;
+    if parts.method != Method::GET {
+        return Err(method_not_allowed("GetRetainedMessage takes GET"));
+    }
+    let topic = decode(raw).ok_or_else(|| invalid("The topic is not valid UTF-8"))?;
+    if !roost_broker::topic::valid_topic_name(&topic) {
+        return Err(invalid(format!(
+            "Invalid topic {topic:?}: a topic name has no wildcards (+, #) and is 1 to 65535 bytes"
+        )));
+    }
+    if !caller.may(Right::ReadRetained, &topic) {
+        return Err(forbidden(
+            caller,
+            "GetRetainedMessage",
+            &format!("topic {topic}"),
+        ));
+    }
+    let m = hub.broker().retained_message(&topic).ok_or_else(|| {
+        AwsError::new(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFoundException",
+            format!("No retained message for topic {topic}"),
+        )
+    })?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut doc = serde_json::json!({
+        "topic": m.topic,
+        "payload": b64.encode(&m.payload),
+        "qos": m.qos,
+        "lastModifiedTime": m.modified_ms,
+    });
+    if !m.user_properties.is_empty() {
+        // As AWS shows them: a JSON array of one-key objects, base64.
+        let props: Vec<serde_json::Value> = m
+            .user_properties
+            .iter()
+            .map(|(k, v)| serde_json::json!({ k: v }))
+            .collect();
+        doc["userProperties"] = b64
+            .encode(serde_json::to_vec(&props).unwrap_or_default())
+            .into();
+    }
+    Ok(json(&doc, CONTENT_TYPE))
+}
+
+/// `ListRetainedMessages`: topics with a retained message, in topic order,
+/// paged (`maxResults` 1–200, default 50; `nextToken` names where to go on).
+/// A task sees the topics its `allow.retained` covers.
+fn list_retained(hub: &Hub, caller: &Principal, parts: &Parts) -> Result<Response, AwsError> {
+    use base64::Engine;
+    if parts.method != Method::GET {
+        return Err(method_not_allowed("ListRetainedMessages takes GET"));
+    }
+    if let Principal::Task(_, g) = caller {
+        if g.retained.is_empty() {
+            return Err(forbidden(
+                caller,
+                "ListRetainedMessages",
+                "retained messages",
+            ));
+        }
+    }
+    let limit = match query_param(parts, "maxResults") {
+        None => 50,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=200).contains(&n) => n,
+            _ => return Err(invalid("maxResults must be between 1 and 200")),
+        },
+    };
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let after = match query_param(parts, "nextToken") {
+        None => None,
+        Some(t) => Some(
+            b64.decode(t.as_bytes())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| invalid("The nextToken is not one this hub gave"))?,
+        ),
+    };
+    let (page, more) = hub.broker().retained_page(after.as_deref(), limit, |t| {
+        caller.may(Right::ReadRetained, t)
+    });
+    let topics: Vec<serde_json::Value> = page
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "topic": m.topic,
+                "payloadSize": m.payload_size,
+                "qos": m.qos,
+                "lastModifiedTime": m.modified_ms,
+            })
+        })
+        .collect();
+    let mut doc = serde_json::json!({ "retainedTopics": topics });
+    if more {
+        if let Some(last) = page.last() {
+            doc["nextToken"] = b64.encode(last.topic.as_bytes()).into();
+        }
     }
     Ok(json(&doc, CONTENT_TYPE))
 }

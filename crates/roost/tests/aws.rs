@@ -231,7 +231,7 @@ fn a_process_task_uses_boto3_unconfigured_and_gets_only_what_allow_grants() {
     let py = python();
     let hub = TestHub::start(&["--allow-anonymous"]);
     let manifest = format!(
-        "[[task]]\nname = \"ctl\"\nruntime = \"process\"\ndir = \"boto\"\ncommand = [\"{py}\", \"-m\", \"awslambdaric\"]\nhandler = \"app.handler\"\nmemory_mb = 256\ntimeout_ms = 20000\nallow = {{ invoke = [\"echo\"], shadow_read = [\"thermo*\"], shadow_update = [\"thermostat\"], publish = [\"alerts/#\"], secrets = [\"db-password\"] }}\n"
+        "[[task]]\nname = \"ctl\"\nruntime = \"process\"\ndir = \"boto\"\ncommand = [\"{py}\", \"-m\", \"awslambdaric\"]\nhandler = \"app.handler\"\nmemory_mb = 256\ntimeout_ms = 20000\nallow = {{ invoke = [\"echo\"], shadow_read = [\"thermo*\"], shadow_update = [\"thermostat\"], publish = [\"alerts/#\"], secrets = [\"db-password\"], retained = [\"state/#\"] }}\n"
     ) + &format!(
         "[[task]]\nname = \"boom\"\nruntime = \"process\"\ndir = \"boto\"\ncommand = [\"{py}\", \"-m\", \"awslambdaric\"]\nhandler = \"app.boom\"\nmemory_mb = 256\n[[task]]\nname = \"ctx\"\nruntime = \"process\"\ndir = \"boto\"\ncommand = [\"{py}\", \"-m\", \"awslambdaric\"]\nhandler = \"app.context_of\"\nmemory_mb = 256\n"
     ) + &task("echo", "echo.wat", "")
@@ -264,6 +264,10 @@ fn a_process_task_uses_boto3_unconfigured_and_gets_only_what_allow_grants() {
         &hub,
         "import boto3; boto3.client('iot-data').update_thing_shadow(thingName='door', payload=b'{\"state\":{\"reported\":{\"open\":false}}}')",
     );
+    as_owner(
+        &hub,
+        "import boto3; c = boto3.client('iot-data'); c.publish(topic='state/mode', retain=True, qos=1, payload=b'eco'); c.publish(topic='private/key', retain=True, qos=1, payload=b'k')",
+    );
 
     let r = hub.call("ctl", r#"{"temp": 23}"#);
     let status = r.status();
@@ -282,6 +286,13 @@ fn a_process_task_uses_boto3_unconfigured_and_gets_only_what_allow_grants() {
     assert_eq!(v["invoke_denied"], "AccessDeniedException", "{v}");
     assert_eq!(v["secret"], "pw-123", "{v}");
     assert_eq!(v["secret_denied"], "AccessDeniedException", "{v}");
+    assert_eq!(v["retained"], "eco", "{v}");
+    assert_eq!(v["retained_denied"], "ForbiddenException", "{v}");
+    assert_eq!(
+        v["retained_listed"],
+        serde_json::json!(["state/mode"]),
+        "only what allow.retained covers: {v}"
+    );
     // The denied update changed nothing.
     assert!(get_shadow(&hub, "door").contains("\"open\":false"));
     // The task's Publish to alerts/hot reached subscribers but not the
@@ -396,8 +407,17 @@ fn an_accepted_shadow_update_survives_kill_9() {
         &hub,
         "import boto3; boto3.client('iot-data').update_thing_shadow(thingName='vault', shadowName='door', payload=b'{\"state\":{\"desired\":{\"open\":false}}}')",
     );
+    // A retained message (QoS 1: answered once stored) keeps its time too.
+    const RETAINED: &str = "import boto3; r = boto3.client('iot-data').get_retained_message(topic='vault/state'); print(r['payload'].decode(), r['lastModifiedTime'])";
+    as_owner(
+        &hub,
+        "import boto3; boto3.client('iot-data').publish(topic='vault/state', qos=1, retain=True, payload=b'shut')",
+    );
+    let before = as_owner(&hub, RETAINED);
+    assert!(before.starts_with("shut "), "{before}");
     hub.kill9();
     hub.launch();
+    assert_eq!(as_owner(&hub, RETAINED), before);
     let doc = get_shadow(&hub, "vault");
     assert!(
         doc.contains("\"locked\":true") && doc.contains("\"version\":1"),

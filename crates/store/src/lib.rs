@@ -107,7 +107,8 @@ CREATE TABLE IF NOT EXISTS mqtt_retained (
     payload BLOB NOT NULL,
     qos     INTEGER NOT NULL,
     properties BLOB,
-    expires_ms INTEGER
+    expires_ms INTEGER,
+    modified_ms INTEGER
 );
 CREATE TABLE IF NOT EXISTS shadows (
     thing      TEXT NOT NULL,
@@ -256,6 +257,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("mqtt_queue", "properties", "BLOB"),
     ("mqtt_retained", "properties", "BLOB"),
     ("mqtt_retained", "expires_ms", "INTEGER"),
+    ("mqtt_retained", "modified_ms", "INTEGER"),
 ];
 
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {

@@ -32,6 +32,8 @@ pub struct StoredRetained {
     pub qos: u8,
     pub properties: Vec<u8>,
     pub expires_ms: Option<i64>,
+    /// When it was stored (wall clock, ms); none in stores made before.
+    pub modified_ms: Option<i64>,
 }
 
 /// Everything the broker restores at start.
@@ -172,10 +174,10 @@ impl Store {
                     .execute(params![m.topic])
             } else {
                 conn.prepare_cached(
-                    "INSERT INTO mqtt_retained (topic, payload, qos, properties, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT(topic) DO UPDATE SET payload = ?2, qos = ?3, properties = ?4, expires_ms = ?5",
+                    "INSERT INTO mqtt_retained (topic, payload, qos, properties, expires_ms, modified_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT(topic) DO UPDATE SET payload = ?2, qos = ?3, properties = ?4, expires_ms = ?5, modified_ms = ?6",
                 )?
-                .execute(params![m.topic, m.payload, m.qos, m.properties, m.expires_ms])
+                .execute(params![m.topic, m.payload, m.qos, m.properties, m.expires_ms, m.modified_ms])
             }
             .map(|_| ())
         }))
@@ -207,7 +209,7 @@ impl Store {
                 .collect::<Result<_, _>>()?;
             let mut st = c.prepare("SELECT client_id, packet_id FROM mqtt_qos2_in")?;
             snap.qos2_in = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
-            let mut st = c.prepare("SELECT topic, payload, qos, properties, expires_ms FROM mqtt_retained")?;
+            let mut st = c.prepare("SELECT topic, payload, qos, properties, expires_ms, modified_ms FROM mqtt_retained")?;
             snap.retained = st
                 .query_map([], |r| {
                     Ok(StoredRetained {
@@ -216,6 +218,7 @@ impl Store {
                         qos: r.get(2)?,
                         properties: r.get::<_, Option<Vec<u8>>>(3)?.unwrap_or_default(),
                         expires_ms: r.get(4)?,
+                        modified_ms: r.get(5)?,
                     })
                 })?
                 .collect::<Result<_, _>>()?;

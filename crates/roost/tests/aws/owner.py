@@ -109,6 +109,37 @@ expect_error("InvalidRequestException", iot.publish, topic="alerts/+", payload=b
 expect_error("ForbiddenException", iot.publish, topic="$aws/things/lamp/shadow/update/accepted", payload=b"{}")
 expect_error("ForbiddenException", iot.publish, topic="$aws/things/lamp/shadow/update/delta", payload=b"{}")
 
+# Retained messages: kept by the broker, read back through the data plane.
+import time  # noqa: E402
+before_ms = int(time.time() * 1000)
+for i in range(5):
+    iot.publish(topic=f"state/room-{i}", qos=1, retain=True, payload=f"t{i}".encode(),
+                userProperties=json.dumps([{"unit": "C"}, {"room": str(i)}]) if i == 0 else None)
+r = iot.get_retained_message(topic="state/room-0")
+assert r["topic"] == "state/room-0" and r["payload"] == b"t0" and r["qos"] == 1, r
+assert before_ms - 5000 <= r["lastModifiedTime"] <= int(time.time() * 1000) + 5000, r
+assert json.loads(r["userProperties"]) == [{"unit": "C"}, {"room": "0"}], r
+assert "userProperties" not in iot.get_retained_message(topic="state/room-1"), "none given"
+expect_error("ResourceNotFoundException", iot.get_retained_message, topic="state/none")
+expect_error("InvalidRequestException", iot.get_retained_message, topic="state/+")
+seen, token = [], None
+while True:
+    kw = {"maxResults": 2}
+    if token:
+        kw["nextToken"] = token
+    page = iot.list_retained_messages(**kw)
+    assert len(page["retainedTopics"]) <= 2, page
+    seen += [(t["topic"], t["payloadSize"], t["qos"]) for t in page["retainedTopics"]]
+    token = page.get("nextToken")
+    if not token:
+        break
+assert seen == [(f"state/room-{i}", 2, 1) for i in range(5)], seen
+expect_error("InvalidRequestException", iot.list_retained_messages, maxResults=500)
+expect_error("InvalidRequestException", iot.list_retained_messages, nextToken="not a token!")
+# An empty retained publish clears the topic.
+iot.publish(topic="state/room-4", qos=1, retain=True, payload=b"")
+expect_error("ResourceNotFoundException", iot.get_retained_message, topic="state/room-4")
+
 # Lambda Invoke: by name, ARN, qualifier; Event; DryRun; errors; Tail.
 r = lam.invoke(FunctionName="echo", Payload=b'{"n": 1}')
 assert r["StatusCode"] == 200 and r["Payload"].read() == b'{"n": 1}', r

@@ -38,6 +38,11 @@ def handler(event, context):
     out["invoke_denied"], _ = attempt(lam.invoke, FunctionName="secret-keeper", Payload=b"{}")
     code, r = attempt(sm.get_secret_value, SecretId="db-password")
     out["secret"] = r["SecretString"] if r else code
+    code, r = attempt(iot.get_retained_message, topic="state/mode")
+    out["retained"] = r["payload"].decode() if r else code
+    out["retained_denied"], _ = attempt(iot.get_retained_message, topic="private/key")
+    code, r = attempt(iot.list_retained_messages)
+    out["retained_listed"] = [t["topic"] for t in r["retainedTopics"]] if r else code
     out["secret_denied"], _ = attempt(sm.get_secret_value, SecretId="api-key")
     return out
 
