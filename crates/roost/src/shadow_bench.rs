@@ -88,19 +88,43 @@ pub async fn run(n: usize) -> Result<()> {
         )
     };
     let get = || signed(&addr, &owner, "GET", "/things/bench/shadow", Vec::new());
+    // A retained message to read back (GetRetainedMessage).
+    send(
+        &mut s,
+        signed(
+            &addr,
+            &owner,
+            "POST",
+            "/topics/bench%2Fstate?qos=1&retain=true",
+            br#"{"mode":"eco"}"#.to_vec(),
+        )?,
+    )
+    .await?;
+    let get_retained = || {
+        signed(
+            &addr,
+            &owner,
+            "GET",
+            "/retainedMessage/bench%2Fstate",
+            Vec::new(),
+        )
+    };
     for i in 0..200 {
         send(&mut s, healthz()).await?;
         send(&mut s, update(i)?).await?;
         send(&mut s, get()?).await?;
+        send(&mut s, get_retained()?).await?;
     }
     // Requests are signed before the clock starts: the figures are the
     // hub's side (signature check included), not the client's signing.
-    let (mut bare, mut upd, mut gets) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut bare, mut upd, mut gets, mut retained) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for batch in 0..(n / 100) {
         let updates: Vec<_> = (0..100)
             .map(|i| update(batch * 100 + i))
             .collect::<Result<_>>()?;
         let reads: Vec<_> = (0..100).map(|_| get()).collect::<Result<_>>()?;
+        let retained_reads: Vec<_> = (0..100).map(|_| get_retained()).collect::<Result<_>>()?;
         for _ in 0..100 {
             let t = Instant::now();
             send(&mut s, healthz()).await?;
@@ -116,9 +140,15 @@ pub async fn run(n: usize) -> Result<()> {
             send(&mut s, r).await?;
             upd.push(t.elapsed());
         }
+        for r in retained_reads {
+            let t = Instant::now();
+            send(&mut s, r).await?;
+            retained.push(t.elapsed());
+        }
     }
     let bare_p50 = line("bare GET /healthz", bare, None);
     line("GetThingShadow", gets, Some(bare_p50));
+    line("GetRetainedMessage", retained, Some(bare_p50));
     let update_p50 = line("UpdateThingShadow (fsync)", upd, Some(bare_p50));
 
     for conns in [1usize, 8, 32] {
