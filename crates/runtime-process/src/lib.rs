@@ -61,7 +61,38 @@ pub struct ProcessRuntime {
     dir_identities: parking_lot::Mutex<DirIdentities>,
 }
 
-type DirIdentities = std::collections::HashMap<PathBuf, (identity::Identity, String)>;
+/// Task folders opened so far: the identity, its key and the task.
+type DirIdentities = std::collections::HashMap<PathBuf, (identity::Identity, String, String)>;
+
+/// Records that `dir` is opened to `id` (derived from `key`): refused when
+/// another identity has it, a folder inside it, or a folder around it
+/// (opening one would regroup the other), or when two keys hash to one uid.
+fn claim(
+    owners: &mut DirIdentities,
+    dir: &Path,
+    id: identity::Identity,
+    key: &str,
+    task: &str,
+) -> Result<(), PrepareError> {
+    for (path, (other_id, other_key, other)) in owners.iter() {
+        if *other_id == id && other_key != key {
+            return Err(PrepareError(format!(
+                "tasks {other} and {task} would run as the same user (uid {}: their identities hash alike); rename one of them",
+                id.uid
+            )));
+        }
+        let overlaps = path.starts_with(dir) || dir.starts_with(path);
+        if overlaps && *other_id != id {
+            return Err(PrepareError(format!(
+                "tasks {other} and {task} run as different users but their folders {} and {} overlap; give each its own `dir`, or put them in one code_group",
+                path.display(),
+                dir.display()
+            )));
+        }
+    }
+    owners.insert(dir.to_path_buf(), (id, key.to_owned(), task.to_owned()));
+    Ok(())
+}
 
 impl ProcessRuntime {
     /// Detects how worker limits can be enforced and sweeps up whatever an
@@ -110,25 +141,6 @@ fn resolve_command(cmd: &str, dir: &Path) -> Option<PathBuf> {
 type ZygoteKey = (String, String, Option<identity::Identity>);
 
 impl ProcessRuntime {
-    /// Records that `dir` is opened to `id`: refused when another identity
-    /// has it, a folder inside it, or a folder around it (opening one would
-    /// regroup the other), or when two keys hash to one uid.
-    fn claim(&self, dir: &Path, id: identity::Identity, task: &str) -> Result<(), PrepareError> {
-        let mut owners = self.dir_identities.lock();
-        for (path, (other_id, other)) in owners.iter() {
-            let overlaps = path.starts_with(dir) || dir.starts_with(path);
-            if overlaps && *other_id != id {
-                return Err(PrepareError(format!(
-                    "tasks {other} and {task} run as different users but their folders {} and {} overlap; give each its own `dir`, or put them in one code_group",
-                    path.display(),
-                    dir.display()
-                )));
-            }
-        }
-        owners.insert(dir.to_path_buf(), (id, task.to_owned()));
-        Ok(())
-    }
-
     /// The zygote of a code group, started on first use.
     async fn zygote(
         &self,
@@ -181,15 +193,20 @@ impl Runtime for ProcessRuntime {
         };
         // Its own identity: the code group's when it has one (its workers
         // share one pre-loaded parent), else the task's.
-        let run_as = self.config.task_identities.then(|| {
-            identity::Identity::derive(
-                &self.config.hub_id,
-                &identity::key_for(spec.name.as_str(), code_group.as_deref()),
-            )
-        });
+        let key = identity::key_for(spec.name.as_str(), code_group.as_deref());
+        let run_as = self
+            .config
+            .task_identities
+            .then(|| identity::Identity::derive(&self.config.hub_id, &key));
         let mut env: Vec<(String, String)> = Vec::new();
         if let Some(id) = run_as {
-            self.claim(dir, id, spec.name.as_str())?;
+            claim(
+                &mut self.dir_identities.lock(),
+                dir,
+                id,
+                &key,
+                spec.name.as_str(),
+            )?;
             identity::open_task_dir(dir, &self.config.data_dir, id).map_err(|e| {
                 PrepareError(format!(
                     "task {} runs as its own user (uid {}), which cannot reach its folder: {e}. Give the hub a data dir other users can enter (such as /var/lib/roost, not under a private home), or run it with --task-identities off",
@@ -330,5 +347,44 @@ impl Instance for pool::Lease {
             .await;
         self.service = Some(started.elapsed());
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use identity::Identity;
+
+    #[test]
+    fn folders_and_uids_are_claimed_by_one_identity_each() {
+        let mut owners = DirIdentities::new();
+        let (a, b) = (
+            Identity::derive("h", "task:a"),
+            Identity::derive("h", "task:b"),
+        );
+        let d = Path::new("/data/deployments/1");
+        claim(&mut owners, &d.join("a"), a, "task:a", "a").unwrap();
+        // The same identity again (a code group, a restart): fine.
+        claim(&mut owners, &d.join("a"), a, "task:a", "a").unwrap();
+        // Another identity on the same, an inner or an outer folder: refused.
+        for dir in [d.join("a"), d.join("a/inner"), d.to_path_buf()] {
+            let e = claim(&mut owners, &dir, b, "task:b", "b").unwrap_err();
+            assert!(e.0.contains("overlap"), "{}", e.0);
+        }
+        claim(&mut owners, &d.join("b"), b, "task:b", "b").unwrap();
+        // Two keys whose uids collide (found by search): refused.
+        let mut seen = std::collections::HashMap::new();
+        let (k1, k2) = (0u32..)
+            .find_map(|i| {
+                let k = format!("task:t{i}");
+                let uid = Identity::derive("h", &k).uid;
+                seen.insert(uid, k.clone()).map(|other| (other, k))
+            })
+            .unwrap();
+        let id = Identity::derive("h", &k1);
+        assert_eq!(id, Identity::derive("h", &k2));
+        claim(&mut owners, &d.join("c"), id, &k1, "c").unwrap();
+        let e = claim(&mut owners, &d.join("d"), id, &k2, "d").unwrap_err();
+        assert!(e.0.contains("hash alike"), "{}", e.0);
     }
 }
