@@ -20,7 +20,7 @@ pub use policy::{Device, Devices, Policy};
 use bytes::Bytes;
 pub use mqtt5_protocol::Properties;
 use parking_lot::{Mutex, RwLock};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -144,7 +144,8 @@ pub(crate) struct Session {
 pub(crate) struct State {
     pub sessions: HashMap<String, Session>,
     pub subs: Trie<SubOptions>,
-    pub retained: HashMap<String, Message>,
+    /// In topic order, so `ListRetainedMessages` pages without sorting.
+    pub retained: BTreeMap<String, Message>,
     /// When each retained message was stored (wall clock, ms).
     pub retained_at: HashMap<String, i64>,
     /// Shared subscriptions (`$share/GROUP/FILTER`): the trie holds one key
@@ -609,42 +610,47 @@ impl Broker {
     }
 
     /// Up to `limit` retained messages in topic order, after `after` (a
-    /// page's last topic), that `visible` lets through; and whether more
-    /// follow. Payloads stay out (their sizes are in).
+    /// page's last topic), that `visible` lets through, and where the next
+    /// page starts (none: this was the last). Payloads stay out (their
+    /// sizes are in). One call looks at no more than `RETAINED_SCAN`
+    /// topics, so the broker's lock is held briefly however many there are
+    /// and however few the caller may see: a page may then come back short,
+    /// with a place to go on from.
     pub fn retained_page(
         &self,
         after: Option<&str>,
         limit: usize,
         visible: impl Fn(&str) -> bool,
-    ) -> (Vec<RetainedSummary>, bool) {
+    ) -> (Vec<RetainedSummary>, Option<String>) {
+        use std::ops::Bound;
+        const RETAINED_SCAN: usize = 10_000;
         let st = self.inner.state.lock();
         let now = std::time::Instant::now();
-        let mut topics: Vec<&String> = st
-            .retained
-            .iter()
-            .filter(|(t, m)| {
-                after.is_none_or(|a| t.as_str() > a)
-                    && m.expires_at.is_none_or(|e| e > now)
-                    && visible(t)
-            })
-            .map(|(t, _)| t)
-            .collect();
-        topics.sort();
-        let more = topics.len() > limit;
-        let page = topics
-            .into_iter()
-            .take(limit)
-            .map(|t| {
-                let m = &st.retained[t];
-                RetainedSummary {
-                    topic: t.clone(),
-                    payload_size: m.payload.len(),
-                    qos: m.qos,
-                    modified_ms: st.retained_at.get(t).copied().unwrap_or(0),
-                }
-            })
-            .collect();
-        (page, more)
+        let start = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let mut page = Vec::new();
+        let mut last_seen: Option<&String> = None;
+        let topics = st.retained.range::<str, _>((start, Bound::Unbounded));
+        for (scanned, (t, m)) in topics.enumerate() {
+            if page.len() == limit || scanned == RETAINED_SCAN {
+                // More follow: the next page starts after the last topic
+                // looked at.
+                return (page, last_seen.cloned());
+            }
+            last_seen = Some(t);
+            if m.expires_at.is_some_and(|e| e <= now) || !visible(t) {
+                continue;
+            }
+            page.push(RetainedSummary {
+                topic: t.clone(),
+                payload_size: m.payload.len(),
+                qos: m.qos,
+                modified_ms: st.retained_at.get(t).copied().unwrap_or(0),
+            });
+        }
+        (page, None)
     }
 
     /// Every deployed device with its connection state.
@@ -921,4 +927,66 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
         }
         Ok(())
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retain(b: &Broker, topic: &str, qos: u8) {
+        let mut m = Message::from_hub(topic, Bytes::from_static(b"x"));
+        m.retain = true;
+        m.qos = qos;
+        let _ = b.publish(m);
+    }
+
+    #[test]
+    fn retained_messages_page_in_topic_order_and_only_visible_ones() {
+        let b = Broker::new(BrokerConfig::default());
+        for i in (0..25).rev() {
+            retain(&b, &format!("s/{i:02}"), 1);
+            retain(&b, &format!("p/{i:02}"), 2);
+        }
+        let got = b.retained_message("p/03").unwrap();
+        assert_eq!((got.qos, &got.payload[..]), (2, &b"x"[..]));
+        assert!(got.modified_ms > 0);
+        assert!(b.retained_message("p/99").is_none());
+        // Pages of 10 over the s/ topics only: 10, 10, 5, in order.
+        let (mut all, mut after) = (Vec::new(), None::<String>);
+        loop {
+            let (page, next) = b.retained_page(after.as_deref(), 10, |t| t.starts_with("s/"));
+            assert!(page.len() <= 10);
+            all.extend(page.into_iter().map(|m| m.topic));
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        let want: Vec<String> = (0..25).map(|i| format!("s/{i:02}")).collect();
+        assert_eq!(all, want);
+        // A cleared topic is gone from both.
+        let mut clear = Message::from_hub("s/00", Bytes::new());
+        clear.retain = true;
+        let _ = b.publish(clear);
+        assert!(b.retained_message("s/00").is_none());
+        assert_eq!(b.retained_page(None, 1, |_| true).0[0].topic, "p/00");
+    }
+
+    #[test]
+    fn a_listing_stops_after_its_scan_budget_with_a_place_to_go_on() {
+        let b = Broker::new(BrokerConfig::default());
+        for i in 0..10_050 {
+            retain(&b, &format!("hidden/{i:05}"), 0);
+        }
+        retain(&b, "z/seen", 0);
+        // Nothing visible in the first 10,000: a short (empty) page, and
+        // where to go on from.
+        let (page, next) = b.retained_page(None, 50, |t| t.starts_with("z/"));
+        assert!(page.is_empty());
+        let next = next.expect("more to look at");
+        let (page, next) = b.retained_page(Some(&next), 50, |t| t.starts_with("z/"));
+        assert_eq!(page.len(), 1);
+        assert_eq!(page[0].topic, "z/seen");
+        assert_eq!(next, None);
+    }
 }

@@ -273,7 +273,8 @@ fn get_retained(
     let mut doc = serde_json::json!({
         "topic": m.topic,
         "payload": b64.encode(&m.payload),
-        "qos": m.qos,
+        // AWS's QoS is 0 or 1; an MQTT client may have retained at 2.
+        "qos": m.qos.min(1),
         "lastModifiedTime": m.modified_ms,
     });
     if !m.user_properties.is_empty() {
@@ -324,7 +325,7 @@ fn list_retained(hub: &Hub, caller: &Principal, parts: &Parts) -> Result<Respons
                 .ok_or_else(|| invalid("The nextToken is not one this hub gave"))?,
         ),
     };
-    let (page, more) = hub.broker().retained_page(after.as_deref(), limit, |t| {
+    let (page, next) = hub.broker().retained_page(after.as_deref(), limit, |t| {
         caller.may(Right::ReadRetained, t)
     });
     let topics: Vec<serde_json::Value> = page
@@ -333,16 +334,14 @@ fn list_retained(hub: &Hub, caller: &Principal, parts: &Parts) -> Result<Respons
             serde_json::json!({
                 "topic": m.topic,
                 "payloadSize": m.payload_size,
-                "qos": m.qos,
+                "qos": m.qos.min(1),
                 "lastModifiedTime": m.modified_ms,
             })
         })
         .collect();
     let mut doc = serde_json::json!({ "retainedTopics": topics });
-    if more {
-        if let Some(last) = page.last() {
-            doc["nextToken"] = b64.encode(last.topic.as_bytes()).into();
-        }
+    if let Some(next) = next {
+        doc["nextToken"] = b64.encode(next.as_bytes()).into();
     }
     Ok(json(&doc, CONTENT_TYPE))
 }

@@ -271,6 +271,12 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
             conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
         }
     }
+    // Retained messages kept before their time was: counted from the first
+    // start that knows, once, so it stays put across later restarts.
+    conn.execute(
+        "UPDATE mqtt_retained SET modified_ms = ?1 WHERE modified_ms IS NULL",
+        [now_ms()],
+    )?;
     Ok(())
 }
 
@@ -349,15 +355,22 @@ mod tests {
             let c = Connection::open(&path).unwrap();
             c.execute_batch(
                 "CREATE TABLE mqtt_sessions (client_id TEXT PRIMARY KEY, device TEXT);
-                 INSERT INTO mqtt_sessions VALUES ('c1', NULL);",
+                 INSERT INTO mqtt_sessions VALUES ('c1', NULL);
+                 CREATE TABLE mqtt_retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL);
+                 INSERT INTO mqtt_retained VALUES ('a/b', x'01', 1);",
             )
             .unwrap();
         }
         let s = Store::open(&path).unwrap();
         let snap = s.mqtt_load().unwrap();
         assert_eq!(snap.sessions, vec![("c1".to_owned(), None, None)]);
+        // An old retained message gets a time, once: the same on later opens.
+        let first = snap.retained[0].modified_ms;
+        assert!(first.is_some());
         drop(s);
-        Store::open(&path).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.mqtt_load().unwrap().retained[0].modified_ms, first);
     }
 
     #[tokio::test]
