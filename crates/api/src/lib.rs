@@ -58,8 +58,10 @@ pub fn router(hub: Hub, token: Option<String>) -> Router {
 }
 
 async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    // A process task's worker, under its own identity, is held to its
-    // manifest's `allow` here too, token or not.
+    // A process task's worker, under its own identity, is itself here:
+    // it may use what INTERFACES.md gives tasks (calls, their status and
+    // output, the task list), token or not, and never the owner's
+    // operations (deploying, rolling back, reading every task's logs).
     if st.hub.task_identities() {
         let user = req
             .extensions()
@@ -80,8 +82,8 @@ async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Resp
                 roost_hub::local::LocalUser::RetiredTask => {
                     return task_refused(&req, "no deployed task runs as this user");
                 }
-                roost_hub::local::LocalUser::Task { tasks, allow } => {
-                    return match task_may(&req, &allow) {
+                roost_hub::local::LocalUser::Task { tasks } => {
+                    return match task_may(&req) {
                         Ok(()) => next.run(req).await,
                         Err(why) => {
                             tracing::warn!(tasks = ?tasks, path = %req.uri().path(), "refused a task's request to /v1");
@@ -111,27 +113,18 @@ async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Resp
     next.run(req).await
 }
 
-/// What a task may do on `/v1`: call the tasks its `allow.invoke` names and
-/// follow its calls (their ids are 128 random bits). Deployments, logs,
-/// devices, the task list and metrics are the owner's.
-fn task_may(req: &Request, allow: &roost_model::Grants) -> Result<(), &'static str> {
+/// What a task may do on `/v1`: what INTERFACES.md gives tasks and local
+/// programs (calling tasks, following calls, listing tasks and devices,
+/// metrics), but not the owner's operations.
+fn task_may(req: &Request) -> Result<(), &'static str> {
     let path = req.uri().path();
-    if req.method() == axum::http::Method::POST {
-        if let Some(task) = path
-            .strip_prefix("/v1/tasks/")
-            .and_then(|p| p.strip_suffix("/calls"))
-        {
-            return if roost_model::Grants::matches(&allow.invoke, task) {
-                Ok(())
-            } else {
-                Err("its manifest's allow.invoke does not name that task")
-            };
-        }
+    if path.starts_with("/v1/deployments") && req.method() != axum::http::Method::GET {
+        return Err("deploying and rolling back are the hub owner's, not a task's");
     }
-    if req.method() == axum::http::Method::GET && path.starts_with("/v1/calls/") {
-        return Ok(());
+    if path == "/v1/logs" {
+        return Err("every task's logs are the hub owner's to read, not a task's");
     }
-    Err("a task may only call the tasks its allow.invoke names and read those calls")
+    Ok(())
 }
 
 fn task_refused(req: &Request, why: &str) -> Response {

@@ -63,8 +63,8 @@ pub struct HubConfig {
     pub api_url: Option<String>,
     /// The certificate tasks should trust for it, when it is served over TLS.
     pub api_ca_bundle: Option<PathBuf>,
-    /// Run each process task under its own user and group (needs root).
-    pub task_identities: bool,
+    /// Whether process tasks run under users of their own (needs root).
+    pub task_identities: roost_runtime_process::identity::Mode,
 }
 
 impl HubConfig {
@@ -88,7 +88,7 @@ impl HubConfig {
             shadow_limits: roost_shadows::Limits::default(),
             api_url: None,
             api_ca_bundle: None,
-            task_identities: false,
+            task_identities: roost_runtime_process::identity::Mode::Off,
         }
     }
 }

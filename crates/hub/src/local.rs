@@ -148,11 +148,8 @@ impl Hub {
 #[derive(Debug, PartialEq)]
 pub enum LocalUser {
     /// The worker of one or more deployed tasks (a code group shares one
-    /// identity): its rights are the union of their `allow`.
-    Task {
-        tasks: Vec<roost_model::TaskName>,
-        allow: roost_model::Grants,
-    },
+    /// identity).
+    Task { tasks: Vec<roost_model::TaskName> },
     /// A task identity no deployed task has (a worker of a retired
     /// deployment): nothing is allowed.
     RetiredTask,
@@ -164,38 +161,25 @@ impl Hub {
     /// Whether the hub runs process tasks under identities of their own
     /// (then the API asks who a loopback connection belongs to).
     pub fn task_identities(&self) -> bool {
-        self.inner.config.task_identities
+        self.inner.config.task_identities != roost_runtime_process::identity::Mode::Off
     }
 
     /// Who `uid`, the owner of a local connection, is.
     pub fn local_user(&self, uid: u32) -> LocalUser {
-        if !self.inner.config.task_identities || !roost_runtime_process::identity::is_task_uid(uid)
-        {
+        if !self.task_identities() || !roost_runtime_process::identity::is_task_uid(uid) {
             return LocalUser::Other;
         }
         let active = self.inner.active.read().clone();
         let Some(tasks) = active.identities.get(&uid) else {
             return LocalUser::RetiredTask;
         };
-        let mut allow = roost_model::Grants::default();
-        for t in tasks {
-            if let Some(task) = active.tasks.get(t) {
-                let g = &task.spec().allow;
-                allow.invoke.extend(g.invoke.iter().cloned());
-                allow.shadow_read.extend(g.shadow_read.iter().cloned());
-                allow.shadow_update.extend(g.shadow_update.iter().cloned());
-                allow.publish.extend(g.publish.iter().cloned());
-                allow.secrets.extend(g.secrets.iter().cloned());
-                allow.retained.extend(g.retained.iter().cloned());
-            }
-        }
         LocalUser::Task {
             tasks: tasks.clone(),
-            allow,
         }
     }
 
-    /// The uid each process task of `tasks` runs as, when identities are on.
+    /// The uid each process task of `tasks` runs as, when it runs under an
+    /// identity of its own (as its runtime reports).
     pub(crate) fn task_identities_of(
         &self,
         tasks: &std::collections::HashMap<
@@ -203,17 +187,11 @@ impl Hub {
             std::sync::Arc<dyn roost_runtime::PreparedTask>,
         >,
     ) -> std::collections::HashMap<u32, Vec<roost_model::TaskName>> {
-        use roost_runtime_process::identity::{key_for, Identity};
         let mut by_uid: std::collections::HashMap<u32, Vec<roost_model::TaskName>> =
             Default::default();
-        if !self.inner.config.task_identities {
-            return by_uid;
-        }
-        let hub_id = crate::hub_id(&self.inner.config.data_dir);
         for (name, task) in tasks {
-            if let roost_model::TaskCode::Process { code_group, .. } = &task.spec().code {
-                let id = Identity::derive(&hub_id, &key_for(name.as_str(), code_group.as_deref()));
-                by_uid.entry(id.uid).or_default().push(name.clone());
+            if let Some(uid) = task.run_as_uid() {
+                by_uid.entry(uid).or_default().push(name.clone());
             }
         }
         by_uid

@@ -238,9 +238,13 @@ async fn serve(opts: HubOpts) -> Result<()> {
     config.retention = Duration::from_secs(opts.retention_s);
     config.region = opts.region.clone();
     config.fixed_pools = opts.pool_policy == "fixed";
-    config.task_identities = match opts.task_identities.as_str() {
-        "off" => false,
-        _ => roost_runtime_process::identity::can_switch(),
+    config.task_identities = {
+        use roost_runtime_process::identity::{can_switch, Mode};
+        match opts.task_identities.as_str() {
+            "on" => Mode::On,
+            "auto" if can_switch() => Mode::Auto,
+            _ => Mode::Off,
+        }
     };
     config.broker.allow_anonymous = opts.allow_anonymous;
     config.broker.max_packet_bytes = opts.mqtt_max_packet_bytes;

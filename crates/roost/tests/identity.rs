@@ -38,7 +38,7 @@ fn copy_into(pkg: &Package, from: &str, to: &str) {
 
 fn probe_task(hub: &TestHub, name: &str, other: &str, extra: &str) -> String {
     format!(
-        "[[task]]\nname = \"{name}\"\nruntime = \"process\"\ndir = \"{name}\"\ncommand = [\"./bootstrap\"]\ntimeout_ms = 10000\n{extra}\nenv = {{ DATA = \"{}\", OTHER = \"{}\", HUB_PID = \"{}\", CALL_TASK = \"{other}\" }}\n",
+        "[[task]]\nname = \"{name}\"\nruntime = \"process\"\ndir = \"{name}\"\ncommand = [\"./bootstrap\"]\ntimeout_ms = 10000\n{extra}\nenv = {{ DATA = \"{}\", OTHER = \"{}\", HUB_PID = \"{}\", CALL_TASK = \"echo\" }}\n",
         hub.data_dir.display(),
         hub.data_dir
             .join("deployments/1")
@@ -56,14 +56,11 @@ fn each_process_task_runs_as_its_own_user_and_cannot_reach_the_hubs_secrets() {
         return;
     }
     let mut hub = hub_with_identities();
-    // probe-a may call probe-b; probe-b may call nothing.
-    let manifest = probe_task(
-        &hub,
-        "probe-a",
-        "probe-b",
-        "allow = { invoke = [\"probe-b\"] }",
-    ) + &probe_task(&hub, "probe-b", "probe-a", "");
-    let pkg = Package::new(&manifest, &[]);
+    // Each probe calls the wasm task `echo` through /v1.
+    let manifest = probe_task(&hub, "probe-a", "probe-b", "")
+        + &probe_task(&hub, "probe-b", "probe-a", "")
+        + &task("echo", "echo.wat", "");
+    let pkg = Package::new(&manifest, &["echo.wat"]);
     copy_into(&pkg, "probe", "probe-a");
     copy_into(&pkg, "probe", "probe-b");
     hub.deploy(&pkg.manifest());
@@ -96,11 +93,11 @@ fn each_process_task_runs_as_its_own_user_and_cannot_reach_the_hubs_secrets() {
         assert!(v["home"].as_str().unwrap().contains("/homes/"), "{v}");
     }
     assert_ne!(a["uid"], b["uid"], "one user per task");
-    // On the hub's /v1 API a task is itself, without a token: it calls what
-    // its allow.invoke names and nothing else, and cannot deploy or read logs.
-    assert_eq!(a["call"], 200, "{a}");
-    assert_eq!(b["call"], 403, "{b}");
+    // On the hub's /v1 API a task is itself, without a token: it calls
+    // tasks as INTERFACES.md has it, and cannot deploy or read every
+    // task's logs.
     for v in [&a, &b] {
+        assert_eq!(v["call"], 200, "{v}");
         assert_eq!(v["deploy"], 403, "{v}");
         assert_eq!(v["logs"], 403, "{v}");
     }
@@ -162,6 +159,20 @@ fn a_runtime_the_tasks_user_cannot_reach_is_refused_at_deploy_with_the_reason() 
         "{err}"
     );
     assert!(err.contains("--task-identities off"), "{err}");
+    // With `auto` (the default as root) the same task runs, as the hub's
+    // user, and the log says why.
+    let auto = TestHub::start(&["--task-identities", "auto"]);
+    let pkg = Package::new(
+        &format!(
+            "[[task]]\nname = \"stuck\"\nruntime = \"process\"\ndir = \"stuck\"\ncommand = [\"{}\"]\nenv = {{ DATA = \"/nonexistent\", OTHER = \"/nonexistent\", HUB_PID = \"1\", CALL_TASK = \"stuck\" }}\n",
+            runtime.display()
+        ),
+        &[],
+    );
+    copy_into(&pkg, "probe", "stuck");
+    auto.deploy(&pkg.manifest());
+    assert!(auto.log_text().contains("this task runs as the hub's user"));
+    assert!(auto.get_json("/v1/tasks")["tasks"][0]["uid"].is_null());
     // Two tasks with their own users cannot share one folder.
     let manifest = "[[task]]\nname = \"one\"\nruntime = \"process\"\ndir = \"probe\"\ncommand = [\"./bootstrap\"]\n[[task]]\nname = \"two\"\nruntime = \"process\"\ndir = \"probe\"\ncommand = [\"./bootstrap\"]\n";
     let pkg = Package::new(manifest, &[]);

@@ -16,6 +16,18 @@ use std::path::{Path, PathBuf};
 const BASE: u32 = 1_900_000_000;
 const SPAN: u32 = 100_000_000;
 
+/// Whether tasks get identities of their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Workers run as the hub's user.
+    Off,
+    /// Each task gets its own, where its folder and runtime are reachable
+    /// by that user; otherwise it runs as the hub's user, with a warning.
+    Auto,
+    /// Each task gets its own; a task it cannot serve is refused.
+    On,
+}
+
 /// The user and group a task's workers run as (the same number).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Identity {
@@ -139,6 +151,28 @@ pub fn home_dir(data_dir: &Path, id: Identity) -> std::io::Result<PathBuf> {
     std::os::unix::fs::chown(&home, Some(id.uid), Some(id.gid))?;
     std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700))?;
     Ok(home)
+}
+
+/// Whether task folders under `data_dir` can be opened to other users at
+/// all: every folder above the data dir must be searchable by others (the
+/// hub makes the ones inside it so).
+pub fn check_data_dir(data_dir: &Path) -> Result<(), String> {
+    let root = data_dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", data_dir.display()))?;
+    let mut above = root.clone();
+    while above.pop() {
+        let meta = std::fs::metadata(&above).map_err(|e| format!("{}: {e}", above.display()))?;
+        if meta.mode() & 0o001 == 0 {
+            return Err(format!(
+                "other users cannot enter {} (mode {:o}), above the data dir {}",
+                above.display(),
+                meta.mode() & 0o7777,
+                root.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks that `id` can reach `path` (every folder on the way searchable by

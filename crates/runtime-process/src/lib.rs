@@ -40,8 +40,8 @@ pub struct ProcessConfig {
     pub run_dir: PathBuf,
     /// How worker pools are sized.
     pub pool_policy: pool::PoolPolicy,
-    /// Run each task's workers under its own user and group (needs root).
-    pub task_identities: bool,
+    /// Whether each task's workers run under a user and group of their own.
+    pub task_identities: identity::Mode,
     /// The hub's data dir, under which task folders are unpacked: the only
     /// folders whose modes the runtime changes.
     pub data_dir: PathBuf,
@@ -194,10 +194,18 @@ impl Runtime for ProcessRuntime {
         // Its own identity: the code group's when it has one (its workers
         // share one pre-loaded parent), else the task's.
         let key = identity::key_for(spec.name.as_str(), code_group.as_deref());
-        let run_as = self
-            .config
-            .task_identities
+        let mut run_as = (self.config.task_identities != identity::Mode::Off)
             .then(|| identity::Identity::derive(&self.config.hub_id, &key));
+        if let (Some(id), identity::Mode::Auto) = (run_as, self.config.task_identities) {
+            // Best effort: where the task's own user could not reach its
+            // folder or its runtime, it runs as the hub's user, and says so.
+            let why = identity::check_data_dir(&self.config.data_dir)
+                .and_then(|_| identity::reachable(&program, id, true));
+            if let Err(e) = why {
+                tracing::warn!(task = %spec.name, uid = id.uid, reason = %e, "this task runs as the hub's user: its own user could not use it (--task-identities on would refuse it instead)");
+                run_as = None;
+            }
+        }
         let mut env: Vec<(String, String)> = Vec::new();
         if let Some(id) = run_as {
             claim(
@@ -279,6 +287,7 @@ impl Runtime for ProcessRuntime {
         Ok(Arc::new(ProcessTask {
             spec: spec.clone(),
             pool,
+            uid: run_as.map(|id| id.uid),
         }))
     }
 }
@@ -286,6 +295,7 @@ impl Runtime for ProcessRuntime {
 pub struct ProcessTask {
     spec: TaskSpec,
     pool: Arc<pool::Pool>,
+    uid: Option<u32>,
 }
 
 #[async_trait]
@@ -304,6 +314,10 @@ impl PreparedTask for ProcessTask {
 
     fn pool_stats(&self) -> Option<PoolStats> {
         Some(self.pool.stats())
+    }
+
+    fn run_as_uid(&self) -> Option<u32> {
+        self.uid
     }
 
     fn demand(&self) -> Option<roost_runtime::Demand> {

@@ -54,6 +54,11 @@ pub trait PreparedTask: Send + Sync + 'static {
     fn pool_stats(&self) -> Option<PoolStats> {
         None
     }
+    /// The user its code runs as, when that is a task identity of its own
+    /// (not the hub's).
+    fn run_as_uid(&self) -> Option<u32> {
+        None
+    }
     /// The demand the pool has measured, for the hub to keep across
     /// restarts.
     fn demand(&self) -> Option<Demand> {
