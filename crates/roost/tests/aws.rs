@@ -233,7 +233,7 @@ fn a_process_task_uses_boto3_unconfigured_and_gets_only_what_allow_grants() {
     let manifest = format!(
         "[[task]]\nname = \"ctl\"\nruntime = \"process\"\ndir = \"boto\"\ncommand = [\"{py}\", \"-m\", \"awslambdaric\"]\nhandler = \"app.handler\"\nmemory_mb = 256\ntimeout_ms = 20000\nallow = {{ invoke = [\"echo\"], shadow_read = [\"thermo*\"], shadow_update = [\"thermostat\"], publish = [\"alerts/#\"], secrets = [\"db-password\"], retained = [\"state/#\"] }}\n"
     ) + &format!(
-        "[[task]]\nname = \"boom\"\nruntime = \"process\"\ndir = \"boto\"\ncommand = [\"{py}\", \"-m\", \"awslambdaric\"]\nhandler = \"app.boom\"\nmemory_mb = 256\n[[task]]\nname = \"ctx\"\nruntime = \"process\"\ndir = \"boto\"\ncommand = [\"{py}\", \"-m\", \"awslambdaric\"]\nhandler = \"app.context_of\"\nmemory_mb = 256\n"
+        "[[task]]\nname = \"boom\"\nruntime = \"process\"\ndir = \"boto\"\ncommand = [\"{py}\", \"-m\", \"awslambdaric\"]\nhandler = \"app.boom\"\nmemory_mb = 256\n[[task]]\nname = \"ctx\"\nruntime = \"process\"\ndir = \"boto\"\ncommand = [\"{py}\", \"-m\", \"awslambdaric\"]\nhandler = \"app.context_of\"\nmemory_mb = 256\n[[task]]\nname = \"nosy\"\nruntime = \"process\"\ndir = \"boto\"\ncommand = [\"{py}\", \"-m\", \"awslambdaric\"]\nhandler = \"app.list_retained\"\nmemory_mb = 256\n"
     ) + &task("echo", "echo.wat", "")
         + &task("secret-keeper", "echo.wat", "")
         + "[[secret]]\nname = \"db-password\"\nvalue_env = \"DB_PASSWORD\"\n[[secret]]\nname = \"api-key\"\nvalue_env = \"API_KEY\"\n"
@@ -292,6 +292,11 @@ fn a_process_task_uses_boto3_unconfigured_and_gets_only_what_allow_grants() {
         v["retained_listed"],
         serde_json::json!(["state/mode"]),
         "only what allow.retained covers: {v}"
+    );
+    let nosy = hub.call("nosy", "{}").text().unwrap();
+    assert_eq!(
+        nosy, "\"ForbiddenException\"",
+        "no allow.retained, no listing"
     );
     // The denied update changed nothing.
     assert!(get_shadow(&hub, "door").contains("\"open\":false"));

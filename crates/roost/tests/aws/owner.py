@@ -136,6 +136,12 @@ while True:
 assert seen == [(f"state/room-{i}", 2, 1) for i in range(5)], seen
 expect_error("InvalidRequestException", iot.list_retained_messages, maxResults=500)
 expect_error("InvalidRequestException", iot.list_retained_messages, nextToken="not a token!")
+# An expired retained message is gone for every reader.
+iot.publish(topic="state/brief", qos=1, retain=True, payload=b"soon gone", messageExpiry=1)
+assert iot.get_retained_message(topic="state/brief")["payload"] == b"soon gone"
+time.sleep(1.5)
+expect_error("ResourceNotFoundException", iot.get_retained_message, topic="state/brief")
+assert "state/brief" not in [t["topic"] for t in iot.list_retained_messages()["retainedTopics"]]
 # An empty retained publish clears the topic.
 iot.publish(topic="state/room-4", qos=1, retain=True, payload=b"")
 expect_error("ResourceNotFoundException", iot.get_retained_message, topic="state/room-4")

@@ -54,3 +54,9 @@ def context_of(event, context):
 
 def boom(event, context):
     raise ValueError("the sky fell: " + json.dumps(event))
+
+
+def list_retained(event, context):
+    """With no `allow.retained`, listing retained messages is refused."""
+    code, _ = attempt(iot.list_retained_messages)
+    return code
