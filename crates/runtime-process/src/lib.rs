@@ -61,6 +61,11 @@ pub struct ProcessRuntime {
     dir_identities: parking_lot::Mutex<DirIdentities>,
 }
 
+/// Why a task's own user cannot reach its folder, and what to do.
+fn data_dir_problem(e: String) -> String {
+    format!("cannot reach its folder: {e}. Give the hub a data dir other users can enter (such as /var/lib/roost, not under a private home), or run it with --task-identities off")
+}
+
 /// Task folders opened so far: the identity, its key and the task.
 type DirIdentities = std::collections::HashMap<PathBuf, (identity::Identity, String, String)>;
 
@@ -141,6 +146,48 @@ fn resolve_command(cmd: &str, dir: &Path) -> Option<PathBuf> {
 type ZygoteKey = (String, String, Option<identity::Identity>);
 
 impl ProcessRuntime {
+    /// The identity a task's workers run as: its own (derived from `key`,
+    /// its code group's or its name) when identities are on and that user
+    /// can reach the data dir and the task's runtime. Otherwise none: with
+    /// `auto` the task runs as the hub's user, with a warning; with `on` it
+    /// is refused, with the reason.
+    fn identity_for(
+        &self,
+        spec: &TaskSpec,
+        dir: &Path,
+        program: &Path,
+        key: &str,
+    ) -> Result<Option<identity::Identity>, PrepareError> {
+        let mode = self.config.task_identities;
+        if mode == identity::Mode::Off {
+            return Ok(None);
+        }
+        let id = identity::Identity::derive(&self.config.hub_id, key);
+        let usable = identity::check_data_dir(&self.config.data_dir)
+            .map_err(data_dir_problem)
+            .and_then(|()| {
+                // A program in the task's own folder (`./bootstrap`) is
+                // opened to it with the folder.
+                if program.starts_with(dir) {
+                    return Ok(());
+                }
+                identity::reachable(program, id, true).map_err(|e| {
+                    format!("cannot run its command: {e}. Install the runtime where other users can read it (not under a private home), or run the hub with --task-identities off")
+                })
+            });
+        match (usable, mode) {
+            (Ok(()), _) => Ok(Some(id)),
+            (Err(why), identity::Mode::Auto) => {
+                tracing::warn!(task = %spec.name, uid = id.uid, reason = %why, "this task runs as the hub's user: its own user could not use it (--task-identities on would refuse it instead)");
+                Ok(None)
+            }
+            (Err(why), _) => Err(PrepareError(format!(
+                "task {} runs as its own user (uid {}), which {why}",
+                spec.name, id.uid
+            ))),
+        }
+    }
+
     /// The zygote of a code group, started on first use.
     async fn zygote(
         &self,
@@ -194,18 +241,7 @@ impl Runtime for ProcessRuntime {
         // Its own identity: the code group's when it has one (its workers
         // share one pre-loaded parent), else the task's.
         let key = identity::key_for(spec.name.as_str(), code_group.as_deref());
-        let mut run_as = (self.config.task_identities != identity::Mode::Off)
-            .then(|| identity::Identity::derive(&self.config.hub_id, &key));
-        if let (Some(id), identity::Mode::Auto) = (run_as, self.config.task_identities) {
-            // Best effort: where the task's own user could not reach its
-            // folder or its runtime, it runs as the hub's user, and says so.
-            let why = identity::check_data_dir(&self.config.data_dir)
-                .and_then(|_| identity::reachable(&program, id, true));
-            if let Err(e) = why {
-                tracing::warn!(task = %spec.name, uid = id.uid, reason = %e, "this task runs as the hub's user: its own user could not use it (--task-identities on would refuse it instead)");
-                run_as = None;
-            }
-        }
+        let run_as = self.identity_for(spec, dir, &program, &key)?;
         let mut env: Vec<(String, String)> = Vec::new();
         if let Some(id) = run_as {
             claim(
@@ -217,14 +253,10 @@ impl Runtime for ProcessRuntime {
             )?;
             identity::open_task_dir(dir, &self.config.data_dir, id).map_err(|e| {
                 PrepareError(format!(
-                    "task {} runs as its own user (uid {}), which cannot reach its folder: {e}. Give the hub a data dir other users can enter (such as /var/lib/roost, not under a private home), or run it with --task-identities off",
-                    spec.name, id.uid
-                ))
-            })?;
-            identity::reachable(&program, id, true).map_err(|e| {
-                PrepareError(format!(
-                    "task {} runs as its own user (uid {}), which cannot run its command: {e}. Install the runtime where other users can read it (not under a private home), or run the hub with --task-identities off",
-                    spec.name, id.uid
+                    "task {} runs as its own user (uid {}), which {}",
+                    spec.name,
+                    id.uid,
+                    data_dir_problem(e)
                 ))
             })?;
             // A home and temp folder of its own (HOME=/root is of no use to
