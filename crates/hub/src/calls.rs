@@ -379,11 +379,6 @@ impl Hub {
     pub fn tasks(&self) -> Vec<TaskView> {
         let active = self.inner.active.read().clone();
         let snap = self.inner.scheduler.snapshot();
-        let uid_of: std::collections::HashMap<&roost_model::TaskName, u32> = active
-            .identities
-            .iter()
-            .flat_map(|(uid, tasks)| tasks.iter().map(move |t| (t, *uid)))
-            .collect();
         let mut out: Vec<TaskView> = active
             .tasks
             .values()
@@ -405,7 +400,7 @@ impl Hub {
                     succeeded,
                     failed,
                     pool: t.pool_stats(),
-                    uid: uid_of.get(&s.name).copied(),
+                    uid: t.run_as_uid(),
                 }
             })
             .collect();
