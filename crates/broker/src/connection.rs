@@ -960,7 +960,7 @@ impl Conn {
                             RetainHandling::DoNotSend => false,
                         };
                     if send_retained {
-                        for m in st.retained.values() {
+                        for (m, _) in st.retained.values() {
                             if matches(&f.filter, &m.topic) {
                                 let mut m = m.clone();
                                 m.qos = m.qos.min(opts.qos);

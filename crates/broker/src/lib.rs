@@ -144,10 +144,9 @@ pub(crate) struct Session {
 pub(crate) struct State {
     pub sessions: HashMap<String, Session>,
     pub subs: Trie<SubOptions>,
-    /// In topic order, so `ListRetainedMessages` pages without sorting.
-    pub retained: BTreeMap<String, Message>,
-    /// When each retained message was stored (wall clock, ms).
-    pub retained_at: HashMap<String, i64>,
+    /// In topic order, so `ListRetainedMessages` pages without sorting;
+    /// each with when it was retained (wall clock, ms).
+    pub retained: BTreeMap<String, (Message, i64)>,
     /// Shared subscriptions (`$share/GROUP/FILTER`): the trie holds one key
     /// per group and filter, the members take turns.
     pub shared: Trie<()>,
@@ -360,19 +359,21 @@ impl Broker {
             }
         }
         for r in restore.retained {
-            state.retained_at.insert(r.topic.clone(), r.modified_ms);
             state.retained.insert(
                 r.topic.clone(),
-                Message {
-                    topic: r.topic,
-                    payload: Bytes::from(r.payload),
-                    qos: r.qos,
-                    retain: true,
-                    properties: decode_properties(&r.properties),
-                    from: String::new(),
-                    id: 0,
-                    expires_at: r.expires_ms.map(instant_of_wall_clock),
-                },
+                (
+                    Message {
+                        topic: r.topic,
+                        payload: Bytes::from(r.payload),
+                        qos: r.qos,
+                        retain: true,
+                        properties: decode_properties(&r.properties),
+                        from: String::new(),
+                        id: 0,
+                        expires_at: r.expires_ms.map(instant_of_wall_clock),
+                    },
+                    r.modified_ms,
+                ),
             );
         }
         let broker = Self {
@@ -585,7 +586,7 @@ impl Broker {
     /// The retained message of `topic`, unless there is none or it expired.
     pub fn retained_message(&self, topic: &str) -> Option<RetainedMessage> {
         let st = self.inner.state.lock();
-        let m = st.retained.get(topic)?;
+        let (m, at) = st.retained.get(topic)?;
         if m.expires_at.is_some_and(|t| t <= std::time::Instant::now()) {
             return None;
         }
@@ -593,7 +594,7 @@ impl Broker {
             topic: m.topic.clone(),
             payload: m.payload.clone(),
             qos: m.qos,
-            modified_ms: st.retained_at.get(topic).copied().unwrap_or(0),
+            modified_ms: *at,
             user_properties: m
                 .properties
                 .get_all(mqtt5_protocol::PropertyId::UserProperty)
@@ -633,7 +634,7 @@ impl Broker {
         let mut page = Vec::new();
         let mut last_seen: Option<&String> = None;
         let topics = st.retained.range::<str, _>((start, Bound::Unbounded));
-        for (scanned, (t, m)) in topics.enumerate() {
+        for (scanned, (t, (m, at))) in topics.enumerate() {
             if page.len() == limit || scanned == RETAINED_SCAN {
                 // More follow: the next page starts after the last topic
                 // looked at.
@@ -647,7 +648,7 @@ impl Broker {
                 topic: t.clone(),
                 payload_size: m.payload.len(),
                 qos: m.qos,
-                modified_ms: st.retained_at.get(t).copied().unwrap_or(0),
+                modified_ms: *at,
             });
         }
         (page, None)
@@ -793,10 +794,8 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
         let at = now_ms();
         if msg.payload.is_empty() {
             st.retained.remove(&msg.topic);
-            st.retained_at.remove(&msg.topic);
         } else {
-            st.retained.insert(msg.topic.clone(), msg.clone());
-            st.retained_at.insert(msg.topic.clone(), at);
+            st.retained.insert(msg.topic.clone(), (msg.clone(), at));
         }
         if let Some(p) = &inner.persist {
             writes.push(p.retain(Retained {
