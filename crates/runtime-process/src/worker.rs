@@ -496,46 +496,14 @@ async fn spawn_forked(
     let (out, err) = (open(&out_path)?, open(&err_path)?);
     let pump_out = tokio::spawn(pump_lines(out, shared.clone()));
     let pump_err = tokio::spawn(pump_lines(err, shared.clone()));
-    let forked = z
-        .fork(ForkRequest {
-            cwd: &spec.dir,
-            handler: &spec.handler,
-            env,
-            rlimit_data: group.rlimit_bytes(),
-            stdout: &out_path,
-            stderr: &err_path,
-        })
-        .await;
-    let (pid, mut zexit) = match forked {
+    let (pid, mut zexit) = match fork_and_place(z, spec, env, group, &out_path, &err_path).await {
         Ok(x) => x,
         Err(e) => {
             pump_out.abort();
             pump_err.abort();
-            return Err(crashed(format!("the zygote could not fork a worker: {e}")));
+            return Err(crashed(e));
         }
     };
-    // The zygote runs task code (pre-loaded handlers), so what it says is
-    // checked before the hub acts on it as root: the pid must be a child
-    // of this zygote. A zygote that lies is killed.
-    if !z.is_child(pid) {
-        z.kill();
-        pump_out.abort();
-        pump_err.abort();
-        return Err(crashed(format!(
-            "the zygote reported pid {pid}, which is not its child; the zygote was stopped"
-        )));
-    }
-    // The child waits until the hub has put it in its cgroup: the task's
-    // user may not write cgroup files, and no code of its call runs
-    // outside its limits.
-    if let Err(e) = group.place(pid) {
-        // SAFETY: a checked child of the zygote, held before it ran anything.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        let _ = z.release(pid).await;
-        pump_out.abort();
-        pump_err.abort();
-        return Err(crashed(format!("cannot put the worker in its cgroup: {e}")));
-    }
     if let Err(e) = z.release(pid).await {
         tracing::warn!(task = %spec.task, error = %e, "could not release a forked worker");
     }
@@ -562,6 +530,48 @@ async fn spawn_forked(
         let _ = exit_tx.send(status);
     });
     Ok((pid, exited))
+}
+
+/// Has the zygote fork a worker and puts it in its cgroup while it waits;
+/// the worker is then released by the caller.
+async fn fork_and_place(
+    z: &Arc<Zygote>,
+    spec: &WorkerSpec,
+    env: &[(String, String)],
+    group: &Arc<WorkerGroup>,
+    stdout: &std::path::Path,
+    stderr: &std::path::Path,
+) -> Result<(i32, watch::Receiver<Option<std::process::ExitStatus>>), String> {
+    let (pid, exit) = z
+        .fork(ForkRequest {
+            cwd: &spec.dir,
+            handler: &spec.handler,
+            env,
+            rlimit_data: group.rlimit_bytes(),
+            stdout,
+            stderr,
+        })
+        .await
+        .map_err(|e| format!("the zygote could not fork a worker: {e}"))?;
+    // The zygote runs task code (pre-loaded handlers), so what it says is
+    // checked before the hub acts on it as root: the pid must be a child
+    // of this zygote. A zygote that lies is killed.
+    if !z.is_child(pid) {
+        z.kill();
+        return Err(format!(
+            "the zygote reported pid {pid}, which is not its child; the zygote was stopped"
+        ));
+    }
+    // The child waits until the hub has put it in its cgroup: the task's
+    // user may not write cgroup files, and no code of its call runs
+    // outside its limits.
+    if let Err(e) = group.place(pid) {
+        // SAFETY: a checked child of the zygote, held before it ran anything.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = z.release(pid).await;
+        return Err(format!("cannot put the worker in its cgroup: {e}"));
+    }
+    Ok((pid, exit))
 }
 
 impl Worker {
