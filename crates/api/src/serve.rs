@@ -69,8 +69,13 @@ impl Peer {
             if !(peer.ip().is_loopback() || peer.ip() == local_c.ip()) {
                 return PeerUser::Remote;
             }
-            let found = roost_runtime_process::peer::socket_owner(peer, local_c)
-                .or_else(|| roost_runtime_process::peer::socket_owner(self.addr, local));
+            let owner = roost_runtime_process::peer::socket_owner;
+            // A v4-mapped pair is asked as IPv4 first, as it is as raw.
+            let found = owner(peer, local_c).or_else(|| {
+                (peer != self.addr)
+                    .then(|| owner(self.addr, local))
+                    .flatten()
+            });
             match found {
                 // No inode: a socket its process has already let go of.
                 Some(o) if o.inode != 0 => PeerUser::Local(o.uid),
