@@ -187,19 +187,22 @@ fn candidate_pids(info: &OwnerInfo) -> Vec<i32> {
             let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
                 continue;
             };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            let pgrp = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(2))
-                .and_then(|g| g.parse::<i32>().ok());
-            if pgrp == Some(info.pgid) {
+            if proc_stat_field(pid, 2) == Some(info.pgid) {
                 pids.push(pid);
             }
         }
     }
     pids
+}
+
+/// A numeric field of `/proc/PID/stat`, counted after the command name
+/// (0: state, 1: parent pid, 2: process group, ...).
+pub(crate) fn proc_stat_field(pid: i32, n: usize) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields follow the
+    // last ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(n)?.parse().ok()
 }
 
 fn holds(pid: i32, target: &str) -> bool {

@@ -291,16 +291,7 @@ impl Zygote {
     /// Whether `pid` is a live child of this zygote (from `/proc`, not from
     /// anything the zygote said).
     pub fn is_child(&self, pid: i32) -> bool {
-        pid > 0
-            && pid != self.pid
-            && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit_once(')')
-                        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                        .and_then(|p| p.parse::<i32>().ok())
-                })
-                == Some(self.pid)
+        pid > 0 && pid != self.pid && crate::peer::proc_stat_field(pid, 1) == Some(self.pid)
     }
 
     /// Stops the zygote (and with it, through PDEATHSIG, its children).
