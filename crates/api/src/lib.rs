@@ -63,35 +63,10 @@ async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Resp
     // output, the task list), token or not, and never the owner's
     // operations (deploying, rolling back, reading every task's logs).
     if st.hub.task_identities() {
-        let user = req
-            .extensions()
-            .get::<axum::extract::ConnectInfo<Peer>>()
-            .map(|c| c.0.user())
-            .unwrap_or(PeerUser::Unknown);
-        if user == PeerUser::Unknown {
-            // Fail closed: it could be a task's.
-            tracing::warn!(path = %req.uri().path(), "refused a /v1 request from a local connection whose user is unknown");
-            return task_refused(
-                &req,
-                "cannot tell which local user holds this connection (was it closed before the answer?)",
-            );
-        }
-        if let PeerUser::Local(uid) = user {
-            match st.hub.local_user(uid) {
-                roost_hub::local::LocalUser::Other => {}
-                roost_hub::local::LocalUser::RetiredTask => {
-                    return task_refused(&req, "no deployed task runs as this user");
-                }
-                roost_hub::local::LocalUser::Task { tasks } => {
-                    return match task_may(&req) {
-                        Ok(()) => next.run(req).await,
-                        Err(why) => {
-                            tracing::warn!(tasks = ?tasks, path = %req.uri().path(), "refused a task's request to /v1");
-                            task_refused(&req, why)
-                        }
-                    };
-                }
-            }
+        match task_gate(&st.hub, &req) {
+            Gate::NotATask => {}
+            Gate::Pass => return next.run(req).await,
+            Gate::Refuse(why) => return task_refused(&req, why),
         }
     }
     if let Some(token) = &st.token {
@@ -111,6 +86,47 @@ async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Resp
         }
     }
     next.run(req).await
+}
+
+/// What task identities make of a `/v1` request.
+enum Gate {
+    /// Not from a task's user: the token decides.
+    NotATask,
+    /// A task's, for something a task may do.
+    Pass,
+    Refuse(&'static str),
+}
+
+fn task_gate(hub: &Hub, req: &Request) -> Gate {
+    let user = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<Peer>>()
+        .map(|c| c.0.user())
+        .unwrap_or(PeerUser::Unknown);
+    let uid = match user {
+        PeerUser::Remote => return Gate::NotATask,
+        PeerUser::Local(uid) => uid,
+        PeerUser::Unknown => {
+            // Fail closed: it could be a task's.
+            tracing::warn!(path = %req.uri().path(), "refused a /v1 request from a local connection whose user is unknown");
+            return Gate::Refuse(
+                "cannot tell which local user holds this connection (was it closed before the answer?)",
+            );
+        }
+    };
+    match hub.local_user(uid) {
+        roost_hub::local::LocalUser::Other => Gate::NotATask,
+        roost_hub::local::LocalUser::RetiredTask => {
+            Gate::Refuse("no deployed task runs as this user")
+        }
+        roost_hub::local::LocalUser::Task { tasks } => match task_may(req) {
+            Ok(()) => Gate::Pass,
+            Err(why) => {
+                tracing::warn!(tasks = ?tasks, path = %req.uri().path(), "refused a task's request to /v1");
+                Gate::Refuse(why)
+            }
+        },
+    }
 }
 
 /// What a task may do on `/v1`: what INTERFACES.md gives tasks and local
