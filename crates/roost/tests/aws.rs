@@ -13,20 +13,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 fn python() -> String {
-    let py = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&py)
-        .args([
-            "-c",
-            "import boto3, awscli, paho.mqtt, awslambdaric, awsiot.iotshadow",
-        ])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "these tests need boto3, awscli, paho-mqtt, awsiotsdk and awslambdaric: run scripts/test.sh, or set PYTHON to a python that has them"
-    );
-    py
+    python_with("boto3, awscli, paho.mqtt, awslambdaric, awsiot.iotshadow")
 }
 
 fn script(name: &str) -> PathBuf {
@@ -239,13 +226,7 @@ fn a_process_task_uses_boto3_unconfigured_and_gets_only_what_allow_grants() {
         + "[[secret]]\nname = \"db-password\"\nvalue_env = \"DB_PASSWORD\"\n[[secret]]\nname = \"api-key\"\nvalue_env = \"API_KEY\"\n"
         + "[[route]]\nfrom = \"device:alerts/#\"\nto = \"task:secret-keeper\"\n";
     let pkg = Package::new(&manifest, &["echo.wat"]);
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(crate_dir().join("tests/lambda/boto"))
-        .arg(pkg.path().join("boto"))
-        .status()
-        .unwrap();
-    assert!(status.success());
+    pkg.copy_fixture("boto", "boto");
     // A secret whose variable is not set stops the deploy before upload.
     let out = deploy_with(&hub, &pkg.manifest(), &[("DB_PASSWORD", "pw")]);
     assert!(!out.status.success());

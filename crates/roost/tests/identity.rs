@@ -22,20 +22,6 @@ fn hub_with_identities() -> TestHub {
     hub
 }
 
-fn lambda_dir() -> PathBuf {
-    crate_dir().join("tests/lambda")
-}
-
-fn copy_into(pkg: &Package, from: &str, to: &str) {
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(lambda_dir().join(from))
-        .arg(pkg.path().join(to))
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 fn probe_task(hub: &TestHub, name: &str, other: &str, extra: &str) -> String {
     format!(
         "[[task]]\nname = \"{name}\"\nruntime = \"process\"\ndir = \"{name}\"\ncommand = [\"./bootstrap\"]\ntimeout_ms = 10000\n{extra}\nenv = {{ DATA = \"{}\", OTHER = \"{}\", HUB_PID = \"{}\", CALL_TASK = \"echo\" }}\n",
@@ -61,8 +47,8 @@ fn each_process_task_runs_as_its_own_user_and_cannot_reach_the_hubs_secrets() {
         + &probe_task(&hub, "probe-b", "probe-a", "")
         + &task("echo", "echo.wat", "");
     let pkg = Package::new(&manifest, &["echo.wat"]);
-    copy_into(&pkg, "probe", "probe-a");
-    copy_into(&pkg, "probe", "probe-b");
+    pkg.copy_fixture("probe", "probe-a");
+    pkg.copy_fixture("probe", "probe-b");
     hub.deploy(&pkg.manifest());
     // What the probes try exists: a "no" below is the identity at work.
     for f in [
@@ -150,7 +136,7 @@ fn a_runtime_the_tasks_user_cannot_reach_is_refused_at_deploy_with_the_reason() 
         runtime.display()
     );
     let pkg = Package::new(&manifest, &[]);
-    copy_into(&pkg, "probe", "stuck");
+    pkg.copy_fixture("probe", "stuck");
     let out = hub.cli(&["deploy", pkg.manifest().to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -169,14 +155,14 @@ fn a_runtime_the_tasks_user_cannot_reach_is_refused_at_deploy_with_the_reason() 
         ),
         &[],
     );
-    copy_into(&pkg, "probe", "stuck");
+    pkg.copy_fixture("probe", "stuck");
     auto.deploy(&pkg.manifest());
     assert!(auto.log_text().contains("this task runs as the hub's user"));
     assert!(auto.get_json("/v1/tasks")["tasks"][0]["uid"].is_null());
     // Two tasks with their own users cannot share one folder.
     let manifest = "[[task]]\nname = \"one\"\nruntime = \"process\"\ndir = \"probe\"\ncommand = [\"./bootstrap\"]\n[[task]]\nname = \"two\"\nruntime = \"process\"\ndir = \"probe\"\ncommand = [\"./bootstrap\"]\n";
     let pkg = Package::new(manifest, &[]);
-    copy_into(&pkg, "probe", "probe");
+    pkg.copy_fixture("probe", "probe");
     let out = hub.cli(&["deploy", pkg.manifest().to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -184,8 +170,8 @@ fn a_runtime_the_tasks_user_cannot_reach_is_refused_at_deploy_with_the_reason() 
     // Nor nest one's folder in another's.
     let manifest = "[[task]]\nname = \"outer\"\nruntime = \"process\"\ndir = \"probe\"\ncommand = [\"./bootstrap\"]\n[[task]]\nname = \"inner\"\nruntime = \"process\"\ndir = \"probe/inner\"\ncommand = [\"./bootstrap\"]\n";
     let pkg = Package::new(manifest, &[]);
-    copy_into(&pkg, "probe", "probe");
-    copy_into(&pkg, "probe", "probe/inner");
+    pkg.copy_fixture("probe", "probe");
+    pkg.copy_fixture("probe", "probe/inner");
     let out = hub.cli(&["deploy", pkg.manifest().to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -227,13 +213,7 @@ fn reachable_python(into: &Path) -> String {
             || name.starts_with("simplejson")
             || name.starts_with("snapshot_restore_py")
         {
-            let ok = std::process::Command::new("cp")
-                .arg("-a")
-                .arg(entry.path())
-                .arg(&dest)
-                .status()
-                .unwrap();
-            assert!(ok.success());
+            copy_all(&entry.path(), &dest);
         }
     }
     std::fs::set_permissions(into, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -266,7 +246,7 @@ fn a_code_groups_zygote_and_its_workers_run_as_the_groups_user() {
     };
     let sneaky = task("sneaky").replace("app.whoami", "app.sneak");
     let pkg = Package::new(&(task("left") + &task("right") + &sneaky), &[]);
-    copy_into(&pkg, "py", "py");
+    pkg.copy_fixture("py", "py");
     hub.deploy(&pkg.manifest());
     // Twice, so a rollback would have somewhere to go.
     hub.deploy(&pkg.manifest());
@@ -324,7 +304,7 @@ fn a_zygote_that_lies_about_its_children_is_stopped_and_the_hub_is_untouched() {
         "[[task]]\nname = \"liar\"\nruntime = \"process\"\ndir = \"evil\"\ncommand = [\"{python}\", \"-m\", \"awslambdaric\"]\nhandler = \"evil.handler\"\ncode_group = \"bad\"\n"
     );
     let pkg = Package::new(&manifest, &[]);
-    copy_into(&pkg, "evil", "evil");
+    pkg.copy_fixture("evil", "evil");
     hub.deploy(&pkg.manifest());
     let r = hub.call("liar", "{}");
     let status = r.status();

@@ -1033,7 +1033,7 @@ fn expired_messages_and_expired_sessions_are_dropped() {
 
 #[test]
 fn paho_talks_to_the_broker_over_websockets_and_tcp_with_mqtt_5_and_3_1_1() {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let python = python_with("paho.mqtt");
     let hub = TestHub::start(&["--allow-anonymous", "--mqtt-ws", "127.0.0.1:0"]);
     let endpoints: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(hub.data_dir.join("endpoints.json")).unwrap(),
@@ -1387,7 +1387,7 @@ fn session_and_message_expiry_survive_a_kill_9() {
 
 #[test]
 fn a_client_may_change_its_session_expiry_when_it_leaves() {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let python = python_with("paho.mqtt");
     let hub = TestHub::start(&["--allow-anonymous"]);
     let script = r#"
 import sys, time, paho.mqtt.client as mqtt

@@ -6,38 +6,17 @@
 
 mod common;
 use common::*;
-use std::path::PathBuf;
 use std::time::Duration;
 
 fn python() -> String {
-    let py = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = std::process::Command::new(&py)
-        .args(["-c", "import awslambdaric"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "these tests need awslambdaric: run scripts/test.sh, or set PYTHON to a python that has it"
-    );
-    py
-}
-
-fn lambda_dir() -> PathBuf {
-    crate_dir().join("tests/lambda")
+    python_with("awslambdaric")
 }
 
 /// A package with the fixture folders copied in (modes kept) and a manifest.
 fn package(manifest: &str, folders: &[&str]) -> Package {
     let pkg = Package::new(manifest, &[]);
     for f in folders {
-        let status = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(lambda_dir().join(f))
-            .arg(pkg.path().join(f))
-            .status()
-            .unwrap();
-        assert!(status.success());
+        pkg.copy_fixture(f, f);
     }
     pkg
 }

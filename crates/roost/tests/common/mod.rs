@@ -270,6 +270,42 @@ impl Package {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+    /// Copies the fixture folder `tests/lambda/FROM` (modes kept) into the
+    /// package as `TO`.
+    pub fn copy_fixture(&self, from: &str, to: &str) {
+        copy_all(&lambda_dir().join(from), &self.path().join(to));
+    }
+}
+
+/// `$PYTHON` (or python3), checked to import `modules` (comma-separated).
+pub fn python_with(modules: &str) -> String {
+    let py = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&py)
+        .args(["-c", &format!("import {modules}")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "these tests need the Python modules {modules}: run scripts/test.sh, or set PYTHON to a python that has them"
+    );
+    py
+}
+
+/// The process-task fixtures (`tests/lambda`).
+pub fn lambda_dir() -> PathBuf {
+    crate_dir().join("tests/lambda")
+}
+
+/// `cp -a FROM TO`: a file or a folder, modes kept.
+pub fn copy_all(from: &Path, to: &Path) {
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "cp -a {} {}", from.display(), to.display());
 }
 
 /// A `[[task]]` entry for a wasm module.
