@@ -53,20 +53,24 @@ fn deploy_with(hub: &TestHub, manifest: &Path, env: &[(&str, &str)]) -> Output {
 }
 
 /// What the owner's profile files make of `code` (Python using boto3).
+/// The environment that points an AWS SDK or the CLI at the hub's owner
+/// profile files.
+fn owner_env(hub: &TestHub) -> [(&'static str, String); 3] {
+    let d = hub.data_dir.display();
+    [
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            format!("{d}/aws-credentials"),
+        ),
+        ("AWS_CONFIG_FILE", format!("{d}/aws-config")),
+        ("AWS_PROFILE", "roost".into()),
+    ]
+}
+
 fn as_owner(hub: &TestHub, code: &str) -> String {
-    let d = hub.data_dir.display().to_string();
-    let out = run_py(
-        hub,
-        &["-c", code],
-        &[
-            (
-                "AWS_SHARED_CREDENTIALS_FILE",
-                &format!("{d}/aws-credentials"),
-            ),
-            ("AWS_CONFIG_FILE", &format!("{d}/aws-config")),
-            ("AWS_PROFILE", "roost"),
-        ],
-    );
+    let env = owner_env(hub);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = run_py(hub, &["-c", code], &env);
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -135,21 +139,12 @@ fn boto3_as_the_owner_gets_shadows_lambda_publish_and_secrets_with_aws_semantics
     );
     {
         let out_file = hub.data_dir.join("cli-shadow.json");
-        let out = Command::new(&aws)
-            .args(["iot-data", "get-thing-shadow", "--thing-name", "lamp"])
-            .arg(&out_file)
-            .env(
-                "AWS_SHARED_CREDENTIALS_FILE",
-                format!("{d}/aws-credentials"),
-            )
-            .env("AWS_CONFIG_FILE", format!("{d}/aws-config"))
-            .env("AWS_PROFILE", "roost")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            &hub,
+            Command::new(&aws)
+                .args(["iot-data", "get-thing-shadow", "--thing-name", "lamp"])
+                .arg(&out_file)
+                .envs(owner_env(&hub)),
         );
         let doc: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
@@ -432,19 +427,13 @@ fn the_aws_sdk_for_javascript_works_against_the_hub_too() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let d = hub.data_dir.display().to_string();
     run_ok(
         &hub,
         Command::new("node")
             .arg(script("owner_sdk.cjs"))
             .env("NODE_PATH", &modules)
             .env("NODE_NO_WARNINGS", "1")
-            .env(
-                "AWS_SHARED_CREDENTIALS_FILE",
-                format!("{d}/aws-credentials"),
-            )
-            .env("AWS_CONFIG_FILE", format!("{d}/aws-config"))
-            .env("AWS_PROFILE", "roost")
+            .envs(owner_env(&hub))
             .env("EXPECT_SECRET", "js-pw")
             .env_remove("AWS_ACCESS_KEY_ID")
             .env_remove("AWS_SECRET_ACCESS_KEY")
