@@ -63,7 +63,8 @@ pub struct Message {
     pub retain: bool,
     /// MQTT 5 properties to forward (topic alias removed).
     pub properties: Properties,
-    /// The client id that published it (for no-local).
+    /// The client id that published it (for no-local). The tap sees every
+    /// message with one; the hub's own messages have none.
     pub from: String,
     /// Its id in the store when queued for persistent sessions (0: not stored).
     pub id: u64,
@@ -91,6 +92,12 @@ pub struct RetainedSummary {
     pub qos: u8,
     pub modified_ms: i64,
 }
+
+/// The publisher of messages that come from outside the hub without an
+/// MQTT connection (the owner's data-plane `Publish`): like a client's, the
+/// tap sees them. No MQTT client id can be it (U+0000 is not allowed in
+/// MQTT strings), so no-local never hides them from anyone.
+pub const OUTSIDE_PUBLISHER: &str = "\u{0}outside";
 
 impl Message {
     /// A QoS 1 message the hub itself publishes (a route, a task): it has

@@ -115,19 +115,20 @@ impl Hub {
         payload: Bytes,
         options: PublishOptions,
     ) -> Result<(), String> {
-        let mut m = roost_broker::Message::from_hub(topic, payload.clone());
+        let mut m = roost_broker::Message::from_hub(topic, payload);
+        if options.feeds_routes {
+            // Routes see it the way they see a client's message: through
+            // the broker's tap.
+            m.from = roost_broker::OUTSIDE_PUBLISHER.into();
+        }
         m.qos = options.qos.min(1);
         m.retain = options.retain;
         m.properties = options.properties;
         m.expires_at = options.expiry.map(|d| std::time::Instant::now() + d);
-        if let Some(done) = self.inner.broker.publish(m) {
-            done.await.map_err(|e| e.to_string())?;
+        match self.inner.broker.publish(m) {
+            Some(done) => done.await.map_err(|e| e.to_string()),
+            None => Ok(()),
         }
-        if options.feeds_routes {
-            let routes = self.inner.routes.read().clone();
-            routes.on_device_message(topic, &payload);
-        }
-        Ok(())
     }
 
     /// Counts a request to a local service, for the metrics.
