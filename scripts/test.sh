@@ -41,7 +41,9 @@ NODE_DIR="${ROOST_NODE_DIR:-$HOME/.cache/roost-node}"
 if [ ! -f "$NODE_DIR/node_modules/aws-lambda-ric/bin/index.mjs" ]; then
   step "installing the Node.js Lambda runtime client into $NODE_DIR (npm; builds a native addon)"
   mkdir -p "$NODE_DIR"
-  (cd "$NODE_DIR" && npm init -y >/dev/null && npm install --no-audit --no-fund aws-lambda-ric@3.3.0 >/dev/null)
+  # node-gyp would download Node's headers, and this network has no route
+  # to them: Debian's nodejs ships them under /usr/include/node.
+  (cd "$NODE_DIR" && npm init -y >/dev/null && npm_config_nodedir="${npm_config_nodedir:-/usr}" npm install --no-audit --no-fund aws-lambda-ric@3.3.0 >/dev/null)
 fi
 # The AWS SDK for JavaScript v3, a second SDK family against the local APIs.
 if [ ! -d "$NODE_DIR/node_modules/@aws-sdk/client-secrets-manager" ]; then
