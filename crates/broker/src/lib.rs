@@ -12,7 +12,9 @@ mod connection;
 mod persist;
 pub mod policy;
 pub mod tls;
-pub mod topic;
+/// Topic rules live in their own crate; re-exported for callers that name
+/// them through the broker.
+pub use roost_topic as topic;
 
 pub use persist::{Done, Persistence, Queued, Restore, Retained};
 pub use policy::{Device, Devices, Policy};
