@@ -9,13 +9,19 @@
 //! keep-alive; it knows nothing of tasks or HTTP.
 
 mod connection;
+mod listener;
+mod metrics;
 mod persist;
 pub mod policy;
+mod qos;
 pub mod tls;
-pub mod topic;
+/// Topic rules live in their own crate; re-exported for callers that name
+/// them through the broker.
+pub use roost_topic as topic;
 
-pub use persist::{Done, Persistence, Queued, Restore, Retained};
+pub use persist::{Done, PersistError, Persistence, Queued, Restore, Retained};
 pub use policy::{Device, Devices, Policy};
+pub use qos::{InvalidQoS, QoS};
 
 use bytes::Bytes;
 pub use mqtt5_protocol::Properties;
@@ -59,13 +65,12 @@ impl Default for BrokerConfig {
 pub struct Message {
     pub topic: String,
     pub payload: Bytes,
-    pub qos: u8,
+    pub qos: QoS,
     pub retain: bool,
     /// MQTT 5 properties to forward (topic alias removed).
     pub properties: Properties,
-    /// The client id that published it (for no-local). The tap sees every
-    /// message with one; the hub's own messages have none.
-    pub from: String,
+    /// Who published it (for no-local, and whether the tap sees it).
+    pub from: Publisher,
     /// Its id in the store when queued for persistent sessions (0: not stored).
     pub id: u64,
     /// When it stops being worth delivering (MQTT 5 message expiry).
@@ -77,7 +82,7 @@ pub struct Message {
 pub struct RetainedMessage {
     pub topic: String,
     pub payload: Bytes,
-    pub qos: u8,
+    pub qos: QoS,
     /// When it was retained (wall clock, ms).
     pub modified_ms: i64,
     /// Its MQTT 5 user properties, in order.
@@ -89,15 +94,36 @@ pub struct RetainedMessage {
 pub struct RetainedSummary {
     pub topic: String,
     pub payload_size: usize,
-    pub qos: u8,
+    pub qos: QoS,
     pub modified_ms: i64,
 }
 
-/// The publisher of messages that come from outside the hub without an
-/// MQTT connection (the owner's data-plane `Publish`): like a client's, the
-/// tap sees them. No MQTT client id can be it (U+0000 is not allowed in
-/// MQTT strings), so no-local never hides them from anyone.
-pub const OUTSIDE_PUBLISHER: &str = "\u{0}outside";
+/// Who published a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Publisher {
+    /// An MQTT client, by client id: its own no-local subscriptions do not
+    /// get the message back, and the tap sees it.
+    Client(String),
+    /// The hub itself (a route, a task, a shadow answer, a restored
+    /// message): the tap does not see it, so it feeds no `device:` route.
+    Hub,
+    /// Outside the hub without an MQTT connection (the owner's data-plane
+    /// `Publish`): like a client's message the tap sees it, and being no
+    /// client, no-local hides it from no one.
+    Outside,
+}
+
+impl Publisher {
+    /// Whether `client_id` published it (its no-local subscriptions skip it).
+    pub fn is_client(&self, client_id: &str) -> bool {
+        matches!(self, Publisher::Client(c) if c == client_id)
+    }
+
+    /// Whether the tap (the hub's route table) sees its messages.
+    pub fn feeds_tap(&self) -> bool {
+        !matches!(self, Publisher::Hub)
+    }
+}
 
 impl Message {
     /// A QoS 1 message the hub itself publishes (a route, a task): it has
@@ -106,10 +132,10 @@ impl Message {
         Message {
             topic: topic.to_owned(),
             payload,
-            qos: 1,
+            qos: QoS::AtLeastOnce,
             retain: false,
             properties: Properties::new(),
-            from: String::new(),
+            from: Publisher::Hub,
             id: 0,
             expires_at: None,
         }
@@ -118,7 +144,7 @@ impl Message {
 
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct SubOptions {
-    pub qos: u8,
+    pub qos: QoS,
     pub no_local: bool,
     pub retain_as_published: bool,
 }
@@ -354,7 +380,7 @@ impl Broker {
                     qos: q.qos,
                     retain: q.retain,
                     properties: decode_properties(&q.properties),
-                    from: String::new(),
+                    from: Publisher::Hub,
                     id: q.id,
                     expires_at: q.expires_ms.map(instant_of_wall_clock),
                 });
@@ -375,7 +401,7 @@ impl Broker {
                         qos: r.qos,
                         retain: true,
                         properties: decode_properties(&r.properties),
-                        from: String::new(),
+                        from: Publisher::Hub,
                         id: 0,
                         expires_at: r.expires_ms.map(instant_of_wall_clock),
                     },
@@ -458,112 +484,6 @@ impl Broker {
     /// Replaces the device list (from a deployment).
     pub fn set_devices(&self, devices: Devices) {
         *self.inner.devices.write() = Arc::new(devices);
-    }
-
-    /// Serves MQTT on an already bound listener until the task is dropped.
-    pub async fn serve(self, listener: tokio::net::TcpListener) {
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "MQTT accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let broker = self.clone();
-            tokio::spawn(async move {
-                connection::run(broker, Box::new(stream), peer, None).await;
-            });
-        }
-    }
-
-    /// Serves MQTT over WebSockets (subprotocol `mqtt`, binary frames), for
-    /// browsers and clients behind HTTP-only networks.
-    // The handshake callback's Result type is tungstenite's, not ours.
-    #[allow(clippy::result_large_err)]
-    pub async fn serve_websocket(self, listener: tokio::net::TcpListener) {
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "MQTT/WebSocket accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let broker = self.clone();
-            tokio::spawn(async move {
-                use async_tungstenite::tungstenite::handshake::server::{Request, Response};
-                let pick_mqtt = |req: &Request, mut resp: Response| {
-                    let offers_mqtt = req
-                        .headers()
-                        .get_all("sec-websocket-protocol")
-                        .iter()
-                        .filter_map(|v| v.to_str().ok())
-                        .flat_map(|v| v.split(','))
-                        .any(|p| p.trim() == "mqtt");
-                    if offers_mqtt {
-                        resp.headers_mut().insert(
-                            "sec-websocket-protocol",
-                            "mqtt".parse().expect("static header"),
-                        );
-                    }
-                    Ok(resp)
-                };
-                let handshake = tokio::time::timeout(
-                    std::time::Duration::from_secs(10),
-                    async_tungstenite::tokio::accept_hdr_async(stream, pick_mqtt),
-                )
-                .await;
-                let Ok(Ok(ws)) = handshake else {
-                    tracing::debug!(%peer, "WebSocket handshake failed");
-                    return;
-                };
-                let io = ws_stream_tungstenite::WsStream::new(ws);
-                connection::run(broker, Box::new(io), peer, None).await;
-            });
-        }
-    }
-
-    /// Serves MQTT over TLS. With a client CA in `tls`, clients present
-    /// certificates; a verified certificate's common name is the device it
-    /// authenticates.
-    pub async fn serve_tls(self, listener: tokio::net::TcpListener, tls: tls::MqttTls) {
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "MQTT/TLS accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let broker = self.clone();
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let handshake = tokio::time::timeout(
-                    std::time::Duration::from_secs(10),
-                    acceptor.accept(stream),
-                )
-                .await;
-                let Ok(Ok(tls)) = handshake else {
-                    tracing::debug!(%peer, "TLS handshake failed");
-                    return;
-                };
-                let device = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|c| tls::common_name(c.as_ref()));
-                connection::run(broker, Box::new(tls), peer, device).await;
-            });
-        }
     }
 
     pub fn stats(&self) -> &Stats {
@@ -690,105 +610,6 @@ impl Broker {
     pub fn publish(&self, message: Message) -> Option<Done> {
         route(&self.inner, message)
     }
-
-    /// Prometheus text for the broker's counters, names prefixed `roost_mqtt_`.
-    pub fn metrics_text(&self) -> String {
-        let s = &self.inner.stats;
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut out = String::new();
-        let mut line = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
-            out.push_str(&format!(
-                "# HELP roost_mqtt_{name} {help}\n# TYPE roost_mqtt_{name} {kind}\n"
-            ));
-            for (labels, v) in rows {
-                let suffix = if kind == "counter" { "_total" } else { "" };
-                out.push_str(&format!("roost_mqtt_{name}{suffix}{labels} {v}\n"));
-            }
-        };
-        line(
-            "connections",
-            "counter",
-            "MQTT connections accepted",
-            vec![(String::new(), g(&s.connections))],
-        );
-        line(
-            "connects_refused",
-            "counter",
-            "CONNECTs refused (bad credentials, policy)",
-            vec![(String::new(), g(&s.connects_refused))],
-        );
-        line(
-            "clients_connected",
-            "gauge",
-            "MQTT clients connected now",
-            vec![(String::new(), self.connected_count() as u64)],
-        );
-        line(
-            "sessions",
-            "gauge",
-            "Sessions held (connected or persistent)",
-            vec![(String::new(), self.session_count() as u64)],
-        );
-        line(
-            "retained",
-            "gauge",
-            "Retained messages",
-            vec![(String::new(), self.retained_count() as u64)],
-        );
-        line(
-            "messages_in",
-            "counter",
-            "PUBLISH packets received, by QoS",
-            (0..3)
-                .map(|q| (format!("{{qos=\"{q}\"}}"), g(&s.messages_in[q])))
-                .collect(),
-        );
-        line(
-            "messages_out",
-            "counter",
-            "PUBLISH packets sent, by QoS",
-            (0..3)
-                .map(|q| (format!("{{qos=\"{q}\"}}"), g(&s.messages_out[q])))
-                .collect(),
-        );
-        line(
-            "dropped_by_policy",
-            "counter",
-            "Publishes dropped because the device's policy does not allow the topic",
-            vec![(String::new(), g(&s.dropped_by_policy))],
-        );
-        line(
-            "dropped_queue_full",
-            "counter",
-            "Messages dropped from a full offline session queue",
-            vec![(String::new(), g(&s.dropped_queue_full))],
-        );
-        line(
-            "slow_clients_dropped",
-            "counter",
-            "Clients disconnected for not reading",
-            vec![(String::new(), g(&s.slow_clients_dropped))],
-        );
-        line(
-            "dropped_slow_client",
-            "counter",
-            "Messages not delivered because the client's buffer was full",
-            vec![(String::new(), g(&s.dropped_slow))],
-        );
-        line(
-            "bytes_in",
-            "counter",
-            "Bytes received",
-            vec![(String::new(), g(&s.bytes_in))],
-        );
-        line(
-            "bytes_out",
-            "counter",
-            "Bytes sent",
-            vec![(String::new(), g(&s.bytes_out))],
-        );
-        out
-    }
 }
 
 /// Delivers a message to every matching subscription (and keeps it if it
@@ -845,13 +666,13 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
         g.next = pick + 1;
         matched.push(g.members[pick].clone());
     }
-    matched.retain(|(client, opts)| !(opts.no_local && *client == msg.from));
+    matched.retain(|(client, opts)| !(opts.no_local && msg.from.is_client(client)));
     // Sort by client, best QoS first, and keep the first of each client.
     matched.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.qos.cmp(&a.1.qos)));
     matched.dedup_by(|later, first| later.0 == first.0);
     let best = matched;
     let limit = inner.config.session_queue_limit;
-    if msg.qos > 0 && inner.persist.is_some() {
+    if msg.qos.is_acknowledged() && inner.persist.is_some() {
         msg.id = inner.next_msg.fetch_add(1, Ordering::Relaxed);
     }
     for (client, opts) in best {
@@ -861,7 +682,7 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
         let mut m = msg.clone();
         m.qos = m.qos.min(opts.qos);
         m.retain = opts.retain_as_published && msg.retain;
-        if session.persistent && m.qos > 0 && m.id != 0 {
+        if session.persistent && m.qos.is_acknowledged() && m.id != 0 {
             queued.push(Queued {
                 client_id: client.clone(),
                 id: m.id,
@@ -899,7 +720,7 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             },
-            None if session.persistent && m.qos > 0 => {
+            None if session.persistent && m.qos.is_acknowledged() => {
                 if session.queue.len() >= limit {
                     session.queue.pop_front();
                     inner
@@ -913,7 +734,7 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
         }
     }
     drop(st);
-    if !msg.from.is_empty() {
+    if msg.from.feeds_tap() {
         let tap = inner.tap.read().clone();
         if let Some(tap) = tap {
             tap(&msg.topic, &msg.payload);
@@ -939,7 +760,7 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
 mod tests {
     use super::*;
 
-    fn retain(b: &Broker, topic: &str, qos: u8) {
+    fn retain(b: &Broker, topic: &str, qos: QoS) {
         let mut m = Message::from_hub(topic, Bytes::from_static(b"x"));
         m.retain = true;
         m.qos = qos;
@@ -950,11 +771,11 @@ mod tests {
     fn retained_messages_page_in_topic_order_and_only_visible_ones() {
         let b = Broker::new(BrokerConfig::default());
         for i in (0..25).rev() {
-            retain(&b, &format!("s/{i:02}"), 1);
-            retain(&b, &format!("p/{i:02}"), 2);
+            retain(&b, &format!("s/{i:02}"), QoS::AtLeastOnce);
+            retain(&b, &format!("p/{i:02}"), QoS::ExactlyOnce);
         }
         let got = b.retained_message("p/03").unwrap();
-        assert_eq!((got.qos, &got.payload[..]), (2, &b"x"[..]));
+        assert_eq!((got.qos, &got.payload[..]), (QoS::ExactlyOnce, &b"x"[..]));
         assert!(got.modified_ms > 0);
         assert!(b.retained_message("p/99").is_none());
         // Pages of 10 over the s/ topics only: 10, 10, 5, in order.
@@ -982,9 +803,9 @@ mod tests {
     fn a_listing_stops_after_its_scan_budget_with_a_place_to_go_on() {
         let b = Broker::new(BrokerConfig::default());
         for i in 0..10_050 {
-            retain(&b, &format!("hidden/{i:05}"), 0);
+            retain(&b, &format!("hidden/{i:05}"), QoS::AtMostOnce);
         }
-        retain(&b, "z/seen", 0);
+        retain(&b, "z/seen", QoS::AtMostOnce);
         // Nothing visible in the first 10,000: a short (empty) page, and
         // where to go on from.
         let (page, next) = b.retained_page(None, 50, |t| t.starts_with("z/"));

@@ -3,10 +3,23 @@
 //! Every method submits its write at once (writes run in the order they
 //! were submitted) and returns a future that resolves when it is on disk.
 
+use crate::QoS;
 use std::future::Future;
 use std::pin::Pin;
 
-pub type Done = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+/// A write that resolves once it is on disk.
+pub type Done = Pin<Box<dyn Future<Output = Result<(), PersistError>> + Send>>;
+
+/// Why the broker's state could not be kept.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    /// The store refused or failed the write.
+    #[error("the store could not write the broker's state: {0}")]
+    Write(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store stopped taking writes (shutting down, or it failed).
+    #[error("the store has stopped taking the broker's writes")]
+    Closed,
+}
 
 /// A message queued for one persistent session.
 #[derive(Clone, Debug)]
@@ -15,7 +28,7 @@ pub struct Queued {
     pub id: u64,
     pub topic: String,
     pub payload: Vec<u8>,
-    pub qos: u8,
+    pub qos: QoS,
     pub retain: bool,
     /// When it stops being worth delivering (wall clock, ms since the epoch).
     pub expires_ms: Option<i64>,
@@ -28,7 +41,7 @@ pub struct Queued {
 pub struct Retained {
     pub topic: String,
     pub payload: Vec<u8>,
-    pub qos: u8,
+    pub qos: QoS,
     pub properties: Vec<u8>,
     pub expires_ms: Option<i64>,
     /// When it was retained (wall clock, ms).
@@ -41,7 +54,7 @@ pub struct Restore {
     /// (client id, device, session expiry in seconds; none: never)
     pub sessions: Vec<(String, Option<String>, Option<u32>)>,
     /// (client id, filter, qos, no_local, retain_as_published)
-    pub subscriptions: Vec<(String, String, u8, bool, bool)>,
+    pub subscriptions: Vec<(String, String, QoS, bool, bool)>,
     pub queue: Vec<Queued>,
     pub qos2_in: Vec<(String, u16)>,
     pub retained: Vec<Retained>,
@@ -56,7 +69,7 @@ pub trait Persistence: Send + Sync {
         &self,
         client_id: &str,
         filter: &str,
-        qos: u8,
+        qos: QoS,
         no_local: bool,
         retain_as_published: bool,
     ) -> Done;

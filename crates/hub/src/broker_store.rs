@@ -1,7 +1,7 @@
 //! Keeps the broker's durable state in the hub's store: the adapter between
 //! the broker's `Persistence` trait and the store (which owns the SQL).
 
-use roost_broker::{Done, Persistence, Queued, Restore, Retained};
+use roost_broker::{Done, PersistError, Persistence, QoS, Queued, Restore, Retained};
 use roost_store::{Store, StoredMessage, StoredRetained};
 use std::sync::Arc;
 
@@ -10,7 +10,18 @@ pub(crate) struct BrokerStore(pub Arc<Store>);
 fn done(
     f: impl std::future::Future<Output = Result<(), roost_store::StoreError>> + Send + 'static,
 ) -> Done {
-    Box::pin(async move { f.await.map_err(|e| e.to_string()) })
+    Box::pin(async move {
+        f.await.map_err(|e| match e {
+            roost_store::StoreError::Closed => PersistError::Closed,
+            e => PersistError::Write(Box::new(e)),
+        })
+    })
+}
+
+/// A QoS as the store keeps it back as the broker's; the store holds only
+/// what the broker gave it, so anything else is read as the highest.
+fn qos(n: u8) -> QoS {
+    QoS::try_from(n).unwrap_or(QoS::ExactlyOnce)
 }
 
 impl Persistence for BrokerStore {
@@ -24,13 +35,13 @@ impl Persistence for BrokerStore {
         &self,
         client_id: &str,
         filter: &str,
-        qos: u8,
+        qos: QoS,
         no_local: bool,
         rap: bool,
     ) -> Done {
         done(
             self.0
-                .mqtt_save_subscription(client_id, filter, qos, no_local, rap),
+                .mqtt_save_subscription(client_id, filter, qos.into(), no_local, rap),
         )
     }
     fn drop_subscription(&self, client_id: &str, filter: &str) -> Done {
@@ -44,7 +55,7 @@ impl Persistence for BrokerStore {
                 id: m.id as i64,
                 topic: m.topic,
                 payload: m.payload,
-                qos: m.qos,
+                qos: m.qos.into(),
                 retain: m.retain,
                 expires_ms: m.expires_ms,
                 properties: m.properties,
@@ -65,7 +76,7 @@ impl Persistence for BrokerStore {
         done(self.0.mqtt_retain(StoredRetained {
             topic: m.topic,
             payload: m.payload,
-            qos: m.qos,
+            qos: m.qos.into(),
             properties: m.properties,
             expires_ms: m.expires_ms,
             modified_ms: Some(m.modified_ms),
@@ -78,7 +89,11 @@ pub(crate) fn restore(store: &Store) -> Result<Restore, roost_store::StoreError>
     let s = store.mqtt_load()?;
     Ok(Restore {
         sessions: s.sessions,
-        subscriptions: s.subscriptions,
+        subscriptions: s
+            .subscriptions
+            .into_iter()
+            .map(|(client, filter, q, no_local, rap)| (client, filter, qos(q), no_local, rap))
+            .collect(),
         queue: s
             .queue
             .into_iter()
@@ -87,7 +102,7 @@ pub(crate) fn restore(store: &Store) -> Result<Restore, roost_store::StoreError>
                 id: m.id as u64,
                 topic: m.topic,
                 payload: m.payload,
-                qos: m.qos,
+                qos: qos(m.qos),
                 retain: m.retain,
                 expires_ms: m.expires_ms,
                 properties: m.properties,
@@ -100,7 +115,7 @@ pub(crate) fn restore(store: &Store) -> Result<Restore, roost_store::StoreError>
             .map(|r| Retained {
                 topic: r.topic,
                 payload: r.payload,
-                qos: r.qos,
+                qos: qos(r.qos),
                 properties: r.properties,
                 expires_ms: r.expires_ms,
                 // Older stores kept no time: count it from this start.

@@ -259,7 +259,7 @@ impl Hub {
             queue_limit: config.queue_limit,
             aging: Duration::from_millis(250),
         });
-        let metrics = Metrics::default();
+        let mut metrics = Metrics::default();
         metrics.memory_budget_mb.set(config.memory_budget_mb as i64);
         let restored = broker_store::restore(&store)?;
         if !restored.sessions.is_empty() || !restored.retained.is_empty() {
@@ -276,6 +276,7 @@ impl Hub {
             Some(Arc::new(broker_store::BrokerStore(store.clone()))),
             restored,
         );
+        broker.register_metrics(metrics.registry());
         let hub = Hub {
             inner: Arc::new(HubInner {
                 broker,
@@ -379,10 +380,9 @@ impl Hub {
             r.retried.load(std::sync::atomic::Ordering::Relaxed),
             r.failed.load(std::sync::atomic::Ordering::Relaxed),
         );
-        // The broker keeps its own counters; its block goes before the
-        // OpenMetrics end marker.
+        // The route counters' block goes before the OpenMetrics end marker.
         let eof = text.rfind("# EOF").unwrap_or(text.len());
-        text.insert_str(eof, &(self.inner.broker.metrics_text() + &routes));
+        text.insert_str(eof, &routes);
         text
     }
 

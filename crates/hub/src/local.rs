@@ -119,9 +119,13 @@ impl Hub {
         if options.feeds_routes {
             // Routes see it the way they see a client's message: through
             // the broker's tap.
-            m.from = roost_broker::OUTSIDE_PUBLISHER.into();
+            m.from = roost_broker::Publisher::Outside;
         }
-        m.qos = options.qos.min(1);
+        m.qos = if options.qos == 0 {
+            roost_broker::QoS::AtMostOnce
+        } else {
+            roost_broker::QoS::AtLeastOnce
+        };
         m.retain = options.retain;
         m.properties = options.properties;
         m.expires_at = options.expiry.map(|d| std::time::Instant::now() + d);

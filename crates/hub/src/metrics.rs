@@ -204,6 +204,12 @@ impl Metrics {
         self.totals.lock().get(task).copied().unwrap_or_default()
     }
 
+    /// The registry, for other components to register their own metrics
+    /// in (the broker's, for one) before the hub starts serving.
+    pub fn registry(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);

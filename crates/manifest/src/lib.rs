@@ -544,15 +544,7 @@ fn device_name_ok(n: &str) -> bool {
 
 /// An MQTT topic filter (MQTT 4.7): `+` a whole level, `#` the whole last.
 fn topic_filter_ok(f: &str) -> bool {
-    if f.is_empty() || f.len() > 65_535 || f.contains('\0') {
-        return false;
-    }
-    let levels: Vec<&str> = f.split('/').collect();
-    levels.iter().enumerate().all(|(i, l)| match *l {
-        "#" => i == levels.len() - 1,
-        "+" => true,
-        l => !l.contains(['+', '#']),
-    })
+    roost_topic::valid_filter(f)
 }
 
 fn device(c: &mut Checker, field: &str, t: &toml::Table) -> Option<DeviceSpec> {

@@ -274,7 +274,7 @@ fn get_retained(
         "topic": m.topic,
         "payload": b64.encode(&m.payload),
         // AWS's QoS is 0 or 1; an MQTT client may have retained at 2.
-        "qos": m.qos.min(1),
+        "qos": u8::from(m.qos).min(1),
         "lastModifiedTime": m.modified_ms,
     });
     if !m.user_properties.is_empty() {
@@ -334,7 +334,7 @@ fn list_retained(hub: &Hub, caller: &Principal, parts: &Parts) -> Result<Respons
             serde_json::json!({
                 "topic": m.topic,
                 "payloadSize": m.payload_size,
-                "qos": m.qos.min(1),
+                "qos": u8::from(m.qos).min(1),
                 "lastModifiedTime": m.modified_ms,
             })
         })

@@ -9,8 +9,8 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use roost_broker::topic::Trie;
 use roost_model::{RouteDestination, RouteSource, RouteSpec, TaskName};
+use roost_topic::Trie;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

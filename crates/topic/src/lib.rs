@@ -1,4 +1,10 @@
-//! Topic names, topic filters and the subscription trie.
+//! MQTT topic rules: which topic names and filters are valid (MQTT 4.7),
+//! whether a filter matches a topic or lies within another filter, and the
+//! subscription trie that finds every filter matching a topic.
+//!
+//! The broker, the manifest checker and the route table all apply these
+//! rules, so they live here, with no dependencies, and a change to them
+//! touches this crate only.
 //!
 //! Matching is a walk down a trie of filter levels (one branch per literal
 //! level, one for `+`, and subscribers of `#` kept at the node they hang
@@ -281,5 +287,109 @@ mod tests {
         assert!(t.remove("a/+", "c1"));
         assert!(!t.remove("a/+", "c1"));
         assert_eq!(t.len(), subs.len() - 1);
+    }
+
+    #[test]
+    fn empty_levels_are_levels() {
+        // "a//b" has an empty middle level: valid, and only `+` or an empty
+        // literal level fills it.
+        assert!(valid_topic_name("a//b"));
+        assert!(valid_topic_name("a/"));
+        assert!(valid_filter("a//b"));
+        assert!(valid_filter("//"));
+        assert!(matches("a/+/b", "a//b"));
+        assert!(matches("a//b", "a//b"));
+        assert!(!matches("a/b", "a//b"));
+        assert!(matches("+/+", "/"));
+        assert!(matches("a/+", "a/"));
+        assert!(!matches("a/+", "a"));
+        let mut t = Trie::default();
+        t.insert("a/+/b", "k", ());
+        let mut out = Vec::new();
+        t.matching("a//b", &mut out);
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn hash_must_be_the_whole_last_level() {
+        for bad in ["#/", "#/#", "a/#/", "#a", "a#", "a/#b", "a/b/#/c"] {
+            assert!(!valid_filter(bad), "{bad:?}");
+        }
+        assert!(valid_filter("a/b/#"));
+    }
+
+    #[test]
+    fn plus_must_be_a_whole_level() {
+        for bad in ["+a", "a+", "a/+b", "a/b+/c", "++", "+/a+"] {
+            assert!(!valid_filter(bad), "{bad:?}");
+        }
+        for bad in ["+a", "a+b", "a/+"] {
+            assert!(!valid_topic_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn nul_is_refused_anywhere() {
+        for bad in ["\0", "a\0", "\0/a", "a/\0/b", "a/+/\0"] {
+            assert!(!valid_topic_name(bad), "{bad:?}");
+            assert!(!valid_filter(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn oversize_is_refused_at_the_protocol_limit() {
+        let at = "a".repeat(MAX_TOPIC_LEN);
+        let over = "a".repeat(MAX_TOPIC_LEN + 1);
+        assert!(valid_topic_name(&at));
+        assert!(valid_filter(&at));
+        assert!(!valid_topic_name(&over));
+        assert!(!valid_filter(&over));
+        // The limit counts UTF-8 bytes, not characters.
+        let wide = "é".repeat(MAX_TOPIC_LEN / 2 + 1);
+        assert!(!valid_topic_name(&wide));
+        assert!(!valid_filter(&wide));
+    }
+
+    #[test]
+    fn dollar_topics_escape_leading_wildcards_only() {
+        for f in ["#", "+", "+/#", "+/x", "+/+"] {
+            assert!(!matches(f, "$SYS/x"), "{f}");
+        }
+        assert!(matches("$SYS/+", "$SYS/x"));
+        assert!(matches(
+            "$aws/things/+/shadow/#",
+            "$aws/things/t1/shadow/get"
+        ));
+        // A `$` past the first level is an ordinary character.
+        assert!(matches("a/+", "a/$x"));
+        assert!(matches("#", "a/$x"));
+        let mut t = Trie::default();
+        for f in ["#", "+/x", "$SYS/#", "$SYS/+"] {
+            t.insert(f, f, ());
+        }
+        let mut out = Vec::new();
+        t.matching("$SYS/x", &mut out);
+        let mut got: Vec<String> = out.into_iter().map(|(k, _)| k).collect();
+        got.sort();
+        assert_eq!(got, ["$SYS/#", "$SYS/+"]);
+    }
+
+    #[test]
+    fn a_key_is_counted_once_per_filter() {
+        let mut t = Trie::default();
+        t.insert("a/#", "k", 1);
+        t.insert("a/#", "k", 2);
+        assert_eq!(t.len(), 1);
+        t.insert("a/+", "k", 3);
+        assert_eq!(t.len(), 2);
+        let mut out = Vec::new();
+        t.matching("a/b", &mut out);
+        out.sort();
+        assert_eq!(out, [("k".to_owned(), 2), ("k".to_owned(), 3)]);
+        assert!(!t.remove("a/b", "k"));
+        assert!(!t.remove("x/#", "k"));
+        assert!(t.remove("a/#", "k"));
+        assert!(t.remove("a/+", "k"));
+        assert!(t.is_empty());
     }
 }

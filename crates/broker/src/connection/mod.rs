@@ -1,0 +1,366 @@
+//! One client connection: the state it holds and what it does to it
+//! (write, deliver, keep its session, leave). Framing, CONNECT and
+//! authentication, and the packet loop each have their own module.
+
+mod connect;
+mod frame;
+mod packets;
+
+use crate::persist::background;
+use crate::policy::Policy;
+use crate::{route, Broker, Message, PersistError};
+use bytes::{Bytes, BytesMut};
+use frame::Frame;
+use futures::stream::FuturesOrdered;
+use mqtt5_protocol::packet::disconnect::DisconnectPacket;
+use mqtt5_protocol::packet::publish::PublishPacket;
+use mqtt5_protocol::packet::MqttPacket;
+use mqtt5_protocol::{Packet, Properties, PropertyId, ReasonCode};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+/// A client's byte stream: plain TCP or TLS.
+pub(crate) trait Stream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send
+{
+}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+type TcpStream = Box<dyn Stream>;
+
+/// Time a client gets to send CONNECT.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Topic aliases a v5 client may use towards the broker.
+const TOPIC_ALIAS_MAX: u16 = 64;
+/// Outgoing QoS 1/2 messages awaiting acknowledgement per connection.
+const MAX_INFLIGHT: usize = 64;
+
+/// An acknowledgement (encoded) that may go out once its publish is durable.
+type PendingAck =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Bytes, PersistError>> + Send>>;
+
+struct Conn {
+    broker: Broker,
+    stream: TcpStream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    version: u8,
+    client_id: String,
+    conn_id: u64,
+    policy: Policy,
+    aliases: HashMap<u16, String>,
+    next_pid: u16,
+    /// Outgoing QoS 1/2 publishes not yet acknowledged, by packet id.
+    inflight: HashMap<u16, Message>,
+    /// Outgoing QoS 2 publishes acknowledged with PUBREC, awaiting PUBCOMP
+    /// (packet id → stored message id).
+    released: HashMap<u16, u64>,
+    /// Acknowledgements waiting for their publish to be durable, in order.
+    acks: FuturesOrdered<PendingAck>,
+    persistent: bool,
+    /// MQTT 5 session expiry: how long the session outlives the connection.
+    session_expiry: Option<Duration>,
+    /// Incoming QoS 2 packet ids received and not yet released.
+    incoming_qos2: HashSet<u16>,
+    pending: VecDeque<Message>,
+    will: Option<Message>,
+    peer: SocketAddr,
+    cert_device: Option<String>,
+}
+
+/// Serves one client. `cert_device` is the device a verified TLS client
+/// certificate names, if any: that client is authenticated by it.
+pub(crate) async fn run(
+    broker: Broker,
+    stream: TcpStream,
+    peer: SocketAddr,
+    cert_device: Option<String>,
+) {
+    let mut conn = Conn {
+        conn_id: broker.inner.next_conn.fetch_add(1, Ordering::Relaxed),
+        broker,
+        stream,
+        // Buffers grow with the packets; an idle connection holds little.
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+        version: 4,
+        client_id: String::new(),
+        policy: Policy::anonymous(),
+        aliases: HashMap::new(),
+        next_pid: 0,
+        inflight: HashMap::new(),
+        released: HashMap::new(),
+        acks: FuturesOrdered::new(),
+        persistent: false,
+        session_expiry: None,
+        incoming_qos2: HashSet::new(),
+        pending: VecDeque::new(),
+        will: None,
+        peer,
+        cert_device,
+    };
+    let connect = match tokio::time::timeout(CONNECT_TIMEOUT, conn.read_frame()).await {
+        Ok(Some(Frame::Packet(Packet::Connect(c)))) => c,
+        Ok(Some(Frame::TooLarge)) => {
+            tracing::debug!(%peer, "CONNECT over the packet size limit");
+            return;
+        }
+        Ok(other) => {
+            tracing::debug!(%peer, first = ?other.map(|f| format!("{f:?}").chars().take(80).collect::<String>()), "the first packet was not a valid CONNECT");
+            return;
+        }
+        Err(_) => return,
+    };
+    conn.broker
+        .inner
+        .stats
+        .connections
+        .fetch_add(1, Ordering::Relaxed);
+    let Some((rx, keep_alive)) = conn.accept(*connect).await else {
+        conn.broker
+            .inner
+            .stats
+            .connects_refused
+            .fetch_add(1, Ordering::Relaxed);
+        let _ = conn.flush().await;
+        return;
+    };
+    let clean = conn.serve(rx, keep_alive).await;
+    conn.leave(clean).await;
+}
+
+impl Conn {
+    async fn read_frame(&mut self) -> Option<Frame> {
+        frame::read_frame(&mut self.stream, &mut self.rbuf, &self.broker, self.version).await
+    }
+
+    fn queue<P: MqttPacket>(&mut self, p: &P) {
+        if let Err(e) = p.encode(&mut self.wbuf) {
+            tracing::warn!(client = %self.client_id, error = %e, "cannot encode a packet");
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let n = self.wbuf.len();
+        self.stream.write_all(&self.wbuf).await?;
+        self.wbuf.clear();
+        if self.wbuf.capacity() > 64 << 10 {
+            self.wbuf = BytesMut::new();
+        }
+        self.broker
+            .inner
+            .stats
+            .bytes_out
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A stored message reached this persistent session: drop its row.
+    fn forget_stored(&self, id: u64) {
+        if id != 0 && self.persistent {
+            if let Some(p) = &self.broker.inner.persist {
+                background(p.delivered(&self.client_id, id));
+            }
+        }
+    }
+
+    /// Sends `ack` once `durable` (if any) is on disk, after earlier acks.
+    fn ack_after<P: MqttPacket>(&mut self, ack: &P, durable: Option<crate::Done>) {
+        if durable.is_none() && self.acks.is_empty() {
+            // Nothing to wait for and nothing ahead of it: straight out.
+            self.queue(ack);
+            return;
+        }
+        let mut buf = BytesMut::new();
+        let _ = ack.encode(&mut buf);
+        let bytes = buf.freeze();
+        self.acks.push_back(Box::pin(async move {
+            if let Some(d) = durable {
+                d.await?;
+            }
+            Ok(bytes)
+        }));
+    }
+
+    /// Forgets the session `expiry` after this connection ended, unless a
+    /// client has taken it up again by then.
+    fn expire_later(&self, expiry: Duration) {
+        self.broker
+            .expire_session_after(self.client_id.clone(), self.conn_id, expiry);
+    }
+
+    /// Keeps this persistent session (its device and expiry) in the store.
+    fn save_session(&self) {
+        if let Some(p) = &self.broker.inner.persist {
+            let device = &self.policy.device.name;
+            background(p.save_session(
+                &self.client_id,
+                (!device.is_empty()).then_some(device.as_str()),
+                self.session_expiry.map(|d| d.as_secs() as u32),
+            ));
+        }
+    }
+
+    /// MQTT 5 lets a client change its session's expiry when it leaves
+    /// (3.14.2.2.2): 0 ends the session with the connection, the maximum
+    /// keeps it forever; a session that had none may not gain one.
+    fn change_session_expiry(&mut self, secs: u32) -> Result<(), ReasonCode> {
+        if self.version != 5 {
+            return Ok(());
+        }
+        if !self.persistent {
+            return if secs == 0 {
+                Ok(())
+            } else {
+                Err(ReasonCode::ProtocolError)
+            };
+        }
+        self.session_expiry = session_expiry(secs);
+        if secs == 0 {
+            self.persistent = false;
+            if let Some(s) = self
+                .broker
+                .inner
+                .state
+                .lock()
+                .sessions
+                .get_mut(&self.client_id)
+            {
+                s.persistent = false;
+            }
+            if let Some(p) = &self.broker.inner.persist {
+                background(p.drop_session(&self.client_id));
+            }
+        } else {
+            self.save_session();
+        }
+        Ok(())
+    }
+
+    fn next_packet_id(&mut self) -> u16 {
+        loop {
+            self.next_pid = self.next_pid.wrapping_add(1);
+            if self.next_pid != 0
+                && !self.inflight.contains_key(&self.next_pid)
+                && !self.released.contains_key(&self.next_pid)
+            {
+                return self.next_pid;
+            }
+        }
+    }
+
+    /// Writes a message to this client (QoS 1/2 wait in `inflight`).
+    fn deliver(&mut self, m: Message) {
+        if m.qos.is_acknowledged() && self.inflight.len() + self.released.len() >= MAX_INFLIGHT {
+            self.pending.push_back(m);
+            return;
+        }
+        let remaining = m
+            .expires_at
+            .map(|t| t.saturating_duration_since(Instant::now()));
+        if remaining.is_some_and(|r| r.is_zero()) {
+            // Expired while it waited: dropped, as MQTT 5 says.
+            self.forget_stored(m.id);
+            return;
+        }
+        let qos = mqtt5_protocol::QoS::from(m.qos);
+        let mut p = if self.version == 5 {
+            let mut p = PublishPacket::new(m.topic.clone(), m.payload.to_vec(), qos);
+            p.properties = m.properties.clone();
+            if let Some(r) = remaining {
+                // The receiver sees what is left of the expiry.
+                let mut props = Properties::new();
+                for (id, v) in m.properties.iter() {
+                    if id != PropertyId::MessageExpiryInterval {
+                        let _ = props.add(id, v.clone());
+                    }
+                }
+                props.set_message_expiry_interval(r.as_secs().max(1) as u32);
+                p.properties = props;
+            }
+            p
+        } else {
+            PublishPacket::new_v311(m.topic.clone(), m.payload.to_vec(), qos)
+        };
+        p.retain = m.retain;
+        if m.qos.is_acknowledged() {
+            let id = self.next_packet_id();
+            p.packet_id = Some(id);
+            self.inflight.insert(id, m.clone());
+        }
+        self.broker.inner.stats.messages_out[m.qos.as_u8() as usize]
+            .fetch_add(1, Ordering::Relaxed);
+        self.queue(&p);
+    }
+
+    fn drain_pending(&mut self) {
+        while self.inflight.len() + self.released.len() < MAX_INFLIGHT {
+            let Some(m) = self.pending.pop_front() else {
+                break;
+            };
+            self.deliver(m);
+        }
+    }
+
+    fn disconnect_with(&mut self, reason: ReasonCode) {
+        if self.version == 5 {
+            self.queue(&DisconnectPacket::new(reason));
+        }
+    }
+
+    /// Ends the connection: the will goes out unless the client said goodbye,
+    /// and a session that is not persistent is forgotten.
+    async fn leave(&mut self, clean: bool) {
+        let _ = self.flush().await;
+        let mut st = self.broker.inner.state.lock();
+        let ours = st
+            .sessions
+            .get(&self.client_id)
+            .is_some_and(|s| s.conn.as_ref().is_none_or(|(id, _)| *id == self.conn_id));
+        if ours {
+            let persistent = st
+                .sessions
+                .get(&self.client_id)
+                .is_some_and(|s| s.persistent);
+            if persistent {
+                let unacked: Vec<Message> = self
+                    .inflight
+                    .drain()
+                    .map(|(_, m)| m)
+                    .chain(self.pending.drain(..))
+                    .collect();
+                if let Some(s) = st.sessions.get_mut(&self.client_id) {
+                    s.conn = None;
+                    for m in unacked.into_iter().rev() {
+                        s.queue.push_front(m);
+                    }
+                }
+                if let Some(expiry) = self.session_expiry {
+                    self.expire_later(expiry);
+                }
+            } else if let Some(s) = st.sessions.remove(&self.client_id) {
+                for f in s.subscriptions.keys() {
+                    st.remove_sub(&self.client_id, f);
+                }
+            }
+        }
+        drop(st);
+        if !clean {
+            if let Some(w) = self.will.take() {
+                if let Some(d) = route(&self.broker.inner, w) {
+                    background(d);
+                }
+            }
+        }
+        tracing::debug!(client = %self.client_id, clean, "MQTT client left");
+    }
+}
+
+/// An MQTT 5 session expiry interval: the maximum means never.
+fn session_expiry(secs: u32) -> Option<Duration> {
+    (secs != u32::MAX).then(|| Duration::from_secs(secs as u64))
+}

@@ -1,0 +1,123 @@
+//! Listening: one accept loop for every transport, which hands each
+//! accepted TCP connection to its upgrade (none, WebSocket, TLS) and then
+//! to the connection's own task.
+
+use crate::connection::{self, Stream};
+use crate::{tls, Broker};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Time a client gets to finish a TLS or WebSocket handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection made ready for MQTT: its byte stream, and the device a
+/// verified client certificate names, if any.
+type Upgraded = (Box<dyn Stream>, Option<String>);
+
+impl Broker {
+    /// Serves MQTT on an already bound listener until the task is dropped.
+    pub async fn serve(self, listener: TcpListener) {
+        self.accept_loop(listener, "MQTT", |stream, _| async move {
+            Some((Box::new(stream) as Box<dyn Stream>, None))
+        })
+        .await
+    }
+
+    /// Serves MQTT over WebSockets (subprotocol `mqtt`, binary frames), for
+    /// browsers and clients behind HTTP-only networks.
+    pub async fn serve_websocket(self, listener: TcpListener) {
+        self.accept_loop(listener, "MQTT/WebSocket", websocket)
+            .await
+    }
+
+    /// Serves MQTT over TLS. With a client CA in `tls`, clients present
+    /// certificates; a verified certificate's common name is the device it
+    /// authenticates.
+    pub async fn serve_tls(self, listener: TcpListener, tls: tls::MqttTls) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+        self.accept_loop(listener, "MQTT/TLS", move |stream, peer| {
+            let acceptor = acceptor.clone();
+            async move {
+                let handshake =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                let Ok(Ok(tls)) = handshake else {
+                    tracing::debug!(%peer, "TLS handshake failed");
+                    return None;
+                };
+                let device = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| tls::common_name(c.as_ref()));
+                Some((Box::new(tls) as Box<dyn Stream>, device))
+            }
+        })
+        .await
+    }
+
+    /// Accepts connections until the task is dropped; each gets its own
+    /// task, which runs `upgrade` (a handshake, say) and then serves MQTT
+    /// on what it gives (none: the connection is dropped).
+    async fn accept_loop<U, F>(self, listener: TcpListener, transport: &'static str, upgrade: U)
+    where
+        U: Fn(TcpStream, SocketAddr) -> F,
+        F: Future<Output = Option<Upgraded>> + Send + 'static,
+    {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "{transport} accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let broker = self.clone();
+            let ready = upgrade(stream, peer);
+            tokio::spawn(async move {
+                if let Some((io, device)) = ready.await {
+                    connection::run(broker, io, peer, device).await;
+                }
+            });
+        }
+    }
+}
+
+/// The WebSocket handshake, agreeing on the `mqtt` subprotocol when the
+/// client offers it.
+// The handshake callback's Result type is tungstenite's, not ours.
+#[allow(clippy::result_large_err)]
+async fn websocket(stream: TcpStream, peer: SocketAddr) -> Option<Upgraded> {
+    use async_tungstenite::tungstenite::handshake::server::{Request, Response};
+    let pick_mqtt = |req: &Request, mut resp: Response| {
+        let offers_mqtt = req
+            .headers()
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim() == "mqtt");
+        if offers_mqtt {
+            resp.headers_mut().insert(
+                "sec-websocket-protocol",
+                "mqtt".parse().expect("static header"),
+            );
+        }
+        Ok(resp)
+    };
+    let handshake = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        async_tungstenite::tokio::accept_hdr_async(stream, pick_mqtt),
+    )
+    .await;
+    let Ok(Ok(ws)) = handshake else {
+        tracing::debug!(%peer, "WebSocket handshake failed");
+        return None;
+    };
+    let io = ws_stream_tungstenite::WsStream::new(ws);
+    Some((Box::new(io) as Box<dyn Stream>, None))
+}
