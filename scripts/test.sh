@@ -60,3 +60,12 @@ cargo clippy --all-targets --quiet -- -D warnings
 
 step "cargo test"
 cargo test --workspace --quiet --no-fail-fast "$@"
+
+# The task identity tests switch users, so they need root and are marked
+# ignored (a run without root shows them as not run). CI runs as root.
+if [ "$(id -u)" = 0 ]; then
+  step "cargo test: the task identity tests (as root)"
+  cargo test -p roost --test identity --quiet -- --ignored
+else
+  step "not root: the task identity tests did not run (crates/roost/tests/identity.rs)"
+fi

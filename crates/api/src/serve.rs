@@ -69,7 +69,7 @@ impl Peer {
             if !(peer.ip().is_loopback() || peer.ip() == local_c.ip()) {
                 return PeerUser::Remote;
             }
-            let owner = roost_runtime_process::peer::socket_owner;
+            let owner = roost_peer::socket_owner;
             // A v4-mapped pair is asked as IPv4 first, as it is as raw.
             let found = owner(peer, local_c).or_else(|| {
                 (peer != self.addr)

@@ -12,6 +12,48 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+/// Why a task's user cannot reach a path, or the hub could not open one to
+/// it.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("other users cannot enter {} (mode {mode:o}), above the data dir {}", folder.display(), data_dir.display())]
+    ClosedAboveDataDir {
+        folder: PathBuf,
+        mode: u32,
+        data_dir: PathBuf,
+    },
+    #[error("{} does not exist", .0.display())]
+    Missing(PathBuf),
+    #[error("the task's user (uid {uid}) cannot enter {} (mode {mode:o}, owner uid {owner})", path.display())]
+    CannotEnter {
+        uid: u32,
+        path: PathBuf,
+        mode: u32,
+        owner: u32,
+    },
+    #[error("the task's user (uid {uid}) cannot execute {} (mode {mode:o}, owner uid {owner})", path.display())]
+    CannotExecute {
+        uid: u32,
+        path: PathBuf,
+        mode: u32,
+        owner: u32,
+    },
+    #[error("the task's user (uid {uid}) cannot read {} (mode {mode:o})", path.display())]
+    CannotRead { uid: u32, path: PathBuf, mode: u32 },
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> AccessError {
+    AccessError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// The first id of the range, and how many ids it holds.
 const BASE: u32 = 1_900_000_000;
 const SPAN: u32 = 100_000_000;
@@ -49,9 +91,12 @@ impl Identity {
     }
 
     /// Runs in a forked child before exec: drops every privilege to this
-    /// identity. Only async-signal-safe calls.
+    /// identity. Only async-signal-safe calls, and no allocation (another
+    /// thread of the hub may have held the allocator's lock at the fork):
+    /// its errors are raw errno values.
     pub fn drop_to(&self) -> std::io::Result<()> {
-        // SAFETY: setgroups, setgid, setuid and umask are async-signal-safe.
+        // SAFETY: setgroups, setgid, setuid and prctl are async-signal-safe
+        // and take no pointers but a null list of groups.
         unsafe {
             if libc::setgroups(0, std::ptr::null()) != 0
                 || libc::setgid(self.gid) != 0
@@ -61,7 +106,7 @@ impl Identity {
             }
             // Dropped for good: a way back to root would be a bug.
             if libc::setuid(0) == 0 {
-                return Err(std::io::Error::other("could not drop root"));
+                return Err(still_root());
             }
             // Nor through a set-uid program (sudo, su, ...).
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
@@ -70,6 +115,13 @@ impl Identity {
         }
         Ok(())
     }
+}
+
+/// Why a child does not exec after dropping to a task's identity: it could
+/// still become root again. An errno (operation not permitted): building it
+/// allocates nothing.
+fn still_root() -> std::io::Error {
+    std::io::Error::from_raw_os_error(libc::EPERM)
 }
 
 /// What a task's identity is derived from: its code group when it has one
@@ -98,40 +150,39 @@ pub fn can_switch() -> bool {
 /// nothing. Folders between `managed_root` (the hub's data dir) and `dir`
 /// become searchable (`o+x`, not listable), and every folder above is
 /// checked: the error says which one keeps the task out.
-pub fn open_task_dir(dir: &Path, managed_root: &Path, id: Identity) -> Result<(), String> {
-    let err = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+pub fn open_task_dir(dir: &Path, managed_root: &Path, id: Identity) -> Result<(), AccessError> {
     let mut stack = vec![dir.to_path_buf()];
     while let Some(p) = stack.pop() {
-        let meta = std::fs::symlink_metadata(&p).map_err(|e| err(&p, e))?;
+        let meta = std::fs::symlink_metadata(&p).map_err(|e| io_err(&p, e))?;
         if meta.file_type().is_symlink() {
             continue;
         }
-        std::os::unix::fs::lchown(&p, None, Some(id.gid)).map_err(|e| err(&p, e))?;
+        std::os::unix::fs::lchown(&p, None, Some(id.gid)).map_err(|e| io_err(&p, e))?;
         let mode = meta.mode() & 0o7777;
         let owner = mode & 0o700;
         let mut new = (mode & 0o7700) | ((owner & 0o500) >> 3);
         if meta.is_dir() {
             new |= 0o050;
-            for e in std::fs::read_dir(&p).map_err(|e| err(&p, e))? {
-                stack.push(e.map_err(|e| err(&p, e))?.path());
+            for e in std::fs::read_dir(&p).map_err(|e| io_err(&p, e))? {
+                stack.push(e.map_err(|e| io_err(&p, e))?.path());
             }
         }
         // No set-id bits on task files.
         new &= !0o6000;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(new))
-            .map_err(|e| err(&p, e))?;
+            .map_err(|e| io_err(&p, e))?;
     }
     let root = managed_root
         .canonicalize()
-        .map_err(|e| err(managed_root, e))?;
-    let mut above = dir.canonicalize().map_err(|e| err(dir, e))?;
+        .map_err(|e| io_err(managed_root, e))?;
+    let mut above = dir.canonicalize().map_err(|e| io_err(dir, e))?;
     while above.pop() {
         if above.starts_with(&root) {
-            let meta = std::fs::metadata(&above).map_err(|e| err(&above, e))?;
+            let meta = std::fs::metadata(&above).map_err(|e| io_err(&above, e))?;
             let mode = meta.mode() & 0o7777;
             if mode & 0o001 == 0 {
                 std::fs::set_permissions(&above, std::fs::Permissions::from_mode(mode | 0o001))
-                    .map_err(|e| err(&above, e))?;
+                    .map_err(|e| io_err(&above, e))?;
             }
         } else {
             break;
@@ -156,20 +207,17 @@ pub fn home_dir(data_dir: &Path, id: Identity) -> std::io::Result<PathBuf> {
 /// Whether task folders under `data_dir` can be opened to other users at
 /// all: every folder above the data dir must be searchable by others (the
 /// hub makes the ones inside it so).
-pub fn check_data_dir(data_dir: &Path) -> Result<(), String> {
-    let root = data_dir
-        .canonicalize()
-        .map_err(|e| format!("{}: {e}", data_dir.display()))?;
+pub fn check_data_dir(data_dir: &Path) -> Result<(), AccessError> {
+    let root = data_dir.canonicalize().map_err(|e| io_err(data_dir, e))?;
     let mut above = root.clone();
     while above.pop() {
-        let meta = std::fs::metadata(&above).map_err(|e| format!("{}: {e}", above.display()))?;
+        let meta = std::fs::metadata(&above).map_err(|e| io_err(&above, e))?;
         if meta.mode() & 0o001 == 0 {
-            return Err(format!(
-                "other users cannot enter {} (mode {:o}), above the data dir {}",
-                above.display(),
-                meta.mode() & 0o7777,
-                root.display()
-            ));
+            return Err(AccessError::ClosedAboveDataDir {
+                mode: meta.mode() & 0o7777,
+                folder: above,
+                data_dir: root,
+            });
         }
     }
     Ok(())
@@ -178,7 +226,7 @@ pub fn check_data_dir(data_dir: &Path) -> Result<(), String> {
 /// Checks that `id` can reach `path` (every folder on the way searchable by
 /// it) and, when `exec`, execute it. Symlinks are followed the way exec
 /// follows them, so both the named path and its target must be reachable.
-pub fn reachable(path: &Path, id: Identity, exec: bool) -> Result<(), String> {
+pub fn reachable(path: &Path, id: Identity, exec: bool) -> Result<(), AccessError> {
     let mut walk: Vec<PathBuf> = vec![path.to_path_buf()];
     if let Ok(real) = path.canonicalize() {
         if real != path {
@@ -196,7 +244,7 @@ pub fn reachable(path: &Path, id: Identity, exec: bool) -> Result<(), String> {
             }
             // metadata() follows links: a link's target folder decides.
             let Ok(meta) = std::fs::metadata(&prefix) else {
-                return Err(format!("{} does not exist", prefix.display()));
+                return Err(AccessError::Missing(prefix));
             };
             if !last && !meta.is_dir() {
                 continue;
@@ -208,23 +256,30 @@ pub fn reachable(path: &Path, id: Identity, exec: bool) -> Result<(), String> {
             } else {
                 meta.mode() & 7
             };
+            let (uid, mode, owner) = (id.uid, meta.mode() & 0o7777, meta.uid());
             if bits & 1 == 0 {
-                let what = if last { "execute" } else { "enter" };
-                return Err(format!(
-                    "the task's user (uid {}) cannot {what} {} (mode {:o}, owner uid {})",
-                    id.uid,
-                    prefix.display(),
-                    meta.mode() & 0o7777,
-                    meta.uid()
-                ));
+                return Err(if last {
+                    AccessError::CannotExecute {
+                        uid,
+                        path: prefix,
+                        mode,
+                        owner,
+                    }
+                } else {
+                    AccessError::CannotEnter {
+                        uid,
+                        path: prefix,
+                        mode,
+                        owner,
+                    }
+                });
             }
             if last && bits & 4 == 0 && meta.is_file() {
-                return Err(format!(
-                    "the task's user (uid {}) cannot read {} (mode {:o})",
-                    id.uid,
-                    prefix.display(),
-                    meta.mode() & 0o7777
-                ));
+                return Err(AccessError::CannotRead {
+                    uid,
+                    path: prefix,
+                    mode,
+                });
             }
         }
     }
@@ -250,6 +305,12 @@ mod tests {
     }
 
     #[test]
+    fn a_child_that_could_become_root_again_reports_it_without_allocating() {
+        let e = crate::spawn::tests::exec_after(|| Err(still_root())).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    }
+
+    #[test]
     fn a_folder_closed_to_others_is_named() {
         let tmp = tempfile::tempdir().unwrap();
         let closed = tmp.path().join("closed");
@@ -263,7 +324,9 @@ mod tests {
         .unwrap();
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         let id = Identity::derive("h", "task:t");
-        let e = reachable(&closed.join("python"), id, true).unwrap_err();
+        let e = reachable(&closed.join("python"), id, true)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot enter") && e.contains("closed"), "{e}");
         std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o711)).unwrap();
         reachable(&closed.join("python"), id, true).unwrap();
@@ -272,7 +335,9 @@ mod tests {
             std::fs::Permissions::from_mode(0o750),
         )
         .unwrap();
-        let e = reachable(&closed.join("python"), id, true).unwrap_err();
+        let e = reachable(&closed.join("python"), id, true)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot execute"), "{e}");
     }
 }

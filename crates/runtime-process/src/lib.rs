@@ -14,8 +14,10 @@
 
 pub mod identity;
 mod isolation;
-pub mod peer;
+mod listener;
 pub mod pool;
+mod runtime_api;
+mod spawn;
 mod worker;
 mod zygote;
 
@@ -62,7 +64,7 @@ pub struct ProcessRuntime {
 }
 
 /// Why a task's own user cannot reach its folder, and what to do.
-fn data_dir_problem(e: String) -> String {
+fn data_dir_problem(e: identity::AccessError) -> String {
     format!("cannot reach its folder: {e}. Give the hub a data dir other users can enter (such as /var/lib/roost, not under a private home), or run it with --task-identities off")
 }
 
@@ -208,7 +210,7 @@ impl ProcessRuntime {
             .join(format!("{group}-{n}"));
         let z = zygote::Zygote::start(python, dir, group, run_as)
             .await
-            .map_err(PrepareError)?;
+            .map_err(|e| PrepareError(e.to_string()))?;
         map.insert(key, Arc::downgrade(&z));
         Ok(z)
     }

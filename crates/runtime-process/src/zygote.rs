@@ -29,6 +29,45 @@ pub fn can_preload(command: &[String]) -> bool {
 
 type Exit = watch::Receiver<Option<ExitStatus>>;
 
+/// What went wrong starting or talking to a zygote.
+#[derive(Debug, thiserror::Error)]
+pub enum ZygoteError {
+    #[error("cannot create {}: {source}", dir.display())]
+    CreateDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open {} to workers: {source}", dir.display())]
+    OpenDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    /// The control socket between the hub and the zygote.
+    #[error("{0}")]
+    Channel(#[source] std::io::Error),
+    #[error("cannot start the zygote with {python}: {source}")]
+    Spawn {
+        python: String,
+        source: std::io::Error,
+    },
+    #[error("the zygote ({python}) did not start; is awslambdaric installed for that Python?")]
+    NotStarted { python: String },
+    #[error("the zygote did not answer")]
+    NoAnswer,
+    #[error("the zygote is gone")]
+    Gone,
+    #[error("the zygote is gone: {0}")]
+    Lost(#[source] std::io::Error),
+    /// The handler module could not be imported (the zygote's message).
+    #[error("{0}")]
+    Preload(String),
+    /// The zygote could not fork (its message).
+    #[error("{0}")]
+    Fork(String),
+    #[error("unexpected answer from the zygote")]
+    Unexpected,
+}
+
 enum Reply {
     Forked(i32, Exit),
     Preloaded(Option<String>),
@@ -63,19 +102,26 @@ impl Zygote {
         fifo_dir: PathBuf,
         group: &str,
         run_as: Option<crate::identity::Identity>,
-    ) -> Result<Arc<Self>, String> {
-        std::fs::create_dir_all(&fifo_dir)
-            .map_err(|e| format!("cannot create {}: {e}", fifo_dir.display()))?;
+    ) -> Result<Arc<Self>, ZygoteError> {
+        std::fs::create_dir_all(&fifo_dir).map_err(|source| ZygoteError::CreateDir {
+            dir: fifo_dir.clone(),
+            source,
+        })?;
         if run_as.is_some() {
             // The workers open their FIFOs (0600, theirs) in here: the
             // folders are searchable, not listable.
             use std::os::unix::fs::PermissionsExt;
             for d in fifo_dir.ancestors().take(3) {
-                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))
-                    .map_err(|e| format!("cannot open {} to workers: {e}", d.display()))?;
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).map_err(
+                    |source| ZygoteError::OpenDir {
+                        dir: d.to_path_buf(),
+                        source,
+                    },
+                )?;
             }
         }
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(ZygoteError::Channel)?;
         let theirs_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
         let mut cmd = tokio::process::Command::new(python);
         // The zygote runs task code (the handlers it pre-loads): it gets a
@@ -88,11 +134,14 @@ impl Zygote {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .env_clear()
-            .envs(crate::worker::inherited_env())
+            .envs(crate::spawn::inherited_env())
             .env("ROOST_CODE_GROUP", group)
             .kill_on_drop(true);
-        // SAFETY: setsid, dup2, umask, prctl and Identity::drop_to's calls
-        // are async-signal-safe.
+        // SAFETY: the closure runs in the forked child only, and makes only
+        // async-signal-safe calls (setsid, dup2, umask, prctl and
+        // Identity::drop_to's); it allocates nothing (its errors are raw
+        // errno values), since another thread may have held the allocator's
+        // lock at the fork.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setsid() < 0 {
@@ -112,9 +161,10 @@ impl Zygote {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start the zygote with {python}: {e}"))?;
+        let mut child = cmd.spawn().map_err(|source| ZygoteError::Spawn {
+            python: python.to_owned(),
+            source,
+        })?;
         for out in [
             child
                 .stdout
@@ -138,8 +188,8 @@ impl Zygote {
         }
         drop(theirs);
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
-        ours.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let stream = tokio::net::UnixStream::from_std(ours).map_err(|e| e.to_string())?;
+        ours.set_nonblocking(true).map_err(ZygoteError::Channel)?;
+        let stream = tokio::net::UnixStream::from_std(ours).map_err(ZygoteError::Channel)?;
         let (read, write) = stream.into_split();
         let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>> = Arc::default();
         let (ready_tx, ready_rx) = oneshot::channel::<()>();
@@ -210,13 +260,13 @@ impl Zygote {
         });
         match tokio::time::timeout(std::time::Duration::from_secs(30), ready_rx).await {
             Ok(Ok(())) => Ok(z),
-            _ => Err(format!(
-                "the zygote ({python}) did not start; is awslambdaric installed for that Python?"
-            )),
+            _ => Err(ZygoteError::NotStarted {
+                python: python.to_owned(),
+            }),
         }
     }
 
-    async fn request(&self, mut msg: serde_json::Value) -> Result<Reply, String> {
+    async fn request(&self, mut msg: serde_json::Value) -> Result<Reply, ZygoteError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         msg["id"] = id.into();
         let (tx, rx) = oneshot::channel();
@@ -224,12 +274,12 @@ impl Zygote {
         self.send(&msg).await?;
         tokio::time::timeout(std::time::Duration::from_secs(60), rx)
             .await
-            .map_err(|_| "the zygote did not answer".to_string())?
-            .map_err(|_| "the zygote is gone".to_string())
+            .map_err(|_| ZygoteError::NoAnswer)?
+            .map_err(|_| ZygoteError::Gone)
     }
 
     /// Imports a handler module into the zygote, so later forks share it.
-    pub async fn preload(&self, dir: &Path, handler: &str) -> Result<(), String> {
+    pub async fn preload(&self, dir: &Path, handler: &str) -> Result<(), ZygoteError> {
         let module = handler.rsplit_once('.').map(|(m, _)| m).unwrap_or(handler);
         let module = module.replace('/', ".");
         match self
@@ -237,13 +287,13 @@ impl Zygote {
             .await?
         {
             Reply::Preloaded(None) => Ok(()),
-            Reply::Preloaded(Some(e)) => Err(e),
-            _ => Err("unexpected answer from the zygote".into()),
+            Reply::Preloaded(Some(e)) => Err(ZygoteError::Preload(e)),
+            _ => Err(ZygoteError::Unexpected),
         }
     }
 
     /// Forks a worker; returns its pid and a receiver of its exit.
-    pub async fn fork(&self, req: ForkRequest<'_>) -> Result<(i32, Exit), String> {
+    pub async fn fork(&self, req: ForkRequest<'_>) -> Result<(i32, Exit), ZygoteError> {
         let env: serde_json::Map<String, serde_json::Value> = req
             .env
             .iter()
@@ -260,20 +310,20 @@ impl Zygote {
         });
         match self.request(msg).await? {
             Reply::Forked(pid, exit) => Ok((pid, exit)),
-            Reply::Error(e) => Err(e),
-            _ => Err("unexpected answer from the zygote".into()),
+            Reply::Error(e) => Err(ZygoteError::Fork(e)),
+            _ => Err(ZygoteError::Unexpected),
         }
     }
 
     /// Lets a forked worker go on, once the hub has put it in its cgroup
     /// (it waits before running anything of the task's).
-    pub async fn release(&self, pid: i32) -> Result<(), String> {
+    pub async fn release(&self, pid: i32) -> Result<(), ZygoteError> {
         self.send(&serde_json::json!({"op": "release", "pid": pid}))
             .await
     }
 
     /// Writes one line of the protocol.
-    async fn send(&self, msg: &serde_json::Value) -> Result<(), String> {
+    async fn send(&self, msg: &serde_json::Value) -> Result<(), ZygoteError> {
         let mut line = msg.to_string();
         line.push('\n');
         self.ctl
@@ -281,7 +331,7 @@ impl Zygote {
             .await
             .write_all(line.as_bytes())
             .await
-            .map_err(|e| format!("the zygote is gone: {e}"))
+            .map_err(ZygoteError::Lost)
     }
 
     pub fn pid(&self) -> i32 {
@@ -291,7 +341,7 @@ impl Zygote {
     /// Whether `pid` is a live child of this zygote (from `/proc`, not from
     /// anything the zygote said).
     pub fn is_child(&self, pid: i32) -> bool {
-        pid > 0 && pid != self.pid && crate::peer::proc_stat_field(pid, 1) == Some(self.pid)
+        pid > 0 && pid != self.pid && crate::listener::proc_stat_field(pid, 1) == Some(self.pid)
     }
 
     /// Stops the zygote (and with it, through PDEATHSIG, its children).
