@@ -98,8 +98,8 @@ pub struct HubOpts {
     /// How process tasks' worker pools are sized: `demand` (the reservation
     /// policy: arrival rate x service time, with headroom) or `fixed`
     /// (exactly min_warm warm workers; extra workers are retired when idle).
-    #[arg(long, env = "ROOST_POOL_POLICY", default_value = "demand", value_parser = ["demand", "fixed"])]
-    pool_policy: String,
+    #[arg(long, env = "ROOST_POOL_POLICY", value_enum, default_value_t = PoolPolicy::Demand)]
+    pool_policy: PoolPolicy,
     /// Largest shadow state (desired + reported, serialized), in bytes.
     #[arg(long, env = "ROOST_SHADOW_MAX_BYTES", default_value_t = 8192)]
     shadow_max_bytes: usize,
@@ -112,14 +112,43 @@ pub struct HubOpts {
     /// the hub runs as root. `on` refuses to start otherwise. With it on, a
     /// task's runtime (its python, node, ...) must be readable by other
     /// users: not under a private home folder.
-    #[arg(long, env = "ROOST_TASK_IDENTITIES", default_value = "auto", value_parser = ["auto", "on", "off"])]
-    task_identities: String,
+    #[arg(long, env = "ROOST_TASK_IDENTITIES", value_enum, default_value_t = TaskIdentities::Auto)]
+    task_identities: TaskIdentities,
     /// Deploy the bundled example (tasks `echo` and `greet`) on start.
     #[arg(long)]
     example: bool,
     /// Log format: `human` or `json`.
-    #[arg(long, env = "ROOST_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
-    log_format: String,
+    #[arg(long, env = "ROOST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+}
+
+/// `--pool-policy`: how process tasks' worker pools are sized.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PoolPolicy {
+    /// Arrival rate x service time, with headroom.
+    Demand,
+    /// Exactly min_warm warm workers.
+    Fixed,
+}
+
+/// `--task-identities`: whether process tasks run as users of their own.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TaskIdentities {
+    /// On when the hub runs as root.
+    Auto,
+    /// Always; the hub refuses to start if it cannot.
+    On,
+    /// Workers run as the hub's user.
+    Off,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Lines for a person.
+    Human,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The address local programs and tasks use to reach a listener: loopback
@@ -186,14 +215,14 @@ fn write_aws_profile(
     Ok(())
 }
 
-fn init_logs(format: &str) {
+fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ROOST_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,cranelift=warn,wasmtime=warn")
     });
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if format == "json" {
+    if format == LogFormat::Json {
         b.json().init();
     } else {
         b.init();
@@ -201,14 +230,15 @@ fn init_logs(format: &str) {
 }
 
 pub fn run(opts: HubOpts) -> Result<()> {
-    init_logs(&opts.log_format);
+    init_logs(opts.log_format);
     if !opts.http.ip().is_loopback() && opts.token.is_none() {
         bail!(
             "--http {} is reachable from other machines; give a --token (and --tls-cert/--tls-key) or bind 127.0.0.1",
             opts.http
         );
     }
-    if opts.task_identities == "on" && !roost_runtime_process::identity::can_switch() {
+    if opts.task_identities == TaskIdentities::On && !roost_runtime_process::identity::can_switch()
+    {
         bail!("--task-identities on needs the hub to run as root (or use auto/off)");
     }
     // Whatever the hub writes (store, keys, packages) is its own; what a
@@ -237,13 +267,13 @@ async fn serve(opts: HubOpts) -> Result<()> {
     config.retry_backoff = Duration::from_millis(opts.retry_backoff_ms);
     config.retention = Duration::from_secs(opts.retention_s);
     config.region = opts.region.clone();
-    config.fixed_pools = opts.pool_policy == "fixed";
+    config.fixed_pools = opts.pool_policy == PoolPolicy::Fixed;
     config.task_identities = {
         use roost_runtime_process::identity::{can_switch, Mode};
-        match opts.task_identities.as_str() {
-            "on" => Mode::On,
-            "auto" if can_switch() => Mode::Auto,
-            _ => Mode::Off,
+        match opts.task_identities {
+            TaskIdentities::On => Mode::On,
+            TaskIdentities::Auto if can_switch() => Mode::Auto,
+            TaskIdentities::Auto | TaskIdentities::Off => Mode::Off,
         }
     };
     config.broker.allow_anonymous = opts.allow_anonymous;

@@ -6,9 +6,7 @@ mod bench;
 mod client;
 mod example;
 mod hub_cmd;
-mod mqtt_bench;
 mod pack;
-mod shadow_bench;
 mod shadow_cmd;
 
 use clap::{Parser, Subcommand};
@@ -110,8 +108,9 @@ enum Command {
     Shadow(shadow_cmd::ShadowOpts),
     /// Read a password on stdin and print its argon2id hash (for [[device]]).
     Passwd,
-    /// Measure the hub against baselines measured in the same run.
-    Bench(bench::BenchOpts),
+    /// Measure the hub against baselines measured in the same run (runs the
+    /// roost-bench binary; `roost bench --help` lists the figures).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {

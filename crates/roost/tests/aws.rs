@@ -219,7 +219,8 @@ fn a_process_task_uses_boto3_unconfigured_and_gets_only_what_allow_grants() {
     ) + &task("echo", "echo.wat", "")
         + &task("secret-keeper", "echo.wat", "")
         + "[[secret]]\nname = \"db-password\"\nvalue_env = \"DB_PASSWORD\"\n[[secret]]\nname = \"api-key\"\nvalue_env = \"API_KEY\"\n"
-        + "[[route]]\nfrom = \"device:alerts/#\"\nto = \"task:secret-keeper\"\n";
+        + "[[route]]\nfrom = \"device:alerts/#\"\nto = \"task:secret-keeper\"\n"
+        + "[[route]]\nfrom = \"task:secret-keeper\"\nto = \"device:seen\"\n";
     let pkg = Package::new(&manifest, &["echo.wat"]);
     pkg.copy_fixture("boto", "boto");
     // A secret whose variable is not set stops the deploy before upload.
@@ -279,21 +280,26 @@ fn a_process_task_uses_boto3_unconfigured_and_gets_only_what_allow_grants() {
     // The task's Publish to alerts/hot reached subscribers but not the
     // `device:alerts/#` route (a task cannot loop through its own topic);
     // the owner's Publish, like an MQTT client's message, does.
+    // secret-keeper echoes what it is routed to `seen`: the first thing
+    // there is the owner's `{}`, not the task's `hot`. The task's message
+    // went through the broker before the ctl call returned, so a call it
+    // had been routed to would be counted by the time the owner's is done.
+    let seen = hub.subscribe_plain(&["-t", "seen"], 1, 30);
     as_owner(
         &hub,
         "import boto3; boto3.client('iot-data').publish(topic='alerts/owner', qos=1, payload=b'{}')",
     );
+    assert_eq!(seen.output(), "{}", "the owner's message is routed");
     let routed = || {
         hub.task_row("secret-keeper")["succeeded"]
             .as_u64()
             .unwrap_or(0)
     };
     wait_until(
-        "the owner's message is routed",
+        "the owner's routed call to be counted",
         Duration::from_secs(10),
         || routed() >= 1,
     );
-    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(routed(), 1, "only the owner's Publish was routed");
 
     // Invoke passes a ClientContext to the handler and returns a failed

@@ -115,8 +115,11 @@ fn a_task_looping_forever_times_out_while_other_tasks_run() {
             .send()
             .unwrap()
     });
-    // While the loop spins, another task answers.
-    std::thread::sleep(Duration::from_millis(100));
+    // While the loop spins (the hub counts it as running), another task
+    // answers.
+    wait_until("the loop call runs", Duration::from_secs(10), || {
+        hub.task_row("loop")["running"] == 1
+    });
     assert_eq!(hub.call("echo", "meanwhile").text().unwrap(), "meanwhile");
     let (status, code, msg) = error_of(spinner.join().unwrap());
     assert_eq!((status, code.as_str()), (504, "timeout"));

@@ -3,9 +3,9 @@
 //! connection; over MQTT against a plain publish round trip on the same
 //! client; updates/s; and what checking one signature costs.
 
-use crate::bench::{connect, stats, HubProcess, Sender};
-use crate::mqtt_bench::Client;
-use crate::shadow_cmd::Owner;
+use crate::mqtt::Client;
+use crate::owner::Owner;
+use crate::{connect, stats, HubProcess, Sender};
 use anyhow::{bail, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};

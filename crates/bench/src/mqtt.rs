@@ -133,7 +133,7 @@ fn wait_port(addr: &str) -> Result<()> {
 fn start_hub() -> Result<Broker> {
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
-    let child = Command::new(std::env::current_exe()?)
+    let child = Command::new(crate::roost_binary()?)
         .args([
             "hub",
             "--http",
@@ -363,9 +363,9 @@ pub async fn run(n: u64, idle: usize) -> Result<()> {
     )?)?;
     let http = endpoints["http"].as_str().unwrap_or_default().to_owned();
     let manifest = "[[task]]\nname = \"echo\"\nruntime = \"wasm\"\ncode = \"echo.wat\"\n\n[[route]]\nfrom = \"device:rt/in\"\nto = \"task:echo\"\n\n[[route]]\nfrom = \"task:echo\"\nto = \"device:rt/out\"\n";
-    let package = crate::example::package(&[
+    let package = crate::package::package(&[
         ("manifest.toml", manifest),
-        ("echo.wat", crate::example::FILES[1].1),
+        ("echo.wat", crate::package::FILES[1].1),
     ])?;
     let r = reqwest::Client::new()
         .post(format!("http://{http}/v1/deployments"))
