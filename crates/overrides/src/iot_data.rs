@@ -4,13 +4,12 @@
 //! paths, documents and errors, on the hub's own shadows and broker.
 
 use crate::service::{decode, json, query_param, AwsError, LocalService, Protocol, Signed};
+use crate::{LocalHub, PublishOptions, Right, Rights};
 use async_trait::async_trait;
 use axum::http::{request::Parts, HeaderMap, Method, StatusCode, Uri};
 use axum::response::Response;
-use roost_hub::credentials::{Principal, Right};
-use roost_hub::shadows::ShadowFailure;
-use roost_hub::Hub;
-use roost_shadows::{Operation, ShadowErrorKind, ShadowId, ShadowName, ThingName};
+use roost_model::Principal;
+use roost_shadows::{Operation, ShadowErrorKind, ShadowFailure, ShadowId, ShadowName, ThingName};
 
 pub struct IotData;
 
@@ -105,14 +104,11 @@ impl LocalService for IotData {
             || p == RETAINED
             || p.starts_with(RETAINED_PREFIX)
     }
-    fn max_body(&self, hub: &Hub) -> (usize, AwsError) {
+    fn max_body(&self, hub: &dyn LocalHub) -> (usize, AwsError) {
         // Publish takes MQTT-sized payloads; shadow documents are checked
         // against their own limit by the shadow service.
-        let limit = hub
-            .config()
-            .broker
-            .max_packet_bytes
-            .max(hub.config().shadow_limits.max_request_bytes);
+        let s = hub.settings();
+        let limit = s.max_publish_bytes.max(s.max_shadow_request_bytes);
         (
             limit,
             AwsError::new(
@@ -125,7 +121,7 @@ impl LocalService for IotData {
 
     async fn serve(
         &self,
-        hub: &Hub,
+        hub: &dyn LocalHub,
         caller: &Principal,
         req: Signed,
     ) -> Result<Response, AwsError> {
@@ -191,7 +187,12 @@ impl LocalService for IotData {
     }
 }
 
-fn list(hub: &Hub, caller: &Principal, parts: &Parts, raw: &str) -> Result<Response, AwsError> {
+fn list(
+    hub: &dyn LocalHub,
+    caller: &Principal,
+    parts: &Parts,
+    raw: &str,
+) -> Result<Response, AwsError> {
     if parts.method != Method::GET {
         return Err(method_not_allowed("ListNamedShadowsForThing takes GET"));
     }
@@ -219,18 +220,12 @@ fn list(hub: &Hub, caller: &Principal, parts: &Parts, raw: &str) -> Result<Respo
     };
     let mut names = hub
         .shadow_names(thing.as_str(), &after, page + 1)
-        .map_err(|e| {
-            AwsError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "InternalFailureException",
-                e.to_string(),
-            )
-        })?;
+        .map_err(shadow_error)?;
     let more = names.len() > page;
     names.truncate(page);
     let mut doc = serde_json::json!({
         "results": names,
-        "timestamp": roost_hub::shadows::now_s(),
+        "timestamp": hub.now_s(),
     });
     if more {
         doc["nextToken"] = serde_json::Value::from(names.last().cloned().unwrap_or_default());
@@ -240,7 +235,7 @@ fn list(hub: &Hub, caller: &Principal, parts: &Parts, raw: &str) -> Result<Respo
 
 /// `GetRetainedMessage`: the retained message of one topic.
 fn get_retained(
-    hub: &Hub,
+    hub: &dyn LocalHub,
     caller: &Principal,
     parts: &Parts,
     raw: &str,
@@ -262,7 +257,7 @@ fn get_retained(
             &format!("topic {topic}"),
         ));
     }
-    let m = hub.broker().retained_message(&topic).ok_or_else(|| {
+    let m = hub.retained_message(&topic).ok_or_else(|| {
         AwsError::new(
             StatusCode::NOT_FOUND,
             "ResourceNotFoundException",
@@ -294,7 +289,11 @@ fn get_retained(
 /// `ListRetainedMessages`: topics with a retained message, in topic order,
 /// paged (`maxResults` 1–200, default 50; `nextToken` names where to go on).
 /// A task sees the topics its `allow.retained` covers.
-fn list_retained(hub: &Hub, caller: &Principal, parts: &Parts) -> Result<Response, AwsError> {
+fn list_retained(
+    hub: &dyn LocalHub,
+    caller: &Principal,
+    parts: &Parts,
+) -> Result<Response, AwsError> {
     use base64::Engine;
     if parts.method != Method::GET {
         return Err(method_not_allowed("ListRetainedMessages takes GET"));
@@ -325,7 +324,7 @@ fn list_retained(hub: &Hub, caller: &Principal, parts: &Parts) -> Result<Respons
                 .ok_or_else(|| invalid("The nextToken is not one this hub gave"))?,
         ),
     };
-    let (page, next) = hub.broker().retained_page(after.as_deref(), limit, |t| {
+    let (page, next) = hub.retained_page(after.as_deref(), limit, &|t| {
         caller.may(Right::ReadRetained, t)
     });
     let topics: Vec<serde_json::Value> = page
@@ -354,7 +353,7 @@ fn publish_options(
     body: &[u8],
     qos: u8,
     retain: bool,
-) -> Result<roost_hub::local::PublishOptions, AwsError> {
+) -> Result<PublishOptions, AwsError> {
     use base64::Engine;
     let b64 = |name: &str| -> Result<Option<Vec<u8>>, AwsError> {
         match parts.headers.get(name) {
@@ -431,7 +430,7 @@ fn publish_options(
             }
         },
     };
-    Ok(roost_hub::local::PublishOptions {
+    Ok(PublishOptions {
         qos,
         retain,
         properties: props,
@@ -441,7 +440,7 @@ fn publish_options(
 }
 
 async fn publish(
-    hub: &Hub,
+    hub: &dyn LocalHub,
     caller: &Principal,
     req: &Signed,
     raw: &str,
@@ -462,7 +461,7 @@ async fn publish(
         Some("true") => true,
         Some(r) => return Err(invalid(format!("retain={r}: must be true or false"))),
     };
-    if !caller.may(Right::Publish, &topic) || roost_hub::reserved_topic(&topic) {
+    if !caller.may(Right::Publish, &topic) || hub.reserved_topic(&topic) {
         return Err(forbidden(caller, "Publish", &format!("topic {topic}")));
     }
     // A publish to a shadow's request topic is that shadow request, as

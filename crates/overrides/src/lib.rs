@@ -6,13 +6,20 @@
 //! Each service is one [`LocalService`]; [`dispatch`] finds the service a
 //! request is for, checks its SigV4 signature (no unsigned request is ever
 //! served), finds the caller (the owner or a task) and hands it over. The
-//! services know the wire shapes; the hub does the work.
+//! services know the wire shapes; the hub, behind [`LocalHub`], does the
+//! work.
 
 mod iot_data;
 mod lambda;
+mod local_hub;
+mod rights;
 mod secrets;
 mod service;
-pub mod sigv4;
+
+use roost_sigv4 as sigv4;
+
+pub use local_hub::{CallRefused, HubFailure, LocalHub, PublishOptions, SecretValue, Settings};
+pub use rights::{Right, Rights};
 
 pub use service::{AwsError, LocalService, Protocol, Signed};
 
@@ -20,7 +27,6 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::response::Response;
-use roost_hub::Hub;
 use std::sync::Arc;
 
 /// Every service the hub answers.
@@ -34,7 +40,7 @@ pub fn services() -> Vec<Arc<dyn LocalService>> {
 
 /// Serves `req` if one of `services` claims it; gives it back otherwise.
 pub async fn dispatch(
-    hub: &Hub,
+    hub: &dyn LocalHub,
     services: &[Arc<dyn LocalService>],
     req: Request,
 ) -> Result<Response, Request> {
@@ -55,7 +61,7 @@ pub async fn dispatch(
             e.response(service.protocol())
         }
     };
-    hub.count_local_request(service.name(), response.status().as_u16());
+    hub.count_request(service.name(), response.status().as_u16());
     Ok(response)
 }
 
@@ -72,7 +78,11 @@ fn path_is_normal(path: &str) -> bool {
 
 /// Reads the body (bounded), verifies the signature and the scope, finds
 /// the caller and serves.
-async fn serve(hub: &Hub, service: &dyn LocalService, req: Request) -> Result<Response, AwsError> {
+async fn serve(
+    hub: &dyn LocalHub,
+    service: &dyn LocalService,
+    req: Request,
+) -> Result<Response, AwsError> {
     let (parts, body) = req.into_parts();
     if !path_is_normal(parts.uri.path()) {
         return Err(AwsError::new(
@@ -103,7 +113,7 @@ async fn serve(hub: &Hub, service: &dyn LocalService, req: Request) -> Result<Re
             .map_err(|e| e.unwrap_or(too_large))?
     };
     let signed = sigv4::Request::from_http(&parts.method, &parts.uri, &parts.headers, &body);
-    let now = roost_hub::shadows::now_s();
+    let now = hub.now_s();
     let verified =
         sigv4::verify(&signed, |k| (k == key).then_some(secret), now).map_err(sig_error)?;
     if verified.service != service.signing_name() {
@@ -116,7 +126,7 @@ async fn serve(hub: &Hub, service: &dyn LocalService, req: Request) -> Result<Re
             ),
         ));
     }
-    let region = &hub.config().region;
+    let region = &hub.settings().region;
     if &verified.region != region {
         return Err(AwsError::new(
             StatusCode::FORBIDDEN,
