@@ -6,6 +6,7 @@
 //! operation is a call into [`roost_hub::Hub`].
 
 mod errors;
+mod local_hub;
 mod serve;
 
 pub use serve::{serve, Peer, PeerUser, ServeConfig, TlsFiles};
@@ -29,12 +30,15 @@ struct AppState {
     /// The AWS-compatible services (signed with SigV4, so outside the
     /// bearer-token check).
     services: Arc<Vec<Arc<dyn roost_overrides::LocalService>>>,
+    /// The hub as those services see it.
+    local: Arc<dyn roost_overrides::LocalHub>,
 }
 
 /// Builds the router. With a token, every request but `/healthz` must carry
 /// `Authorization: Bearer TOKEN`.
 pub fn router(hub: Hub, token: Option<String>) -> Router {
     let state = AppState {
+        local: Arc::new(local_hub::HubForServices::new(hub.clone())),
         hub,
         token: token.map(Arc::from),
         services: Arc::new(roost_overrides::services()),
@@ -66,7 +70,7 @@ async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Resp
         match task_gate(&st.hub, &req) {
             Gate::NotATask => {}
             Gate::Pass => return next.run(req).await,
-            Gate::Refuse(why) => return task_refused(&req, why),
+            Gate::Refuse(why) => return task_refused(&req, &why),
         }
     }
     if let Some(token) = &st.token {
@@ -94,7 +98,7 @@ enum Gate {
     NotATask,
     /// A task's, for something a task may do.
     Pass,
-    Refuse(&'static str),
+    Refuse(String),
 }
 
 fn task_gate(hub: &Hub, req: &Request) -> Gate {
@@ -110,37 +114,31 @@ fn task_gate(hub: &Hub, req: &Request) -> Gate {
             // Fail closed: it could be a task's.
             tracing::warn!(path = %req.uri().path(), "refused a /v1 request from a local connection whose user is unknown");
             return Gate::Refuse(
-                "cannot tell which local user holds this connection (was it closed before the answer?)",
+                "cannot tell which local user holds this connection (was it closed before the answer?)".into(),
             );
         }
     };
     match hub.local_user(uid) {
         roost_hub::local::LocalUser::Other => Gate::NotATask,
         roost_hub::local::LocalUser::RetiredTask => {
-            Gate::Refuse("no deployed task runs as this user")
+            Gate::Refuse("no deployed task runs as this user".into())
         }
-        roost_hub::local::LocalUser::Task { tasks } => match task_may(req) {
-            Ok(()) => Gate::Pass,
-            Err(why) => {
-                tracing::warn!(tasks = ?tasks, path = %req.uri().path(), "refused a task's request to /v1");
-                Gate::Refuse(why)
+        roost_hub::local::LocalUser::Task { tasks } => {
+            use roost_hub::local::{task_may, ApiMethod, ApiRequest};
+            let method = if req.method() == axum::http::Method::GET {
+                ApiMethod::Get
+            } else {
+                ApiMethod::Other
+            };
+            match task_may(&ApiRequest::new(method, req.uri().path())) {
+                Ok(()) => Gate::Pass,
+                Err(why) => {
+                    tracing::warn!(tasks = ?tasks, path = %req.uri().path(), "refused a task's request to /v1");
+                    Gate::Refuse(why.to_string())
+                }
             }
-        },
+        }
     }
-}
-
-/// What a task may do on `/v1`: what INTERFACES.md gives tasks and local
-/// programs (calling tasks, following calls, listing tasks and devices,
-/// metrics), but not the owner's operations.
-fn task_may(req: &Request) -> Result<(), &'static str> {
-    let path = req.uri().path();
-    if path.starts_with("/v1/deployments") && req.method() != axum::http::Method::GET {
-        return Err("deploying and rolling back are the hub owner's, not a task's");
-    }
-    if path == "/v1/logs" {
-        return Err("every task's logs are the hub owner's to read, not a task's");
-    }
-    Ok(())
 }
 
 fn task_refused(req: &Request, why: &str) -> Response {
@@ -164,7 +162,7 @@ async fn healthz() -> &'static str {
 
 /// Paths outside `/v1` may be the AWS APIs the hub answers locally.
 async fn local_services(State(st): State<AppState>, req: Request) -> Response {
-    match roost_overrides::dispatch(&st.hub, &st.services, req).await {
+    match roost_overrides::dispatch(st.local.as_ref(), &st.services, req).await {
         Ok(r) => r,
         Err(_) => ApiError::new(
             StatusCode::NOT_FOUND,

@@ -3,7 +3,7 @@
 //! botocore does.
 
 use anyhow::{anyhow, Context, Result};
-use roost_overrides::sigv4;
+use roost_sigv4 as sigv4;
 use std::path::Path;
 
 /// The hub owner's keys and region.

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use mqtt5_protocol::packet::publish::PublishPacket;
 use mqtt5_protocol::{Packet, QoS};
-use roost_overrides::sigv4;
+use roost_sigv4 as sigv4;
 use std::time::{Duration, Instant};
 
 /// A request signed the way botocore signs it (host and x-amz-date).

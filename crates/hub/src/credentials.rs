@@ -7,7 +7,7 @@
 //! keeping any; deleting `hub.key` rotates them all.
 
 use hmac::{Hmac, Mac};
-use roost_model::{Grants, TaskName};
+use roost_model::TaskName;
 use sha2::Sha256;
 use std::io::Write;
 use std::path::Path;
@@ -22,57 +22,7 @@ pub struct Credential {
     pub secret_access_key: String,
 }
 
-/// Whom a signed request comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Principal {
-    /// The hub's owner (`DATA_DIR/aws-credentials`): every right.
-    Owner,
-    /// A task, with the rights its manifest `allow` grants.
-    Task(TaskName, Grants),
-}
-
-impl Principal {
-    /// Whether this principal may do `right` on `name` (a task, thing,
-    /// secret name; for `publish`, a topic).
-    pub fn may(&self, right: Right, name: &str) -> bool {
-        let Principal::Task(_, g) = self else {
-            return true;
-        };
-        match right {
-            Right::Invoke => Grants::matches(&g.invoke, name),
-            Right::ShadowRead => Grants::matches(&g.shadow_read, name),
-            Right::ShadowUpdate => Grants::matches(&g.shadow_update, name),
-            Right::Secret => Grants::matches(&g.secrets, name),
-            Right::Publish => g
-                .publish
-                .iter()
-                .any(|f| roost_broker::topic::matches(f, name)),
-            Right::ReadRetained => g
-                .retained
-                .iter()
-                .any(|f| roost_broker::topic::matches(f, name)),
-        }
-    }
-
-    /// How logs and errors name the caller.
-    pub fn describe(&self) -> String {
-        match self {
-            Principal::Owner => "the hub's owner".into(),
-            Principal::Task(t, _) => format!("task {t}"),
-        }
-    }
-}
-
-/// The rights of `allow`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Right {
-    Invoke,
-    ShadowRead,
-    ShadowUpdate,
-    Publish,
-    Secret,
-    ReadRetained,
-}
+pub use roost_model::Principal;
 
 /// The hub's secret key, and what is derived from it.
 pub struct HubKey([u8; 32]);
@@ -231,32 +181,5 @@ mod tests {
         assert!(sealing::open(&key, "other", &n, &ct).is_none());
         assert!(sealing::open(&[8u8; 32], "db", &n, &ct).is_none());
         assert!(sealing::open(&key, "db", &n[..4], &ct).is_none());
-    }
-
-    #[test]
-    fn task_rights_follow_the_grants() {
-        let p = Principal::Task(
-            TaskName::parse("t").unwrap(),
-            Grants {
-                invoke: vec!["echo".into()],
-                shadow_read: vec!["*".into()],
-                shadow_update: vec!["thermo*".into()],
-                publish: vec!["alerts/#".into()],
-                secrets: vec![],
-                retained: vec!["state/+".into()],
-            },
-        );
-        assert!(p.may(Right::Invoke, "echo"));
-        assert!(!p.may(Right::Invoke, "other"));
-        assert!(p.may(Right::ShadowRead, "anything"));
-        assert!(p.may(Right::ShadowUpdate, "thermostat"));
-        assert!(!p.may(Right::ShadowUpdate, "door"));
-        assert!(p.may(Right::Publish, "alerts/fire"));
-        assert!(!p.may(Right::Publish, "commands/x"));
-        assert!(!p.may(Right::Secret, "db"));
-        assert!(Principal::Owner.may(Right::Secret, "db"));
-        assert!(p.may(Right::ReadRetained, "state/mode"));
-        assert!(!p.may(Right::ReadRetained, "state/a/b"));
-        assert!(!p.may(Right::ReadRetained, "alerts/fire"));
     }
 }

@@ -1,6 +1,7 @@
-//! What the local service overrides (the AWS-compatible APIs) ask of the
-//! hub: who holds an access key, shadows, deployed secrets and publishing.
-//! The HTTP shapes live in the overrides crate; this is the hub's side.
+//! What the local service overrides (the AWS-compatible APIs) and the API
+//! ask of the hub: who holds an access key, shadows, deployed secrets,
+//! publishing, and what a task identity may do on `/v1`. The HTTP shapes
+//! live in the overrides and api crates; this is the hub's side.
 
 use crate::credentials::{Credential, Principal};
 use crate::shadows::{self, Origin, ShadowFailure};
@@ -22,6 +23,24 @@ pub struct PublishOptions {
     /// message: true for the owner's (a local program), never for a task's
     /// (a task publishing to a topic routed back to it would loop).
     pub feeds_routes: bool,
+}
+
+/// Why the hub could not publish a message.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The broker could not store a QoS 1 message for the sessions that
+    /// should get it.
+    #[error("the broker could not store the message: {0}")]
+    NotStored(#[from] roost_broker::PersistError),
+}
+
+/// Why a deployed secret could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("the hub's store failed: {0}")]
+    Store(#[from] roost_store::StoreError),
+    #[error("the sealed secret {0:?} does not open with this hub's key (was hub.key replaced?)")]
+    DoesNotOpen(String),
 }
 
 /// A deployed secret, opened.
@@ -85,21 +104,17 @@ impl Hub {
 
     /// A secret of the active deployment, opened; `None` if it has none of
     /// that name.
-    pub fn secret(&self, name: &str) -> Result<Option<SecretValue>, String> {
+    pub fn secret(&self, name: &str) -> Result<Option<SecretValue>, SecretError> {
         let Some(deployment) = self.inner.active.read().id else {
             return Ok(None);
         };
-        let sealed = self
-            .inner
-            .store
-            .secrets_of(deployment)
-            .map_err(|e| e.to_string())?;
+        let sealed = self.inner.store.secrets_of(deployment)?;
         let Some(s) = sealed.into_iter().find(|s| s.name == name) else {
             return Ok(None);
         };
         let key = self.inner.key.sealing_key();
         let plain = crate::credentials::sealing::open(&key, &s.name, &s.nonce, &s.ciphertext)
-            .ok_or("the sealed secret does not open with this hub's key (was hub.key replaced?)")?;
+            .ok_or_else(|| SecretError::DoesNotOpen(s.name.clone()))?;
         Ok(Some(SecretValue {
             value: String::from_utf8_lossy(&plain).into_owned(),
             created_ms: s.created_ms,
@@ -114,7 +129,7 @@ impl Hub {
         topic: &str,
         payload: Bytes,
         options: PublishOptions,
-    ) -> Result<(), String> {
+    ) -> Result<(), PublishError> {
         let mut m = roost_broker::Message::from_hub(topic, payload);
         if options.feeds_routes {
             // Routes see it the way they see a client's message: through
@@ -130,7 +145,7 @@ impl Hub {
         m.properties = options.properties;
         m.expires_at = options.expiry.map(|d| std::time::Instant::now() + d);
         match self.inner.broker.publish(m) {
-            Some(done) => done.await.map_err(|e| e.to_string()),
+            Some(done) => done.await.map_err(PublishError::NotStored),
             None => Ok(()),
         }
     }
@@ -200,5 +215,95 @@ impl Hub {
             }
         }
         by_uid
+    }
+}
+
+/// A `/v1` request as the hub judges it: its method and its path split at
+/// `/` (so `/v1/deployments/active` is `["v1", "deployments", "active"]`).
+/// The API builds it from the HTTP request; the hub knows nothing of HTTP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiRequest<'a> {
+    pub method: ApiMethod,
+    pub segments: Vec<&'a str>,
+}
+
+/// The methods the API tells apart: reads, and everything else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiMethod {
+    Get,
+    /// POST, PUT, DELETE, HEAD or any other.
+    Other,
+}
+
+impl<'a> ApiRequest<'a> {
+    pub fn new(method: ApiMethod, path: &'a str) -> Self {
+        ApiRequest {
+            method,
+            segments: path.split('/').filter(|s| !s.is_empty()).collect(),
+        }
+    }
+}
+
+/// Why a task identity may not do a `/v1` request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TaskRefusal {
+    #[error("deploying and rolling back are the hub owner's, not a task's")]
+    Deployments,
+    #[error("every task's logs are the hub owner's to read, not a task's")]
+    Logs,
+}
+
+/// What a task may do on `/v1`: what INTERFACES.md gives tasks and local
+/// programs (calling tasks, following calls, listing tasks and devices,
+/// metrics, reading the active deployment), but not the owner's operations
+/// (deploying, rolling back, reading every task's logs).
+pub fn task_may(req: &ApiRequest<'_>) -> Result<(), TaskRefusal> {
+    match req.segments.as_slice() {
+        ["v1", "deployments", ..] if req.method != ApiMethod::Get => Err(TaskRefusal::Deployments),
+        ["v1", "logs"] => Err(TaskRefusal::Logs),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn may(method: ApiMethod, path: &str) -> Result<(), TaskRefusal> {
+        task_may(&ApiRequest::new(method, path))
+    }
+
+    #[test]
+    fn a_task_may_call_follow_and_list() {
+        use ApiMethod::*;
+        for (m, p) in [
+            (Get, "/v1/tasks"),
+            (Other, "/v1/tasks/echo/calls"),
+            (Get, "/v1/calls/abc"),
+            (Get, "/v1/calls/abc/output"),
+            (Get, "/v1/devices"),
+            (Get, "/v1/deployments/active"),
+            (Get, "/metrics"),
+        ] {
+            assert_eq!(may(m, p), Ok(()), "{p}");
+        }
+    }
+
+    #[test]
+    fn a_task_may_not_deploy_roll_back_or_read_every_log() {
+        use ApiMethod::*;
+        assert_eq!(may(Other, "/v1/deployments"), Err(TaskRefusal::Deployments));
+        assert_eq!(
+            may(Other, "/v1/deployments/rollback"),
+            Err(TaskRefusal::Deployments)
+        );
+        // However the path is spelled.
+        assert_eq!(
+            may(Other, "//v1//deployments/"),
+            Err(TaskRefusal::Deployments)
+        );
+        assert_eq!(may(Get, "/v1/logs"), Err(TaskRefusal::Logs));
+        assert_eq!(may(Get, "/v1/logs/"), Err(TaskRefusal::Logs));
+        assert_eq!(may(Other, "/v1/logs"), Err(TaskRefusal::Logs));
     }
 }

@@ -30,16 +30,7 @@ pub enum Origin {
     Caller(oneshot::Sender<Result<Value, ShadowFailure>>),
 }
 
-/// Why a shadow request failed: the shadow's own rule, or the hub.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ShadowFailure {
-    #[error(transparent)]
-    Rejected(#[from] ShadowError),
-    #[error("too many requests are waiting for this shadow; retry later")]
-    Throttled,
-    #[error("the shadow could not be stored: {0}")]
-    Store(String),
-}
+pub use roost_shadows::ShadowFailure;
 
 struct Request {
     op: Operation,

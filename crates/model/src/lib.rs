@@ -303,3 +303,24 @@ pub use task::{
     Access, DeviceSpec, Grants, Resource, RouteDestination, RouteSource, RouteSpec, SecretSpec,
     TaskCode, TaskSpec,
 };
+
+/// Whom a signed request to the hub's local AWS APIs comes from: the hub
+/// finds it (by access key), the local services judge what it may do. Here
+/// because both sides name it and neither owns the other.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// The hub's owner (`DATA_DIR/aws-credentials`): every right.
+    Owner,
+    /// A task, with the rights its manifest `allow` grants.
+    Task(TaskName, Grants),
+}
+
+impl Principal {
+    /// How logs and errors name the caller.
+    pub fn describe(&self) -> String {
+        match self {
+            Principal::Owner => "the hub's owner".into(),
+            Principal::Task(t, _) => format!("task {t}"),
+        }
+    }
+}

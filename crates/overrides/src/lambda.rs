@@ -3,14 +3,13 @@
 //! (RequestResponse), queued durably (Event) or only checked (DryRun).
 
 use crate::service::{with_request_id, AwsError, LocalService, Protocol, Signed, ACCOUNT};
+use crate::{CallRefused, LocalHub, Right, Rights};
 use async_trait::async_trait;
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::Response;
 use base64::Engine;
-use roost_hub::credentials::{Principal, Right};
-use roost_hub::{CallError, Hub};
-use roost_model::{Failure, FailureCode, CLIENT_CONTEXT_VAR};
+use roost_model::{Failure, FailureCode, Principal, CLIENT_CONTEXT_VAR};
 
 const PREFIX: &str = "/2015-03-31/functions/";
 const SUFFIX: &str = "/invocations";
@@ -48,10 +47,10 @@ fn parse_function(s: &str) -> Option<FunctionRef> {
     })
 }
 
-fn arn(hub: &Hub, name: &str) -> String {
+fn arn(hub: &dyn LocalHub, name: &str) -> String {
     format!(
         "arn:aws:lambda:{}:{ACCOUNT}:function:{name}",
-        hub.config().region
+        hub.settings().region
     )
 }
 
@@ -77,8 +76,8 @@ impl LocalService for Lambda {
     fn claims(&self, uri: &Uri, _headers: &HeaderMap) -> bool {
         uri.path().starts_with(PREFIX)
     }
-    fn max_body(&self, hub: &Hub) -> (usize, AwsError) {
-        let limit = hub.config().max_sync_input;
+    fn max_body(&self, hub: &dyn LocalHub) -> (usize, AwsError) {
+        let limit = hub.settings().max_call_input;
         (
             limit,
             AwsError::new(
@@ -93,7 +92,7 @@ impl LocalService for Lambda {
 
     async fn serve(
         &self,
-        hub: &Hub,
+        hub: &dyn LocalHub,
         caller: &Principal,
         req: Signed,
     ) -> Result<Response, AwsError> {
@@ -230,21 +229,21 @@ fn client_context(header: &str) -> Result<String, AwsError> {
 }
 
 async fn invoke_sync(
-    hub: &Hub,
+    hub: &dyn LocalHub,
     task: &str,
     input: bytes::Bytes,
     env: Vec<(String, String)>,
     tail: bool,
 ) -> Result<Response, AwsError> {
-    let id = roost_hub::new_call_id();
-    let result = hub.call_sync_as(id.clone(), task, input, env).await;
+    let id = hub.new_call_id();
+    let result = hub.call_sync(id.clone(), task, input, env).await;
     let (body, function_error) = match result {
         Ok(out) => (out, None),
-        Err(CallError::Failed(Failure {
+        Err(CallRefused::Failed(Failure {
             detail: Some(document),
             ..
         })) => (bytes::Bytes::from(document), Some("Unhandled")),
-        Err(CallError::Failed(f)) => {
+        Err(CallRefused::Failed(f)) => {
             // Lambda reports a failed function as 200 with the error
             // document and X-Amz-Function-Error, not as an HTTP error; a
             // task that wrote no document of its own gets one made here.
@@ -273,8 +272,8 @@ async fn invoke_sync(
     if tail {
         let name = roost_model::TaskName::parse(task).expect("a deployed task's name");
         let mut log = String::new();
-        for l in hub.logs().of_call(&name, id.as_str()) {
-            log.push_str(&l.line);
+        for line in hub.call_log(&name, id.as_str()) {
+            log.push_str(&line);
             log.push('\n');
         }
         let bytes = log.as_bytes();
@@ -288,19 +287,19 @@ async fn invoke_sync(
 }
 
 /// Errors of the call itself (not of the function) in Lambda's terms.
-fn call_error(e: CallError) -> AwsError {
+fn call_error(e: CallRefused) -> AwsError {
     match e {
-        CallError::UnknownTask(t) => AwsError::new(
+        CallRefused::UnknownTask(t) => AwsError::new(
             StatusCode::NOT_FOUND,
             "ResourceNotFoundException",
             format!("Function not found: {t}"),
         ),
-        CallError::InputTooLarge { limit, .. } => AwsError::new(
+        CallRefused::InputTooLarge { limit } => AwsError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "RequestTooLargeException",
             format!("Request must be smaller than {limit} bytes for the InvokeFunction operation"),
         ),
-        CallError::Rejected(r) => {
+        CallRefused::Busy(r) => {
             let mut e = AwsError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "TooManyRequestsException",

@@ -6,13 +6,22 @@
 //! Each service is one [`LocalService`]; [`dispatch`] finds the service a
 //! request is for, checks its SigV4 signature (no unsigned request is ever
 //! served), finds the caller (the owner or a task) and hands it over. The
-//! services know the wire shapes; the hub does the work.
+//! services know the wire shapes; the hub, behind [`LocalHub`], does the
+//! work.
 
+#[cfg(test)]
+mod fake;
 mod iot_data;
 mod lambda;
+mod local_hub;
+mod rights;
 mod secrets;
 mod service;
-pub mod sigv4;
+
+use roost_sigv4 as sigv4;
+
+pub use local_hub::{CallRefused, HubFailure, LocalHub, PublishOptions, SecretValue, Settings};
+pub use rights::{Right, Rights};
 
 pub use service::{AwsError, LocalService, Protocol, Signed};
 
@@ -20,7 +29,6 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::response::Response;
-use roost_hub::Hub;
 use std::sync::Arc;
 
 /// Every service the hub answers.
@@ -34,7 +42,7 @@ pub fn services() -> Vec<Arc<dyn LocalService>> {
 
 /// Serves `req` if one of `services` claims it; gives it back otherwise.
 pub async fn dispatch(
-    hub: &Hub,
+    hub: &dyn LocalHub,
     services: &[Arc<dyn LocalService>],
     req: Request,
 ) -> Result<Response, Request> {
@@ -55,7 +63,7 @@ pub async fn dispatch(
             e.response(service.protocol())
         }
     };
-    hub.count_local_request(service.name(), response.status().as_u16());
+    hub.count_request(service.name(), response.status().as_u16());
     Ok(response)
 }
 
@@ -72,7 +80,11 @@ fn path_is_normal(path: &str) -> bool {
 
 /// Reads the body (bounded), verifies the signature and the scope, finds
 /// the caller and serves.
-async fn serve(hub: &Hub, service: &dyn LocalService, req: Request) -> Result<Response, AwsError> {
+async fn serve(
+    hub: &dyn LocalHub,
+    service: &dyn LocalService,
+    req: Request,
+) -> Result<Response, AwsError> {
     let (parts, body) = req.into_parts();
     if !path_is_normal(parts.uri.path()) {
         return Err(AwsError::new(
@@ -103,7 +115,7 @@ async fn serve(hub: &Hub, service: &dyn LocalService, req: Request) -> Result<Re
             .map_err(|e| e.unwrap_or(too_large))?
     };
     let signed = sigv4::Request::from_http(&parts.method, &parts.uri, &parts.headers, &body);
-    let now = roost_hub::shadows::now_s();
+    let now = hub.now_s();
     let verified =
         sigv4::verify(&signed, |k| (k == key).then_some(secret), now).map_err(sig_error)?;
     if verified.service != service.signing_name() {
@@ -116,7 +128,7 @@ async fn serve(hub: &Hub, service: &dyn LocalService, req: Request) -> Result<Re
             ),
         ));
     }
-    let region = &hub.config().region;
+    let region = &hub.settings().region;
     if &verified.region != region {
         return Err(AwsError::new(
             StatusCode::FORBIDDEN,
@@ -186,5 +198,211 @@ mod tests {
         ] {
             assert!(!path_is_normal(bad), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod dispatch_tests {
+    use super::*;
+    use crate::fake::FakeHub;
+    use roost_model::Principal;
+
+    const KEY: &str = "AKIDOWNER00000000001";
+    const SECRET: &str = "owner-secret";
+
+    fn hub() -> FakeHub {
+        let mut hub = FakeHub::default();
+        hub.keys
+            .insert(KEY.into(), (Principal::Owner, SECRET.into()));
+        hub
+    }
+
+    /// A request signed as botocore would, for `service` in `region`.
+    fn signed(
+        method: &str,
+        target: &str,
+        body: &[u8],
+        region: &str,
+        service: &str,
+        at: u64,
+    ) -> Request {
+        signed_with(method, target, &[], body, region, service, at)
+    }
+
+    fn signed_with(
+        method: &str,
+        target: &str,
+        extra: &[(&'static str, &'static str)],
+        body: &[u8],
+        region: &str,
+        service: &str,
+        at: u64,
+    ) -> Request {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("host", "localhost".parse().unwrap());
+        for (k, v) in extra {
+            headers.insert(*k, v.parse().unwrap());
+        }
+        let m: axum::http::Method = method.parse().unwrap();
+        let uri: axum::http::Uri = target.parse().unwrap();
+        let auth = sigv4::sign(
+            &sigv4::Request::from_http(&m, &uri, &headers, body),
+            KEY,
+            SECRET,
+            region,
+            service,
+            at,
+        )
+        .unwrap();
+        headers.extend(auth);
+        let mut req = Request::new(Body::from(body.to_vec()));
+        *req.method_mut() = m;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        req
+    }
+
+    async fn status(hub: &FakeHub, req: Request) -> (u16, String) {
+        let r = dispatch(hub, &services(), req).await.ok().expect("claimed");
+        let code = r
+            .headers()
+            .get("x-amzn-ErrorType")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        (r.status().as_u16(), code)
+    }
+
+    #[tokio::test]
+    async fn a_signed_publish_is_served_and_counted() {
+        let hub = hub();
+        let req = signed("POST", "/topics/a", b"hi", "us-east-1", "iotdata", hub.now);
+        assert_eq!(status(&hub, req).await, (200, String::new()));
+        assert_eq!(hub.published.lock().unwrap().len(), 1);
+        assert_eq!(hub.counted.lock().unwrap()[0], ("iot-data".into(), 200));
+    }
+
+    #[tokio::test]
+    async fn unsigned_stale_misscoped_and_oversized_requests_are_refused() {
+        let hub = hub();
+        let mut unsigned = Request::new(Body::from("x"));
+        *unsigned.method_mut() = axum::http::Method::POST;
+        *unsigned.uri_mut() = "/topics/a".parse().unwrap();
+        assert_eq!(status(&hub, unsigned).await.0, 403);
+        let stale = signed(
+            "POST",
+            "/topics/a",
+            b"x",
+            "us-east-1",
+            "iotdata",
+            hub.now - 3600,
+        );
+        assert_eq!(
+            status(&hub, stale).await,
+            (403, "InvalidSignatureException".into())
+        );
+        let region = signed("POST", "/topics/a", b"x", "eu-west-1", "iotdata", hub.now);
+        assert_eq!(
+            status(&hub, region).await,
+            (403, "InvalidSignatureException".into())
+        );
+        let service = signed("POST", "/topics/a", b"x", "us-east-1", "lambda", hub.now);
+        assert_eq!(
+            status(&hub, service).await,
+            (403, "InvalidSignatureException".into())
+        );
+        let big = vec![b'x'; 8193];
+        let huge = signed("POST", "/topics/a", &big, "us-east-1", "iotdata", hub.now);
+        assert_eq!(
+            status(&hub, huge).await,
+            (413, "RequestEntityTooLargeException".into())
+        );
+        let dotted = signed(
+            "GET",
+            "/things/a/../b/shadow",
+            b"",
+            "us-east-1",
+            "iotdata",
+            hub.now,
+        );
+        assert_eq!(status(&hub, dotted).await.0, 400);
+        assert!(hub.published.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unknown_key_is_refused_before_the_body_is_read() {
+        let hub = FakeHub::default();
+        let req = signed("POST", "/topics/a", b"x", "us-east-1", "iotdata", hub.now);
+        assert_eq!(
+            status(&hub, req).await,
+            (403, "UnrecognizedClientException".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn lambda_invoke_and_secrets_go_through_the_hub() {
+        let mut hub = hub();
+        hub.tasks.push("echo".into());
+        hub.secrets.insert(
+            "db".into(),
+            SecretValue {
+                value: "hunter2".into(),
+                created_ms: 1,
+                deployment: 3,
+            },
+        );
+        let req = signed(
+            "POST",
+            "/2015-03-31/functions/echo/invocations",
+            b"{}",
+            "us-east-1",
+            "lambda",
+            hub.now,
+        );
+        assert_eq!(status(&hub, req).await.0, 200);
+        let req = signed(
+            "POST",
+            "/2015-03-31/functions/nope/invocations",
+            b"{}",
+            "us-east-1",
+            "lambda",
+            hub.now,
+        );
+        assert_eq!(
+            status(&hub, req).await,
+            (404, "ResourceNotFoundException".into())
+        );
+        assert_eq!(hub.calls.lock().unwrap().len(), 1);
+        // Secrets Manager is claimed by its target header.
+        let target = [
+            ("x-amz-target", "secretsmanager.GetSecretValue"),
+            ("content-type", "application/x-amz-json-1.1"),
+        ];
+        let req = signed_with(
+            "POST",
+            "/",
+            &target,
+            br#"{"SecretId":"db"}"#,
+            "us-east-1",
+            "secretsmanager",
+            hub.now,
+        );
+        let r = dispatch(&hub, &services(), req).await.ok().unwrap();
+        assert_eq!(r.status(), 200);
+        let body = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(doc["SecretString"], "hunter2");
+        let req = signed_with(
+            "POST",
+            "/",
+            &target,
+            br#"{"SecretId":"nope"}"#,
+            "us-east-1",
+            "secretsmanager",
+            hub.now,
+        );
+        let r = dispatch(&hub, &services(), req).await.ok().unwrap();
+        assert_eq!(r.status(), 400);
     }
 }

@@ -2,11 +2,11 @@
 //! manifest (`[[secret]]`), opened from the store only when asked for.
 
 use crate::service::{json, AwsError, LocalService, Protocol, Signed, ACCOUNT};
+use crate::{LocalHub, Right, Rights};
 use async_trait::async_trait;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::Response;
-use roost_hub::credentials::{Principal, Right};
-use roost_hub::Hub;
+use roost_model::Principal;
 use sha2::{Digest, Sha256};
 
 pub struct SecretsManager;
@@ -84,7 +84,7 @@ impl LocalService for SecretsManager {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|t| t.starts_with(TARGET_PREFIX))
     }
-    fn max_body(&self, _hub: &Hub) -> (usize, AwsError) {
+    fn max_body(&self, _hub: &dyn LocalHub) -> (usize, AwsError) {
         (
             MAX_BODY,
             invalid("ValidationException", "The request is too large"),
@@ -93,7 +93,7 @@ impl LocalService for SecretsManager {
 
     async fn serve(
         &self,
-        hub: &Hub,
+        hub: &dyn LocalHub,
         caller: &Principal,
         req: Signed,
     ) -> Result<Response, AwsError> {
@@ -157,7 +157,11 @@ impl LocalService for SecretsManager {
         let secret = hub
             .secret(name)
             .map_err(|e| {
-                AwsError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServiceError", e)
+                AwsError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalServiceError",
+                    e.to_string(),
+                )
             })?
             .ok_or_else(not_found)?;
         let vid = version_id(name, secret.deployment);
@@ -166,7 +170,7 @@ impl LocalService for SecretsManager {
         }
         let arn = format!(
             "arn:aws:secretsmanager:{}:{ACCOUNT}:secret:{name}-{}",
-            hub.config().region,
+            hub.settings().region,
             suffix(name)
         );
         Ok(json(

@@ -3,13 +3,13 @@
 //! and the IoT data plane, JSON 1.1 for Secrets Manager) and responses
 //! carrying a request id.
 
+use crate::LocalHub;
 use async_trait::async_trait;
 use axum::body::Body;
 use axum::http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::Response;
 use bytes::Bytes;
-use roost_hub::credentials::Principal;
-use roost_hub::Hub;
+use roost_model::Principal;
 use serde_json::Value;
 
 /// The account id in the ARNs the hub makes up for its resources.
@@ -116,10 +116,14 @@ pub trait LocalService: Send + Sync + 'static {
     /// headers, before the body is read).
     fn claims(&self, uri: &Uri, headers: &HeaderMap) -> bool;
     /// The largest request body it takes, and the error past it.
-    fn max_body(&self, hub: &Hub) -> (usize, AwsError);
+    fn max_body(&self, hub: &dyn LocalHub) -> (usize, AwsError);
     /// Serves a signed request from `caller`.
-    async fn serve(&self, hub: &Hub, caller: &Principal, req: Signed)
-        -> Result<Response, AwsError>;
+    async fn serve(
+        &self,
+        hub: &dyn LocalHub,
+        caller: &Principal,
+        req: Signed,
+    ) -> Result<Response, AwsError>;
 }
 
 /// Percent-decodes one path segment or query value; `None` if it is not

@@ -4,7 +4,7 @@
 
 use crate::HubArgs;
 use anyhow::{anyhow, bail, Context, Result};
-use roost_overrides::sigv4;
+use roost_sigv4 as sigv4;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]

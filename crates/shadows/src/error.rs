@@ -34,6 +34,18 @@ impl ShadowErrorKind {
     }
 }
 
+/// Why a shadow request failed: the shadow's own rule, or the hub that
+/// runs it (its queue for the shadow is full, or its store failed).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ShadowFailure {
+    #[error(transparent)]
+    Rejected(#[from] ShadowError),
+    #[error("too many requests are waiting for this shadow; retry later")]
+    Throttled,
+    #[error("the shadow could not be stored: {0}")]
+    Store(String),
+}
+
 /// A rejected shadow request. Its message is the one AWS sends, because
 /// device code sometimes matches on it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -16,7 +16,7 @@ mod request;
 mod state;
 mod topics;
 
-pub use error::{ShadowError, ShadowErrorKind, StoredRecordError};
+pub use error::{ShadowError, ShadowErrorKind, ShadowFailure, StoredRecordError};
 pub use limits::Limits;
 pub use names::{ShadowId, ShadowName, ThingName};
 pub use record::{Section, ShadowDocument, ShadowRecord, UpdateOutcome};

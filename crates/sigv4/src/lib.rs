@@ -2,9 +2,23 @@
 //! `verify` checks a request the way AWS would, `sign` produces one the way
 //! botocore would (for tests, benchmarks and our own CLI).
 //!
-//! Hand-written on purpose: no well-kept Rust crate verifies SigV4 on the
-//! server side. `aws-sigv4` only signs, and it chooses its own header set, so
-//! it cannot recompute a signature over the headers a client chose to sign.
+//! Its own crate because both the hub's local AWS APIs (`roost-overrides`,
+//! verifying) and the CLI (`roost shadow`, signing) use it, and it depends
+//! on nothing of the hub.
+//!
+//! Hand-written on purpose. `aws-sigv4` only signs, and it chooses its own
+//! header set, so it cannot recompute a signature over the headers a client
+//! chose to sign. `scratchstack-aws-signature` does verify on the server
+//! side, and the tests cross-check against it (`tests/scratchstack.rs`:
+//! what we sign it accepts, what we refuse it refuses), but we keep ours:
+//! it allows 15 minutes of clock skew where AWS (and we) allow 5; it reads
+//! no `x-amz-content-sha256`, so it cannot refuse `UNSIGNED-PAYLOAD` the way
+//! AWS does; it sets no bound on the size of a hostile `Authorization`
+//! header; it takes the whole request, body included, so a server cannot
+//! refuse an unknown key before reading the body (the hub does); it is
+//! async through a `tower` service and brings chrono, regex, derive_builder
+//! and its own principal types for what is here a pure function; and it
+//! does not sign, which our CLI and tests need.
 //!
 //! Everything here follows botocore's `SigV4Auth` for non-S3 services byte for
 //! byte, because botocore (boto3, the AWS CLI) is the client we must accept.
