@@ -323,7 +323,7 @@ impl Hub {
             Arc::new(crate::routing::HubHooks {
                 hub: Arc::downgrade(&self.inner),
             }),
-            self.inner.route_stats.clone(),
+            self.inner.metrics.routes.clone(),
         );
         *self.inner.routes.write() = Arc::new(table);
         self.inner.broker.set_devices(roost_broker::Devices::new(

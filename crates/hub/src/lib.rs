@@ -192,7 +192,6 @@ pub(crate) struct HubInner {
     pub wasm: Arc<roost_runtime_wasm::WasmRuntime>,
     pub broker: roost_broker::Broker,
     pub routes: RwLock<Arc<roost_routes::RouteTable>>,
-    pub route_stats: Arc<roost_routes::RouteStats>,
     pub key: credentials::HubKey,
     /// Derived from `key` once: asked for on every signed request.
     pub owner: credentials::Credential,
@@ -270,7 +269,6 @@ impl Hub {
                 "restored the broker's persistent sessions and retained messages"
             );
         }
-        let route_stats = Arc::new(roost_routes::RouteStats::default());
         let broker = roost_broker::Broker::with_persistence(
             config.broker.clone(),
             Some(Arc::new(broker_store::BrokerStore(store.clone()))),
@@ -281,9 +279,8 @@ impl Hub {
             inner: Arc::new(HubInner {
                 broker,
                 routes: RwLock::new(Arc::new(roost_routes::RouteTable::empty(
-                    route_stats.clone(),
+                    metrics.routes.clone(),
                 ))),
-                route_stats,
                 config,
                 store,
                 scheduler,
@@ -372,18 +369,7 @@ impl Hub {
         if let Ok(n) = self.inner.store.shadow_count() {
             m.shadows.set(n as i64);
         }
-        let mut text = m.encode();
-        let r = &self.inner.route_stats;
-        let routes = format!(
-            "# HELP roost_route_deliveries Route deliveries by outcome\n# TYPE roost_route_deliveries counter\nroost_route_deliveries_total{{outcome=\"delivered\"}} {}\nroost_route_deliveries_total{{outcome=\"retried\"}} {}\nroost_route_deliveries_total{{outcome=\"failed\"}} {}\n",
-            r.delivered.load(std::sync::atomic::Ordering::Relaxed),
-            r.retried.load(std::sync::atomic::Ordering::Relaxed),
-            r.failed.load(std::sync::atomic::Ordering::Relaxed),
-        );
-        // The route counters' block goes before the OpenMetrics end marker.
-        let eof = text.rfind("# EOF").unwrap_or(text.len());
-        text.insert_str(eof, &routes);
-        text
+        m.encode()
     }
 
     /// Stops taking calls, lets running ones finish within `grace`, and

@@ -59,6 +59,9 @@ pub struct Metrics {
     pub shadows: Gauge,
     pub shadow_requests: Family<ShadowLabels, Counter>,
     pub local_requests: Family<ServiceLabels, Counter>,
+    /// The route table's delivery counters (each deployment's table counts
+    /// into these).
+    pub routes: roost_routes::RouteStats,
     /// Succeeded and failed calls per task, for `GET /v1/tasks`.
     totals: parking_lot::Mutex<std::collections::HashMap<String, (u64, u64)>>,
 }
@@ -95,6 +98,7 @@ impl Default for Metrics {
             shadows: Gauge::default(),
             shadow_requests: Family::default(),
             local_requests: Family::default(),
+            routes: roost_routes::RouteStats::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -183,6 +187,11 @@ impl Default for Metrics {
             "local_service_requests",
             "Requests to the local AWS service overrides, by service and status",
             m.local_requests.clone(),
+        );
+        registry.register(
+            "route_deliveries",
+            "Route deliveries by outcome",
+            m.routes.deliveries.clone(),
         );
         Self { registry, ..m }
     }

@@ -5,6 +5,7 @@ use crate::{Hub, HubInner};
 use async_trait::async_trait;
 use bytes::Bytes;
 use roost_model::TaskName;
+use roost_routes::DeliveryError;
 use std::sync::Weak;
 
 pub(crate) struct HubHooks {
@@ -18,8 +19,8 @@ impl roost_routes::Hooks for HubHooks {
         task: &TaskName,
         input: Bytes,
         topic: Option<String>,
-    ) -> Result<(), String> {
-        let inner = self.hub.upgrade().ok_or("the hub is shutting down")?;
+    ) -> Result<(), DeliveryError> {
+        let inner = self.hub.upgrade().ok_or(DeliveryError::ShuttingDown)?;
         let env = topic
             .map(|t| vec![("ROOST_TOPIC".to_owned(), t)])
             .unwrap_or_default();
@@ -27,11 +28,11 @@ impl roost_routes::Hooks for HubHooks {
             .call_async(task.as_str(), input, env)
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| DeliveryError::Call(e.into()))
     }
 
-    fn publish(&self, topic: &str, payload: Bytes) -> Result<(), String> {
-        let inner = self.hub.upgrade().ok_or("the hub is shutting down")?;
+    fn publish(&self, topic: &str, payload: Bytes) -> Result<(), DeliveryError> {
+        let inner = self.hub.upgrade().ok_or(DeliveryError::ShuttingDown)?;
         let done = inner
             .broker
             .publish(roost_broker::Message::from_hub(topic, payload));
@@ -45,16 +46,17 @@ impl roost_routes::Hooks for HubHooks {
         Ok(())
     }
 
-    async fn update_shadow(&self, thing: &str, document: Bytes) -> Result<(), String> {
-        let inner = self.hub.upgrade().ok_or("the hub is shutting down")?;
+    async fn update_shadow(&self, thing: &str, document: Bytes) -> Result<(), DeliveryError> {
+        let inner = self.hub.upgrade().ok_or(DeliveryError::ShuttingDown)?;
         let id = roost_shadows::ShadowId {
-            thing: roost_shadows::ThingName::parse(thing).map_err(|e| e.to_string())?,
+            thing: roost_shadows::ThingName::parse(thing)
+                .map_err(|e| DeliveryError::Shadow(e.into()))?,
             name: None,
         };
         Hub { inner }
             .shadow(id, roost_shadows::Operation::Update, document)
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| DeliveryError::Shadow(e.into()))
     }
 }

@@ -1,18 +1,33 @@
 //! The route table (event flow): each input — a device message, a task's
-//! output, a timer tick — goes to every destination whose route matches it.
+//! output, a shadow delta, a timer tick — goes to every destination whose
+//! route matches it.
 //!
-//! Sources and destinations are components behind one trait per kind,
-//! assembled from the deployment's `[[route]]`s. Device sources are matched
-//! with a topic trie, so a message costs the depth of its topic, not the
-//! number of routes. Each delivery runs on its own and retries with
-//! backoff, so a failing destination never holds up the others.
+//! Sources and destinations are one scheme: the closed enums the manifest
+//! parses a `[[route]]` into, `RouteSource` and `RouteDestination`
+//! (`roost_model`), each handled by one `match` here (`RouteTable::attach`
+//! for sources, `Route::deliver` for destinations). We chose enums over a
+//! `Source`/`Destination` trait pair because the endpoints are a set the
+//! manifest syntax closes (`device:`, `task:`, `shadow:`, `timer:`), not
+//! plug-ins; every destination acts through the hub's `Hooks` anyway (a
+//! trait impl per kind only forwarded to it); and each source needs an index
+//! only the table keeps (the device trie, the task and thing maps, a timer
+//! task), which a trait would have to reach into. A new endpoint such as
+//! `cloud:` is one variant in each model enum, and the compiler points at
+//! the one arm to add here.
+//!
+//! Device sources are matched with a topic trie, so a message costs the
+//! depth of its topic, not the number of routes. Each delivery runs on its
+//! own and retries with backoff, so a failing destination never holds up
+//! the others.
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use roost_model::{RouteDestination, RouteSource, RouteSpec, TaskName};
 use roost_topic::Trie;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +43,22 @@ pub struct Routed {
     pub payload: Bytes,
 }
 
+/// What a destination's own cause of failure is, kept as the error's source.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why one attempt at a delivery failed; the route table retries it.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("the hub is shutting down")]
+    ShuttingDown,
+    #[error("the task call was not queued: {0}")]
+    Call(#[source] Cause),
+    #[error("the message was not published: {0}")]
+    Publish(#[source] Cause),
+    #[error("the shadow was not updated: {0}")]
+    Shadow(#[source] Cause),
+}
+
 /// What the hub lends the route table to act with.
 #[async_trait]
 pub trait Hooks: Send + Sync + 'static {
@@ -37,84 +68,120 @@ pub trait Hooks: Send + Sync + 'static {
         task: &TaskName,
         input: Bytes,
         topic: Option<String>,
-    ) -> Result<(), String>;
+    ) -> Result<(), DeliveryError>;
     /// Publishes to a device topic through the broker.
-    fn publish(&self, topic: &str, payload: Bytes) -> Result<(), String>;
+    fn publish(&self, topic: &str, payload: Bytes) -> Result<(), DeliveryError>;
     /// Applies an UpdateThingShadow document to a thing's classic shadow;
     /// resolves once it is stored (or refused).
-    async fn update_shadow(&self, thing: &str, document: Bytes) -> Result<(), String>;
+    async fn update_shadow(&self, thing: &str, document: Bytes) -> Result<(), DeliveryError>;
 }
 
-/// One kind of destination.
-#[async_trait]
-pub trait Destination: Send + Sync + 'static {
-    fn describe(&self) -> String;
-    async fn deliver(&self, message: &Routed) -> Result<(), String>;
-}
-
-struct TaskDestination {
-    task: TaskName,
+/// One route's destination, with the hooks it acts through.
+struct Route {
+    to: RouteDestination,
     hooks: Arc<dyn Hooks>,
 }
 
-#[async_trait]
-impl Destination for TaskDestination {
+impl Route {
+    /// How the manifest names the destination, for logs.
     fn describe(&self) -> String {
-        format!("task:{}", self.task)
+        match &self.to {
+            RouteDestination::Task(task) => format!("task:{task}"),
+            RouteDestination::Device(topic) => format!("device:{topic}"),
+            RouteDestination::Shadow(thing) => format!("shadow:{thing}"),
+        }
     }
-    async fn deliver(&self, m: &Routed) -> Result<(), String> {
-        self.hooks
-            .call_task(&self.task, m.payload.clone(), m.topic.clone())
-            .await
+
+    async fn deliver(&self, m: &Routed) -> Result<(), DeliveryError> {
+        match &self.to {
+            RouteDestination::Task(task) => {
+                self.hooks
+                    .call_task(task, m.payload.clone(), m.topic.clone())
+                    .await
+            }
+            RouteDestination::Device(topic) => self.hooks.publish(topic, m.payload.clone()),
+            RouteDestination::Shadow(thing) => {
+                self.hooks.update_shadow(thing, m.payload.clone()).await
+            }
+        }
     }
 }
 
-struct DeviceDestination {
-    topic: String,
-    hooks: Arc<dyn Hooks>,
+/// What became of a delivery attempt: the `outcome` label of
+/// `roost_route_deliveries_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    Retried,
+    Failed,
 }
 
-#[async_trait]
-impl Destination for DeviceDestination {
-    fn describe(&self) -> String {
-        format!("device:{}", self.topic)
-    }
-    async fn deliver(&self, m: &Routed) -> Result<(), String> {
-        self.hooks.publish(&self.topic, m.payload.clone())
-    }
-}
-
-struct ShadowDestination {
-    thing: String,
-    hooks: Arc<dyn Hooks>,
-}
-
-#[async_trait]
-impl Destination for ShadowDestination {
-    fn describe(&self) -> String {
-        format!("shadow:{}", self.thing)
-    }
-    async fn deliver(&self, m: &Routed) -> Result<(), String> {
-        self.hooks
-            .update_shadow(&self.thing, m.payload.clone())
-            .await
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Retried => "retried",
+            Outcome::Failed => "failed",
+        })
     }
 }
 
-/// Delivery counters, for metrics.
-#[derive(Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    pub outcome: Outcome,
+}
+
+/// Delivery counters, for metrics: the hub registers `deliveries` in its
+/// registry. Clones count into the same counters.
+#[derive(Clone)]
 pub struct RouteStats {
-    pub delivered: AtomicU64,
-    pub retried: AtomicU64,
-    pub failed: AtomicU64,
+    pub deliveries: Family<DeliveryLabels, Counter>,
+    // The family's own counters, kept so a delivery counts without a lookup.
+    delivered: Counter,
+    retried: Counter,
+    failed: Counter,
+}
+
+impl Default for RouteStats {
+    fn default() -> Self {
+        let deliveries = Family::<DeliveryLabels, Counter>::default();
+        // Created up front, so every outcome is exposed from the start (at 0).
+        let counter = |outcome| {
+            deliveries
+                .get_or_create(&DeliveryLabels { outcome })
+                .clone()
+        };
+        Self {
+            delivered: counter(Outcome::Delivered),
+            retried: counter(Outcome::Retried),
+            failed: counter(Outcome::Failed),
+            deliveries,
+        }
+    }
+}
+
+impl RouteStats {
+    fn counter(&self, outcome: Outcome) -> &Counter {
+        match outcome {
+            Outcome::Delivered => &self.delivered,
+            Outcome::Retried => &self.retried,
+            Outcome::Failed => &self.failed,
+        }
+    }
+
+    /// Deliveries with `outcome` so far.
+    pub fn count(&self, outcome: Outcome) -> u64 {
+        self.counter(outcome).get()
+    }
 }
 
 /// The routes of the active deployment. Dropping it stops its timers.
 pub struct RouteTable {
+    /// One per `[[route]]`, in manifest order.
+    routes: Vec<Arc<Route>>,
+    // The sources' indexes, each naming routes by their place in `routes`.
     devices: Trie<usize>,
-    destinations: Vec<Arc<dyn Destination>>,
-    /// Per device-route index: its destination.
-    device_routes: Vec<usize>,
     by_task: HashMap<TaskName, Vec<usize>>,
     by_thing: HashMap<String, Vec<usize>>,
     timers: Vec<tokio::task::JoinHandle<()>>,
@@ -130,151 +197,141 @@ impl Drop for RouteTable {
 }
 
 impl RouteTable {
-    pub fn empty(stats: Arc<RouteStats>) -> Self {
+    pub fn empty(stats: RouteStats) -> Self {
         Self {
+            routes: Vec::new(),
             devices: Trie::default(),
-            destinations: Vec::new(),
-            device_routes: Vec::new(),
             by_task: HashMap::new(),
             by_thing: HashMap::new(),
             timers: Vec::new(),
-            stats,
+            stats: Arc::new(stats),
         }
     }
 
     /// Assembles the table from a deployment's routes; timers start now.
-    pub fn build(specs: &[RouteSpec], hooks: Arc<dyn Hooks>, stats: Arc<RouteStats>) -> Self {
+    pub fn build(specs: &[RouteSpec], hooks: Arc<dyn Hooks>, stats: RouteStats) -> Self {
         let mut t = Self::empty(stats);
         for spec in specs {
-            let dest: Arc<dyn Destination> = match &spec.to {
-                RouteDestination::Task(task) => Arc::new(TaskDestination {
-                    task: task.clone(),
-                    hooks: hooks.clone(),
-                }),
-                RouteDestination::Device(topic) => Arc::new(DeviceDestination {
-                    topic: topic.clone(),
-                    hooks: hooks.clone(),
-                }),
-                RouteDestination::Shadow(thing) => Arc::new(ShadowDestination {
-                    thing: thing.clone(),
-                    hooks: hooks.clone(),
-                }),
-            };
-            let d = t.destinations.len();
-            t.destinations.push(dest.clone());
-            match &spec.from {
-                RouteSource::Device(filter) => {
-                    let r = t.device_routes.len();
-                    t.device_routes.push(d);
-                    t.devices.insert(filter, &r.to_string(), r);
-                }
-                RouteSource::Task(task) => t.by_task.entry(task.clone()).or_default().push(d),
-                RouteSource::Shadow(thing) => t.by_thing.entry(thing.clone()).or_default().push(d),
-                RouteSource::Timer(ms) => {
-                    let stats = t.stats.clone();
-                    let every = Duration::from_millis(*ms);
-                    t.timers.push(tokio::spawn(async move {
-                        let mut tick = tokio::time::interval(every);
-                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                        tick.tick().await;
-                        loop {
-                            tick.tick().await;
-                            let now = std::time::SystemTime::now()
-                                .duration_since(std::time::UNIX_EPOCH)
-                                .map(|d| d.as_millis())
-                                .unwrap_or(0);
-                            dispatch(
-                                dest.clone(),
-                                Routed {
-                                    topic: None,
-                                    payload: Bytes::from(format!("{{\"time_ms\":{now}}}")),
-                                },
-                                stats.clone(),
-                            );
-                        }
-                    }));
-                }
-            }
+            let r = t.routes.len();
+            t.routes.push(Arc::new(Route {
+                to: spec.to.clone(),
+                hooks: hooks.clone(),
+            }));
+            t.attach(&spec.from, r);
         }
         t
     }
 
+    /// Makes `source` feed route `r`.
+    fn attach(&mut self, source: &RouteSource, r: usize) {
+        match source {
+            RouteSource::Device(filter) => {
+                self.devices.insert(filter, &r.to_string(), r);
+            }
+            RouteSource::Task(task) => self.by_task.entry(task.clone()).or_default().push(r),
+            RouteSource::Shadow(thing) => self.by_thing.entry(thing.clone()).or_default().push(r),
+            RouteSource::Timer(ms) => {
+                let route = self.routes[r].clone();
+                let stats = self.stats.clone();
+                let every = Duration::from_millis(*ms);
+                self.timers.push(tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(every);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                    tick.tick().await;
+                    loop {
+                        tick.tick().await;
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_millis())
+                            .unwrap_or(0);
+                        dispatch(
+                            route.clone(),
+                            Routed {
+                                topic: None,
+                                payload: Bytes::from(format!("{{\"time_ms\":{now}}}")),
+                            },
+                            stats.clone(),
+                        );
+                    }
+                }));
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
-        self.destinations.len()
+        self.routes.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.destinations.is_empty()
+        self.routes.is_empty()
+    }
+
+    /// Sends `m` to each of `routes`.
+    fn send(&self, routes: impl IntoIterator<Item = usize>, m: Routed) {
+        for r in routes {
+            dispatch(self.routes[r].clone(), m.clone(), self.stats.clone());
+        }
     }
 
     /// A device published `payload` to `topic`.
     pub fn on_device_message(&self, topic: &str, payload: &Bytes) {
-        if self.device_routes.is_empty() {
+        if self.devices.is_empty() {
             return;
         }
         let mut hits = Vec::new();
         self.devices.matching(topic, &mut hits);
-        for (_, r) in hits {
-            dispatch(
-                self.destinations[self.device_routes[r]].clone(),
-                Routed {
-                    topic: Some(topic.to_owned()),
-                    payload: payload.clone(),
-                },
-                self.stats.clone(),
-            );
-        }
+        self.send(
+            hits.into_iter().map(|(_, r)| r),
+            Routed {
+                topic: Some(topic.to_owned()),
+                payload: payload.clone(),
+            },
+        );
     }
 
     /// A shadow of `thing` has a new delta (`delta` is the `/update/delta`
     /// document, published on `topic`).
     pub fn on_shadow_delta(&self, thing: &str, topic: &str, delta: &Bytes) {
-        for &d in self.by_thing.get(thing).into_iter().flatten() {
-            dispatch(
-                self.destinations[d].clone(),
-                Routed {
-                    topic: Some(topic.to_owned()),
-                    payload: delta.clone(),
-                },
-                self.stats.clone(),
-            );
-        }
+        self.send(
+            self.by_thing.get(thing).into_iter().flatten().copied(),
+            Routed {
+                topic: Some(topic.to_owned()),
+                payload: delta.clone(),
+            },
+        );
     }
 
     /// `task` succeeded with `output`.
     pub fn on_task_output(&self, task: &TaskName, output: &Bytes) {
-        for &d in self.by_task.get(task).into_iter().flatten() {
-            dispatch(
-                self.destinations[d].clone(),
-                Routed {
-                    topic: None,
-                    payload: output.clone(),
-                },
-                self.stats.clone(),
-            );
-        }
+        self.send(
+            self.by_task.get(task).into_iter().flatten().copied(),
+            Routed {
+                topic: None,
+                payload: output.clone(),
+            },
+        );
     }
 }
 
 /// Delivers on its own task, retrying with exponential backoff.
-fn dispatch(dest: Arc<dyn Destination>, m: Routed, stats: Arc<RouteStats>) {
+fn dispatch(route: Arc<Route>, m: Routed, stats: Arc<RouteStats>) {
     tokio::spawn(async move {
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=MAX_ATTEMPTS {
-            match dest.deliver(&m).await {
+            match route.deliver(&m).await {
                 Ok(()) => {
-                    stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    stats.counter(Outcome::Delivered).inc();
                     return;
                 }
                 Err(e) if attempt < MAX_ATTEMPTS => {
-                    stats.retried.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(to = %dest.describe(), attempt, error = %e, "route delivery failed; will retry");
+                    stats.counter(Outcome::Retried).inc();
+                    tracing::debug!(to = %route.describe(), attempt, error = %e, "route delivery failed; will retry");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(30));
                 }
                 Err(e) => {
-                    stats.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(to = %dest.describe(), attempts = attempt, error = %e, "route delivery given up");
+                    stats.counter(Outcome::Failed).inc();
+                    tracing::warn!(to = %route.describe(), attempts = attempt, error = %e, "route delivery given up");
                 }
             }
         }
@@ -284,6 +341,7 @@ fn dispatch(dest: Arc<dyn Destination>, m: Routed, stats: Arc<RouteStats>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Mutex;
 
     #[derive(Default)]
@@ -300,10 +358,10 @@ mod tests {
             task: &TaskName,
             input: Bytes,
             topic: Option<String>,
-        ) -> Result<(), String> {
+        ) -> Result<(), DeliveryError> {
             if self.fail_first.load(Ordering::Relaxed) > 0 {
                 self.fail_first.fetch_sub(1, Ordering::Relaxed);
-                return Err("busy".into());
+                return Err(DeliveryError::Call("busy".into()));
             }
             self.calls.lock().unwrap().push((
                 task.to_string(),
@@ -312,14 +370,14 @@ mod tests {
             ));
             Ok(())
         }
-        fn publish(&self, topic: &str, payload: Bytes) -> Result<(), String> {
+        fn publish(&self, topic: &str, payload: Bytes) -> Result<(), DeliveryError> {
             self.publishes
                 .lock()
                 .unwrap()
                 .push((topic.into(), String::from_utf8_lossy(&payload).into()));
             Ok(())
         }
-        async fn update_shadow(&self, thing: &str, document: Bytes) -> Result<(), String> {
+        async fn update_shadow(&self, thing: &str, document: Bytes) -> Result<(), DeliveryError> {
             self.publishes.lock().unwrap().push((
                 format!("shadow:{thing}"),
                 String::from_utf8_lossy(&document).into(),
@@ -332,7 +390,7 @@ mod tests {
         TaskName::parse(s).unwrap()
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn shadow_deltas_feed_their_thing_routes_and_shadows_take_documents() {
         let rec = Arc::new(Recorder::default());
         let specs = vec![
@@ -345,7 +403,7 @@ mod tests {
                 to: RouteDestination::Shadow("lamp".into()),
             },
         ];
-        let t = RouteTable::build(&specs, rec.clone(), Arc::default());
+        let t = RouteTable::build(&specs, rec.clone(), RouteStats::default());
         let topic = "$aws/things/lamp/shadow/update/delta";
         t.on_shadow_delta("lamp", topic, &Bytes::from_static(b"{\"state\":{}}"));
         t.on_shadow_delta("other", topic, &Bytes::from_static(b"x"));
@@ -364,7 +422,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_message_goes_to_every_matching_route_and_failures_retry() {
         let rec = Arc::new(Recorder::default());
         rec.fail_first.store(2, Ordering::Relaxed);
@@ -386,7 +444,7 @@ mod tests {
                 to: RouteDestination::Device("commands/heater".into()),
             },
         ];
-        let stats = Arc::new(RouteStats::default());
+        let stats = RouteStats::default();
         let table = RouteTable::build(&specs, rec.clone(), stats.clone());
         table.on_device_message("sensors/s1/temp", &Bytes::from_static(b"21"));
         table.on_task_output(&name("thermo"), &Bytes::from_static(b"on"));
@@ -404,22 +462,24 @@ mod tests {
                 ("commands/heater".into(), "on".into())
             ]
         );
-        assert_eq!(stats.retried.load(Ordering::Relaxed), 2);
-        assert_eq!(stats.delivered.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.count(Outcome::Retried), 2);
+        assert_eq!(stats.count(Outcome::Delivered), 3);
     }
 
-    #[tokio::test]
+    // The paused clock moves only when every task waits, so each tick's
+    // delivery has run before the next instant: the count is exact.
+    #[tokio::test(start_paused = true)]
     async fn timers_tick_until_the_table_is_dropped() {
         let rec = Arc::new(Recorder::default());
         let specs = vec![RouteSpec {
             from: RouteSource::Timer(100),
             to: RouteDestination::Device("tick".into()),
         }];
-        let table = RouteTable::build(&specs, rec.clone(), Arc::new(RouteStats::default()));
+        let table = RouteTable::build(&specs, rec.clone(), RouteStats::default());
         tokio::time::sleep(Duration::from_millis(350)).await;
         drop(table);
         let n = rec.publishes.lock().unwrap().len();
-        assert!((2..=4).contains(&n), "{n} ticks");
+        assert_eq!(n, 3, "ticks at 100, 200 and 300 ms");
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
             rec.publishes.lock().unwrap().len(),
