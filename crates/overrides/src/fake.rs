@@ -23,7 +23,7 @@ pub struct FakeHub {
     pub over_mqtt: Mutex<Vec<(ShadowId, Operation, Bytes)>>,
     pub counted: Mutex<Vec<(String, u16)>>,
     pub tasks: Vec<String>,
-    pub calls: Mutex<Vec<(String, Bytes, Vec<(String, String)>)>>,
+    pub calls: Mutex<Vec<CallRecord>>,
     pub secrets: HashMap<String, SecretValue>,
     /// Makes the store fail.
     pub broken: bool,
@@ -53,6 +53,9 @@ impl Default for FakeHub {
         }
     }
 }
+
+/// A call the fake was asked to make: task, input, extra environment.
+pub type CallRecord = (String, Bytes, Vec<(String, String)>);
 
 impl FakeHub {
     pub fn retain(&mut self, topic: &str, payload: &[u8], qos: u8) {

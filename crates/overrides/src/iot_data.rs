@@ -496,6 +496,8 @@ async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+    /// A hostile publish: what it tries, path, headers, body.
+    type HostileCase<'a> = (&'a str, &'a str, Vec<(&'a str, String)>, &'a [u8]);
     use crate::fake::FakeHub;
     use base64::Engine;
     use roost_model::{Grants, TaskName};
@@ -677,11 +679,12 @@ mod tests {
         )
         .await;
         assert_eq!(a.status, 200, "{}", a.body);
-        let done = hub.over_mqtt.lock().unwrap();
-        assert_eq!(done[0].0.thing.as_str(), "pump-1");
-        assert_eq!(done[0].1, Operation::Update);
-        assert!(hub.published.lock().unwrap().is_empty());
-        drop(done);
+        {
+            let done = hub.over_mqtt.lock().unwrap();
+            assert_eq!(done[0].0.thing.as_str(), "pump-1");
+            assert_eq!(done[0].1, Operation::Update);
+            assert!(hub.published.lock().unwrap().is_empty());
+        }
         // The publish grant alone is not enough: the shadow right is needed.
         let mut g = grants();
         g.shadow_update.clear();
@@ -700,7 +703,7 @@ mod tests {
     #[tokio::test]
     async fn hostile_publishes_are_refused_before_the_hub_sees_them() {
         let hub = FakeHub::default();
-        let cases: Vec<(&str, &str, Vec<(&str, String)>, &[u8])> = vec![
+        let cases: Vec<HostileCase> = vec![
             ("wildcard +", "/topics/a%2F%2B", vec![], b""),
             ("wildcard #", "/topics/a%2F%23", vec![], b""),
             ("raw wildcard", "/topics/a+b", vec![], b""),

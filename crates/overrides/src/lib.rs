@@ -263,7 +263,9 @@ mod dispatch_tests {
     }
 
     async fn status(hub: &FakeHub, req: Request) -> (u16, String) {
-        let r = dispatch(hub, &services(), req).await.ok().expect("claimed");
+        let Ok(r) = dispatch(hub, &services(), req).await else {
+            panic!("no service claimed the request")
+        };
         let code = r
             .headers()
             .get("x-amzn-ErrorType")
