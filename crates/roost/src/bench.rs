@@ -394,7 +394,7 @@ async fn bench_instantiate(opts: &BenchOpts) -> Result<()> {
     // guest reading stdin and writing stdout, metrics.
     let mut cfg = roost_hub::HubConfig::new(dir.path().join("hub"));
     cfg.memory_budget_mb = 1024;
-    let hub = roost_hub::Hub::start(cfg).await?;
+    let hub = crate::assembly::start_hub(cfg, Default::default()).await?;
     hub.deploy_package(&crate::example::package(crate::example::FILES)?)
         .await
         .map_err(|e| anyhow!("{e}"))?;
