@@ -451,7 +451,17 @@ async fn bench_instantiate(opts: &BenchOpts) -> Result<()> {
     // guest reading stdin and writing stdout, metrics.
     let mut cfg = roost_hub::HubConfig::new(dir.path().join("hub"));
     cfg.memory_budget_mb = 1024;
-    let hub = roost_hub::Hub::start(cfg).await?;
+    // The example is wasm only: the hub gets that one runtime.
+    let logs = std::sync::Arc::new(roost_hub::logs::LogBook::default());
+    let wasm = roost_runtime_wasm::WasmRuntime::new(roost_runtime_wasm::WasmConfig {
+        cache_dir: dir.path().join("hub-cache"),
+        instance_slots: 64,
+    })?;
+    let parts = roost_hub::Parts {
+        runtimes: vec![std::sync::Arc::new(wasm)],
+        logs,
+    };
+    let hub = roost_hub::Hub::start(cfg, parts).await?;
     hub.deploy_package(&package::package(package::FILES)?)
         .await
         .map_err(|e| anyhow!("{e}"))?;

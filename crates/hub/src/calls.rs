@@ -118,8 +118,13 @@ impl Hub {
     fn task(&self, name: &str) -> Result<Arc<dyn PreparedTask>, CallError> {
         TaskName::parse(name)
             .ok()
-            .and_then(|n| self.inner.active.read().tasks.get(&n).cloned())
+            .and_then(|n| self.deployed(&n))
             .ok_or_else(|| CallError::UnknownTask(name.to_owned()))
+    }
+
+    /// The deployed task of that name, if it still is.
+    fn deployed(&self, name: &TaskName) -> Option<Arc<dyn PreparedTask>> {
+        self.inner.active.read().tasks.get(name).cloned()
     }
 
     fn submit(&self, task: &dyn PreparedTask, bounded: bool) -> Result<Ticket, CallError> {
@@ -178,16 +183,7 @@ impl Hub {
             .metrics
             .queue_wait
             .observe(permit.waited().as_secs_f64());
-        let result = run(
-            &self.inner,
-            &prepared,
-            id.as_str(),
-            input,
-            env,
-            0,
-            Mode::Sync,
-        )
-        .await;
+        let result = run(&self.inner, &prepared, &id, input, env, 0, Mode::Sync).await;
         drop(permit);
         result.map_err(CallError::Failed)
     }
@@ -215,9 +211,9 @@ impl Hub {
             })
             .await?;
         let hub = self.clone();
-        let call_id = id.to_string();
+        let (call_id, task) = (id.clone(), prepared.spec().name.clone());
         tokio::spawn(async move {
-            hub.run_async(call_id, task_name(&prepared), input, env, Some(ticket), 0)
+            hub.run_async(call_id, task, input, env, Some(ticket), 0)
                 .await
         });
         Ok(id)
@@ -238,19 +234,26 @@ impl Hub {
             let Some((input, env)) = self.inner.store.call_input(&call.id)? else {
                 continue;
             };
+            // Both were valid when the call was stored.
+            let Some(id) = CallId::parse(&call.id) else {
+                tracing::error!(call_id = %call.id, "a stored call has an id the hub never hands out; it is left alone");
+                continue;
+            };
+            let Ok(task) = TaskName::parse(&call.task) else {
+                log_store(
+                    self.inner
+                        .store
+                        .fail_call(id.as_str(), &no_longer_deployed(&call.task))
+                        .await,
+                );
+                continue;
+            };
             let hub = self.clone();
             tokio::spawn(async move {
                 let wait = (call.next_at_ms - roost_store::now_ms()).max(0) as u64;
                 tokio::time::sleep(Duration::from_millis(wait)).await;
-                hub.run_async(
-                    call.id,
-                    call.task,
-                    Bytes::from(input),
-                    env,
-                    None,
-                    call.attempts,
-                )
-                .await
+                hub.run_async(id, task, Bytes::from(input), env, None, call.attempts)
+                    .await
             });
         }
         Ok(())
@@ -260,8 +263,8 @@ impl Hub {
     /// exponential backoff until its attempts are used up.
     async fn run_async(
         &self,
-        id: String,
-        task: String,
+        id: CallId,
+        task: TaskName,
         input: Bytes,
         env: Vec<(String, String)>,
         mut ticket: Option<Ticket>,
@@ -269,16 +272,13 @@ impl Hub {
     ) {
         let store = &self.inner.store;
         loop {
-            let prepared = match self.task(&task) {
-                Ok(p) => p,
-                Err(_) => {
-                    let f = Failure::new(
-                        FailureCode::UnknownTask,
-                        format!("task {task:?} is no longer deployed"),
-                    );
-                    log_store(store.fail_call(&id, &f).await);
-                    return;
-                }
+            let Some(prepared) = self.deployed(&task) else {
+                log_store(
+                    store
+                        .fail_call(id.as_str(), &no_longer_deployed(task.as_str()))
+                        .await,
+                );
+                return;
             };
             let ticket = match ticket.take() {
                 Some(t) => t,
@@ -295,7 +295,7 @@ impl Hub {
                 .metrics
                 .queue_wait
                 .observe(permit.waited().as_secs_f64());
-            if let Err(e) = store.mark_running(&id).await {
+            if let Err(e) = store.mark_running(id.as_str()).await {
                 tracing::error!(call_id = %id, error = %e, "cannot mark call running; it stays queued");
                 return;
             }
@@ -314,7 +314,7 @@ impl Hub {
             // that is idle (drained) has recorded every outcome.
             match result {
                 Ok(out) => {
-                    log_store(store.succeed_call(&id, out.to_vec()).await);
+                    log_store(store.succeed_call(id.as_str(), out.to_vec()).await);
                     return;
                 }
                 Err(f) if attempts < self.inner.config.async_attempts => {
@@ -323,7 +323,7 @@ impl Hub {
                     self.inner.metrics.retries.inc();
                     tracing::info!(call_id = %id, %task, attempt = attempts, error = %f, retry_in_ms = delay.as_millis() as u64, "async call failed; will retry");
                     let next = roost_store::now_ms() + delay.as_millis() as i64;
-                    if store.retry_call(&id, &f, next).await.is_err() {
+                    if store.retry_call(id.as_str(), &f, next).await.is_err() {
                         return;
                     }
                     drop(permit);
@@ -331,7 +331,7 @@ impl Hub {
                 }
                 Err(f) => {
                     tracing::warn!(call_id = %id, %task, attempts, error = %f, "async call failed for good");
-                    log_store(store.fail_call(&id, &f).await);
+                    log_store(store.fail_call(id.as_str(), &f).await);
                     return;
                 }
             }
@@ -399,7 +399,7 @@ impl Hub {
                     running,
                     succeeded,
                     failed,
-                    pool: t.pool_stats(),
+                    pool: t.pool().map(|p| p.stats()),
                     uid: t.run_as_uid(),
                 }
             })
@@ -409,8 +409,12 @@ impl Hub {
     }
 }
 
-fn task_name(t: &Arc<dyn PreparedTask>) -> String {
-    t.spec().name.to_string()
+/// How an async call ends whose task left the deployment before it ran.
+fn no_longer_deployed(task: &str) -> Failure {
+    Failure::new(
+        FailureCode::UnknownTask,
+        format!("task {task:?} is no longer deployed"),
+    )
 }
 
 fn log_store(r: Result<(), StoreError>) {
@@ -423,7 +427,7 @@ fn log_store(r: Result<(), StoreError>) {
 async fn run(
     inner: &Arc<HubInner>,
     task: &Arc<dyn PreparedTask>,
-    call_id: &str,
+    call_id: &CallId,
     input: Bytes,
     env: Vec<(String, String)>,
     depth: u32,
@@ -443,7 +447,7 @@ async fn run(
         Ok(mut instance) => {
             instance
                 .invoke(Invocation {
-                    call_id: call_id.to_owned(),
+                    call_id: call_id.clone(),
                     input,
                     timeout: Duration::from_millis(spec.limits.timeout_ms),
                     env,
@@ -477,7 +481,7 @@ async fn run(
         })
         .observe(started.elapsed().as_secs_f64());
     if let Err(f) = &result {
-        tracing::debug!(task = %spec.name, call_id, code = %f.code, message = %f.message, "call failed");
+        tracing::debug!(task = %spec.name, %call_id, code = %f.code, message = %f.message, "call failed");
     }
     result
 }
@@ -525,7 +529,7 @@ impl TaskCaller for NestedCaller {
         Box::pin(run(
             &inner,
             &callee,
-            id.as_str(),
+            &id,
             input,
             Vec::new(),
             from.depth + 1,

@@ -360,19 +360,14 @@ impl Hub {
                 task.retire().await;
             }
         }
-        let live: std::collections::HashSet<String> = new
-            .tasks
-            .values()
-            .filter_map(|t| match &t.spec().code {
-                TaskCode::Wasm { sha256, .. } => Some(sha256.clone()),
-                _ => None,
-            })
-            .collect();
-        self.inner.wasm.cache().retain(&|sha| live.contains(sha));
+        let live: Vec<&TaskSpec> = new.tasks.values().map(|t| t.spec()).collect();
+        for runtime in self.inner.runtimes.values() {
+            runtime.retain_only(&live);
+        }
         for (name, task) in &new.tasks {
-            if task.demand().is_some() {
+            if let Some(pool) = task.pool() {
                 if let Ok(Some((rate, service_s))) = self.inner.store.load_demand(name.as_str()) {
-                    task.resume_demand(roost_runtime::Demand {
+                    pool.resume_demand(roost_runtime::Demand {
                         rate_per_s: rate,
                         service_s,
                     });

@@ -4,7 +4,8 @@
 //!
 //! Owns the active deployment (swapped atomically), the durable async call
 //! lifecycle (persist → admit → run → record, retry with backoff, recover
-//! after a crash), task logs and metrics. Knows nothing of HTTP.
+//! after a crash), task logs and metrics. Knows nothing of HTTP, and no
+//! runtime by name: the binary builds them and hands them over in [`Parts`].
 
 mod broker_store;
 mod calls;
@@ -49,11 +50,8 @@ pub struct HubConfig {
     pub retry_backoff: Duration,
     /// How long finished async calls (and their outputs) are kept.
     pub retention: Duration,
-    pub instance_slots: u32,
     /// The AWS region the hub's Lambda-compatible environment reports.
     pub region: String,
-    /// Size process pools at exactly `min_warm` instead of by demand.
-    pub fixed_pools: bool,
     /// The MQTT broker's settings.
     pub broker: roost_broker::BrokerConfig,
     /// Shadow document limits (AWS's by default).
@@ -63,8 +61,6 @@ pub struct HubConfig {
     pub api_url: Option<String>,
     /// The certificate tasks should trust for it, when it is served over TLS.
     pub api_ca_bundle: Option<PathBuf>,
-    /// Whether process tasks run under users of their own (needs root).
-    pub task_identities: roost_runtime_process::identity::Mode,
 }
 
 impl HubConfig {
@@ -81,14 +77,11 @@ impl HubConfig {
             async_attempts: 3,
             retry_backoff: Duration::from_secs(1),
             retention: Duration::from_secs(24 * 3600),
-            instance_slots: 1000,
             region: "us-east-1".into(),
-            fixed_pools: false,
             broker: roost_broker::BrokerConfig::default(),
             shadow_limits: roost_shadows::Limits::default(),
             api_url: None,
             api_ca_bundle: None,
-            task_identities: roost_runtime_process::identity::Mode::Off,
         }
     }
 }
@@ -129,17 +122,6 @@ fn make_private(data_dir: &std::path::Path) {
     for d in ["code", "cache", "deployments", "run"] {
         set(d, 0o700);
     }
-}
-
-/// A short, stable id for the hub owning `data_dir`: names its worker
-/// cgroups, so hubs sharing a machine never touch each other's workers.
-fn hub_id(data_dir: &std::path::Path) -> String {
-    use sha2::Digest;
-    let canonical = data_dir
-        .canonicalize()
-        .unwrap_or_else(|_| data_dir.to_owned());
-    let digest = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
-    hex::encode(&digest[..8])
 }
 
 /// Half of the machine's memory: the rest is for the OS, the hub itself and
@@ -189,13 +171,20 @@ pub(crate) struct HubInner {
     pub deploy_lock: tokio::sync::Mutex<()>,
     pub logs: Arc<LogBook>,
     pub metrics: Metrics,
-    pub wasm: Arc<roost_runtime_wasm::WasmRuntime>,
     pub broker: roost_broker::Broker,
     pub routes: RwLock<Arc<roost_routes::RouteTable>>,
     pub key: credentials::HubKey,
     /// Derived from `key` once: asked for on every signed request.
     pub owner: credentials::Credential,
     pub shadows: shadows::Shadows,
+}
+
+/// What the hub is given rather than builds: the runtimes that run task
+/// code (at most one per kind) and the log book they write task lines to
+/// (a runtime with long-lived workers is given it when it is built).
+pub struct Parts {
+    pub runtimes: Vec<Arc<dyn Runtime>>,
+    pub logs: Arc<LogBook>,
 }
 
 /// A running hub. Cheap to clone.
@@ -210,8 +199,8 @@ pub enum StartError {
     DataDir(PathBuf, std::io::Error),
     #[error(transparent)]
     Store(#[from] roost_store::StoreError),
-    #[error(transparent)]
-    Runtime(#[from] roost_runtime::PrepareError),
+    #[error("two runtimes were given for {0} tasks")]
+    TwoRuntimes(RuntimeKind),
     #[error("cannot use the hub key: {0}")]
     Key(std::io::Error),
 }
@@ -219,7 +208,7 @@ pub enum StartError {
 impl Hub {
     /// Opens the data dir, loads the active deployment and requeues every
     /// async call that was acknowledged but not finished.
-    pub async fn start(config: HubConfig) -> Result<Self, StartError> {
+    pub async fn start(config: HubConfig, parts: Parts) -> Result<Self, StartError> {
         for d in ["", "code", "cache", "deployments"] {
             let p = config.data_dir.join(d);
             std::fs::create_dir_all(&p).map_err(|e| StartError::DataDir(p, e))?;
@@ -227,31 +216,17 @@ impl Hub {
         let store = Arc::new(Store::open(&config.data_dir.join("roost.db"))?);
         let key = credentials::HubKey::load_or_create(&config.data_dir).map_err(StartError::Key)?;
         make_private(&config.data_dir);
-        let wasm = Arc::new(roost_runtime_wasm::WasmRuntime::new(
-            roost_runtime_wasm::WasmConfig {
-                cache_dir: config.data_dir.join("cache"),
-                instance_slots: config.instance_slots,
-            },
-        )?);
-        let logs = Arc::new(LogBook::default());
-        let process = roost_runtime_process::ProcessRuntime::new(
-            roost_runtime_process::ProcessConfig {
-                hub_id: hub_id(&config.data_dir),
-                region: config.region.clone(),
-                run_dir: config.data_dir.join("run"),
-                pool_policy: if config.fixed_pools {
-                    roost_runtime_process::pool::PoolPolicy::Fixed
-                } else {
-                    roost_runtime_process::pool::PoolPolicy::Demand
-                },
-                task_identities: config.task_identities,
-                data_dir: config.data_dir.clone(),
-            },
-            logs.clone(),
-        );
+        let Parts {
+            runtimes: given,
+            logs,
+        } = parts;
         let mut runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::new();
-        runtimes.insert(RuntimeKind::Wasm, wasm.clone());
-        runtimes.insert(RuntimeKind::Process, Arc::new(process));
+        for r in given {
+            let kind = r.kind();
+            if runtimes.insert(kind, r).is_some() {
+                return Err(StartError::TwoRuntimes(kind));
+            }
+        }
         let scheduler = Scheduler::new(SchedulerConfig {
             memory_budget_mb: config.memory_budget_mb,
             cpu_slots: config.cpu_slots,
@@ -297,7 +272,6 @@ impl Hub {
                 deploy_lock: tokio::sync::Mutex::new(()),
                 logs,
                 metrics,
-                wasm,
             }),
         };
         {
@@ -353,7 +327,7 @@ impl Hub {
         let active = self.inner.active.read().clone();
         m.tasks_deployed.set(active.tasks.len() as i64);
         for (name, task) in &active.tasks {
-            if let Some(p) = task.pool_stats() {
+            if let Some(p) = task.pool().map(|p| p.stats()) {
                 let l = metrics::TaskLabel {
                     task: name.to_string(),
                 };
@@ -402,7 +376,9 @@ impl Hub {
                 let Some(inner) = weak.upgrade() else { return };
                 let active = inner.active.read().clone();
                 for (name, task) in &active.tasks {
-                    let Some(d) = task.demand() else { continue };
+                    let Some(d) = task.pool().map(|p| p.demand()) else {
+                        continue;
+                    };
                     if last.get(name) == Some(&d) {
                         continue;
                     }

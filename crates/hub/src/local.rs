@@ -181,12 +181,19 @@ impl Hub {
     /// Whether the hub runs process tasks under identities of their own
     /// (then the API asks who a loopback connection belongs to).
     pub fn task_identities(&self) -> bool {
-        self.inner.config.task_identities != roost_runtime_process::identity::Mode::Off
+        self.inner
+            .runtimes
+            .values()
+            .any(|r| r.task_identities().is_some())
     }
 
     /// Who `uid`, the owner of a local connection, is.
     pub fn local_user(&self, uid: u32) -> LocalUser {
-        if !self.task_identities() || !roost_runtime_process::identity::is_task_uid(uid) {
+        let is_task_uid = self.inner.runtimes.values().any(|r| {
+            r.task_identities()
+                .is_some_and(|identities| identities.is_task_uid(uid))
+        });
+        if !is_task_uid {
             return LocalUser::Other;
         }
         let active = self.inner.active.read().clone();

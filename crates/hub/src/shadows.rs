@@ -328,8 +328,16 @@ fn rejection(e: &ShadowFailure, token: Option<&str>) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use crate::{Hub, HubConfig};
+    use crate::{Hub, HubConfig, Parts};
     use roost_shadows::{Operation, ShadowId};
+
+    /// Shadows need no task code run.
+    fn no_runtimes() -> Parts {
+        Parts {
+            runtimes: Vec::new(),
+            logs: Default::default(),
+        }
+    }
 
     fn id(thing: &str) -> ShadowId {
         ShadowId::parse(thing, None).unwrap()
@@ -338,7 +346,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_updates_to_a_shadow_all_apply_in_turn_and_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let hub = Hub::start(HubConfig::new(dir.path().to_owned()))
+        let hub = Hub::start(HubConfig::new(dir.path().to_owned()), no_runtimes())
             .await
             .unwrap();
         // 200 updates to one shadow and 200 spread over 10 others, at once.
@@ -378,7 +386,7 @@ mod tests {
         hub.drain(std::time::Duration::from_secs(1)).await;
         drop(hub);
 
-        let hub = Hub::start(HubConfig::new(dir.path().to_owned()))
+        let hub = Hub::start(HubConfig::new(dir.path().to_owned()), no_runtimes())
             .await
             .unwrap();
         let doc = hub

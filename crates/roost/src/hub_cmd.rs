@@ -267,14 +267,20 @@ async fn serve(opts: HubOpts) -> Result<()> {
     config.retry_backoff = Duration::from_millis(opts.retry_backoff_ms);
     config.retention = Duration::from_secs(opts.retention_s);
     config.region = opts.region.clone();
-    config.fixed_pools = opts.pool_policy == PoolPolicy::Fixed;
-    config.task_identities = {
-        use roost_runtime_process::identity::{can_switch, Mode};
-        match opts.task_identities {
-            TaskIdentities::On => Mode::On,
-            TaskIdentities::Auto if can_switch() => Mode::Auto,
-            TaskIdentities::Auto | TaskIdentities::Off => Mode::Off,
-        }
+    let runtimes = crate::assembly::RuntimeOptions {
+        pool_policy: match opts.pool_policy {
+            PoolPolicy::Fixed => roost_runtime_process::pool::PoolPolicy::Fixed,
+            PoolPolicy::Demand => roost_runtime_process::pool::PoolPolicy::Demand,
+        },
+        task_identities: {
+            use roost_runtime_process::identity::{can_switch, Mode};
+            match opts.task_identities {
+                TaskIdentities::On => Mode::On,
+                TaskIdentities::Auto if can_switch() => Mode::Auto,
+                TaskIdentities::Auto | TaskIdentities::Off => Mode::Off,
+            }
+        },
+        ..Default::default()
     };
     config.broker.allow_anonymous = opts.allow_anonymous;
     config.broker.max_packet_bytes = opts.mqtt_max_packet_bytes;
@@ -325,12 +331,14 @@ async fn serve(opts: HubOpts) -> Result<()> {
     config.shadow_limits.max_depth = opts.shadow_max_depth;
     config.api_url = Some(format!("{scheme}://{}", reachable(addr)));
     config.api_ca_bundle = opts.tls_cert.clone();
-    let hub = Hub::start(config).await.with_context(|| {
-        format!(
-            "cannot start the hub with data dir {}",
-            opts.data_dir.display()
-        )
-    })?;
+    let hub = crate::assembly::start_hub(config, runtimes)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot start the hub with data dir {}",
+                opts.data_dir.display()
+            )
+        })?;
     if opts.example {
         let package = crate::example::package(crate::example::FILES)?;
         let report = hub

@@ -2,6 +2,7 @@
 //! runs the daemon (hub + api), the other commands talk to a running hub
 //! over its HTTP API.
 
+mod assembly;
 mod bench;
 mod client;
 mod example;

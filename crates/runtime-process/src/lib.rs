@@ -27,14 +27,16 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use roost_model::{Failure, FailureCode, RuntimeKind, TaskCode, TaskSpec};
 use roost_runtime::{
-    Instance, Invocation, LogSink, PoolStats, PrepareError, PreparedTask, Runtime,
+    Demand, Instance, Invocation, LogSink, PoolStats, PrepareError, PreparedTask, Runtime,
+    TaskIdentities, WorkerPool,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[derive(Clone, Debug)]
 pub struct ProcessConfig {
-    /// Identifies this hub's workers and cgroups (derived from the data dir).
+    /// Identifies this hub's workers and cgroups (derived from the data dir,
+    /// see [`hub_id`]).
     pub hub_id: String,
     /// The region the Lambda environment reports (`AWS_REGION`).
     pub region: String,
@@ -47,6 +49,33 @@ pub struct ProcessConfig {
     /// The hub's data dir, under which task folders are unpacked: the only
     /// folders whose modes the runtime changes.
     pub data_dir: PathBuf,
+}
+
+impl ProcessConfig {
+    /// Defaults for the hub keeping its state in `data_dir` (which must
+    /// exist, so its id is that of its canonical path): pools sized by
+    /// demand, no task identities.
+    pub fn new(data_dir: &Path, region: &str) -> Self {
+        Self {
+            hub_id: hub_id(data_dir),
+            region: region.to_owned(),
+            run_dir: data_dir.join("run"),
+            pool_policy: pool::PoolPolicy::Demand,
+            task_identities: identity::Mode::Off,
+            data_dir: data_dir.to_owned(),
+        }
+    }
+}
+
+/// A short, stable id for the hub owning `data_dir`: names its worker
+/// cgroups, so hubs sharing a machine never touch each other's workers.
+pub fn hub_id(data_dir: &Path) -> String {
+    use sha2::Digest;
+    let canonical = data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| data_dir.to_owned());
+    let digest = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    hex::encode(&digest[..8])
 }
 
 pub struct ProcessRuntime {
@@ -324,6 +353,16 @@ impl Runtime for ProcessRuntime {
             uid: run_as.map(|id| id.uid),
         }))
     }
+
+    fn task_identities(&self) -> Option<&dyn TaskIdentities> {
+        (self.config.task_identities != identity::Mode::Off).then_some(self)
+    }
+}
+
+impl TaskIdentities for ProcessRuntime {
+    fn is_task_uid(&self, uid: u32) -> bool {
+        identity::is_task_uid(uid)
+    }
 }
 
 pub struct ProcessTask {
@@ -346,19 +385,25 @@ impl PreparedTask for ProcessTask {
         self.pool.retire();
     }
 
-    fn pool_stats(&self) -> Option<PoolStats> {
-        Some(self.pool.stats())
+    fn pool(&self) -> Option<&dyn WorkerPool> {
+        Some(self)
     }
 
     fn run_as_uid(&self) -> Option<u32> {
         self.uid
     }
+}
 
-    fn demand(&self) -> Option<roost_runtime::Demand> {
-        Some(self.pool.demand())
+impl WorkerPool for ProcessTask {
+    fn stats(&self) -> PoolStats {
+        self.pool.stats()
     }
 
-    fn resume_demand(&self, demand: roost_runtime::Demand) {
+    fn demand(&self) -> Demand {
+        self.pool.demand()
+    }
+
+    fn resume_demand(&self, demand: Demand) {
         self.pool.resume_demand(demand);
     }
 }
@@ -386,7 +431,7 @@ impl Instance for pool::Lease {
         let started = std::time::Instant::now();
         let r = worker
             .invoke(
-                inv.call_id,
+                inv.call_id.to_string(),
                 inv.input,
                 inv.timeout,
                 client_context,

@@ -224,6 +224,19 @@ impl Runtime for WasmRuntime {
     async fn prepare(&self, spec: &TaskSpec) -> Result<Arc<dyn PreparedTask>, PrepareError> {
         Ok(self.prepare_wasm(spec)?)
     }
+
+    /// Drops the in-memory modules no deployed task runs (the compiled
+    /// artifacts on disk stay, for a later deployment of the same code).
+    fn retain_only(&self, live: &[&TaskSpec]) {
+        let live: std::collections::HashSet<&str> = live
+            .iter()
+            .filter_map(|s| match &s.code {
+                TaskCode::Wasm { sha256, .. } => Some(sha256.as_str()),
+                _ => None,
+            })
+            .collect();
+        self.cache.retain(&|sha| live.contains(sha));
+    }
 }
 
 /// A compiled, pre-linked wasm task.
@@ -361,7 +374,9 @@ impl Instance for WasmInstance {
         let err_lines = stderr.contents();
         if !err_lines.is_empty() {
             for line in String::from_utf8_lossy(&err_lines).lines() {
-                context.logs.line(&self.spec.name, &inv.call_id, line);
+                context
+                    .logs
+                    .line(&self.spec.name, inv.call_id.as_str(), line);
             }
         }
         let outcome = match result {

@@ -6,14 +6,19 @@
 //! A runtime knows nothing of the scheduler's queue or of HTTP: it is given
 //! an admitted [`Invocation`] and returns the output or a [`Failure`].
 //!
+//! What only some runtimes have is asked for, not assumed: a task's
+//! [`WorkerPool`] (process tasks keep warm workers) and a runtime's
+//! [`TaskIdentities`] (process tasks may run under users of their own).
+//! The hub holds every runtime as `Arc<dyn Runtime>` and names none of
+//! them; the binary builds them.
+//!
 //! Instances are first-class so that long-lived, stateful instances fit
 //! later without a redesign: a process worker is an instance that serves
-//! many calls; `checkpoint` and `PreparedTask::restore` are where suspend,
-//! checkpoint and resume-on-another-hub plug in.
+//! many calls.
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use roost_model::{Failure, FailureCode, RuntimeKind, TaskName, TaskSpec};
+use roost_model::{CallId, Failure, RuntimeKind, TaskName, TaskSpec};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +34,22 @@ pub trait Runtime: Send + Sync + 'static {
     /// Makes a task ready to run (compile, verify, warm up). Called while a
     /// deployment is validated, before it is applied.
     async fn prepare(&self, spec: &TaskSpec) -> Result<Arc<dyn PreparedTask>, PrepareError>;
+    /// Called once a deployment is applied, with every task now deployed
+    /// (of every runtime): drops what only departed tasks used, such as the
+    /// wasm runtime's compiled modules in memory.
+    fn retain_only(&self, _live: &[&TaskSpec]) {}
+    /// The users of their own this runtime runs tasks as, when it does
+    /// (then the hub asks who a local connection to its API belongs to).
+    fn task_identities(&self) -> Option<&dyn TaskIdentities> {
+        None
+    }
+}
+
+/// Task identities: the users of their own a runtime runs task code as.
+pub trait TaskIdentities: Send + Sync {
+    /// Whether `uid` is one a task identity can have, whether or not a
+    /// deployed task has it (a retired task's worker may still call).
+    fn is_task_uid(&self, uid: u32) -> bool;
 }
 
 /// A task whose code is loaded and ready.
@@ -38,20 +59,10 @@ pub trait PreparedTask: Send + Sync + 'static {
     /// An instance to run calls on. For wasm this is a fresh, isolated
     /// instance per call; for a process task a warm worker from its pool.
     async fn instance(&self) -> Result<Box<dyn Instance>, Failure>;
-    /// Resumes an instance from a checkpoint taken by [`Instance::checkpoint`].
-    async fn restore(&self, _checkpoint: Checkpoint) -> Result<Box<dyn Instance>, Failure> {
-        Err(Failure::new(
-            FailureCode::TaskError,
-            format!(
-                "the {} runtime cannot restore checkpoints",
-                self.spec().runtime
-            ),
-        ))
-    }
     /// Called when the task leaves the deployment, so pools can wind down.
     async fn retire(&self) {}
-    /// The state of the task's worker pool, for runtimes that keep one.
-    fn pool_stats(&self) -> Option<PoolStats> {
+    /// The task's pool of warm workers, for runtimes that keep one.
+    fn pool(&self) -> Option<&dyn WorkerPool> {
         None
     }
     /// The user its code runs as, when that is a task identity of its own
@@ -59,14 +70,18 @@ pub trait PreparedTask: Send + Sync + 'static {
     fn run_as_uid(&self) -> Option<u32> {
         None
     }
+}
+
+/// A task's pool of long-lived workers, sized by the demand it measures.
+pub trait WorkerPool: Send + Sync {
+    /// The pool's counters, for metrics and `roost tasks`.
+    fn stats(&self) -> PoolStats;
     /// The demand the pool has measured, for the hub to keep across
     /// restarts.
-    fn demand(&self) -> Option<Demand> {
-        None
-    }
+    fn demand(&self) -> Demand;
     /// Seeds the pool with demand measured before a restart, so it pre-warms
     /// what it needed then.
-    fn resume_demand(&self, _demand: Demand) {}
+    fn resume_demand(&self, demand: Demand);
 }
 
 /// Measured demand on a task: smoothed arrival rate and service time.
@@ -93,26 +108,11 @@ pub struct PoolStats {
 pub trait Instance: Send {
     /// Runs one call to completion, within `invocation.timeout`.
     async fn invoke(&mut self, invocation: Invocation) -> Result<Bytes, Failure>;
-    /// Suspends the instance and captures its state.
-    async fn checkpoint(&mut self) -> Result<Checkpoint, Failure> {
-        Err(Failure::new(
-            FailureCode::TaskError,
-            "this runtime cannot checkpoint its instances",
-        ))
-    }
-}
-
-/// The captured state of a suspended instance.
-#[derive(Clone, Debug)]
-pub struct Checkpoint {
-    pub task: TaskName,
-    pub runtime: RuntimeKind,
-    pub state: Bytes,
 }
 
 /// One admitted call, as a runtime sees it.
 pub struct Invocation {
-    pub call_id: String,
+    pub call_id: CallId,
     pub input: Bytes,
     /// Queue wait is already excluded: the clock starts now.
     pub timeout: Duration,

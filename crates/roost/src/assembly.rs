@@ -1,0 +1,53 @@
+//! What the binary puts together for the hub: its runtimes (wasm and
+//! process), built from their own settings and handed to `roost-hub` as
+//! trait objects, so that the hub names no runtime.
+
+use anyhow::{Context, Result};
+use roost_hub::{logs::LogBook, Hub, HubConfig, Parts};
+use roost_runtime_process::{identity, pool::PoolPolicy, ProcessConfig, ProcessRuntime};
+use roost_runtime_wasm::{WasmConfig, WasmRuntime};
+use std::sync::Arc;
+
+/// The runtimes' own settings (the hub's are in [`HubConfig`]).
+pub struct RuntimeOptions {
+    /// How process tasks' worker pools are sized.
+    pub pool_policy: PoolPolicy,
+    /// Whether process tasks run under users of their own (needs root).
+    pub task_identities: identity::Mode,
+    /// Wasm instances that may exist at once (the pooling allocator's slots).
+    pub instance_slots: u32,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        Self {
+            pool_policy: PoolPolicy::Demand,
+            task_identities: identity::Mode::Off,
+            instance_slots: 1000,
+        }
+    }
+}
+
+/// Builds the runtimes of the hub keeping its state in `config.data_dir`
+/// and starts the hub with them.
+pub async fn start_hub(config: HubConfig, options: RuntimeOptions) -> Result<Hub> {
+    let data_dir = &config.data_dir;
+    // The process runtime's hub id is derived from the data dir's canonical
+    // path (it names the worker cgroups), so the dir must exist first.
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create the data dir {}", data_dir.display()))?;
+    let logs = Arc::new(LogBook::default());
+    let wasm = WasmRuntime::new(WasmConfig {
+        cache_dir: data_dir.join("cache"),
+        instance_slots: options.instance_slots,
+    })?;
+    let mut process = ProcessConfig::new(data_dir, &config.region);
+    process.pool_policy = options.pool_policy;
+    process.task_identities = options.task_identities;
+    let process = ProcessRuntime::new(process, logs.clone());
+    let parts = Parts {
+        runtimes: vec![Arc::new(wasm), Arc::new(process)],
+        logs,
+    };
+    Ok(Hub::start(config, parts).await?)
+}
