@@ -114,10 +114,13 @@ fn find_in_table(table: &str, want_local: &str, want_remote: &str) -> Option<Soc
     table.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.len() > 9 && f[1] == want_local && f[2] == want_remote {
-            Some(SocketOwner {
+            let owner = SocketOwner {
                 uid: f[7].parse().ok()?,
                 inode: f[9].parse().ok()?,
-            })
+            };
+            // Inode 0 is a socket no process holds (TIME_WAIT, orphaned),
+            // or a line whose fields have shifted: either way, no owner.
+            (owner.inode != 0).then_some(owner)
         } else {
             None
         }
