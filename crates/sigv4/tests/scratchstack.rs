@@ -159,6 +159,12 @@ fn signed(case: &Case, secret: &str, at: u64) -> Request<Vec<u8>> {
     req
 }
 
+/// Whether the case's path holds percent-encoded bytes (signed encoded
+/// twice by AWS's rule for services other than S3).
+fn encoded_path(case: &Case) -> bool {
+    case.target.split('?').next().unwrap_or("").contains('%')
+}
+
 /// What ours makes of `req`, the hub's clock at `now`.
 fn ours(req: &Request<Vec<u8>>, now: u64) -> Result<roost_sigv4::Verified, SigError> {
     let signed =
@@ -204,9 +210,18 @@ async fn what_we_sign_another_verifier_accepts() {
         let req = signed(case, SECRET, NOW);
         let v = ours(&req, NOW).unwrap_or_else(|e| panic!("{}: ours refused: {e}", case.name));
         assert_eq!(v.service, case.service);
-        theirs(req, case.service, NOW + 30)
-            .await
-            .unwrap_or_else(|e| eprintln!("DIVERGE {}: scratchstack refused: {e}", case.name));
+        let verdict = theirs(req, case.service, NOW + 30).await;
+        if encoded_path(case) {
+            // The one known difference: for every service but S3, AWS
+            // encodes an already-encoded path a second time (`%2F` is signed
+            // as `%252F`), as botocore and the AWS CLI sign it, and as our
+            // unit tests check against botocore's output. scratchstack
+            // encodes it once, so it refuses what every SDK sends. This
+            // pins the difference: if scratchstack changes, look again.
+            assert!(verdict.is_err(), "{}: scratchstack now agrees", case.name);
+            continue;
+        }
+        verdict.unwrap_or_else(|e| panic!("{}: scratchstack refused: {e}", case.name));
     }
 }
 
