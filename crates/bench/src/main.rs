@@ -185,7 +185,8 @@ pub(crate) struct HubProcess {
 impl HubProcess {
     pub(crate) fn start(extra: &[&str]) -> Result<Self> {
         let data = tempfile::tempdir()?;
-        let child = Command::new(roost_binary()?)
+        let roost = roost_binary()?;
+        let child = Command::new(&roost)
             .arg("hub")
             .arg("--data-dir")
             .arg(data.path())
@@ -203,7 +204,8 @@ impl HubProcess {
             .env("ROOST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()?;
+            .spawn()
+            .with_context(|| format!("cannot start a hub from {}", roost.display()))?;
         let endpoints = data.path().join("endpoints.json");
         let deadline = Instant::now() + Duration::from_secs(60);
         let addr = loop {

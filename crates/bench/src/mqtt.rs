@@ -133,7 +133,8 @@ fn wait_port(addr: &str) -> Result<()> {
 fn start_hub() -> Result<Broker> {
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
-    let child = Command::new(crate::roost_binary()?)
+    let roost = crate::roost_binary()?;
+    let child = Command::new(&roost)
         .args([
             "hub",
             "--http",
@@ -146,7 +147,8 @@ fn start_hub() -> Result<Broker> {
         .env("ROOST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()?;
+        .spawn()
+        .with_context(|| format!("cannot start a hub from {}", roost.display()))?;
     let addr = format!("127.0.0.1:{port}");
     wait_port(&addr)?;
     Ok(Broker { child, addr, dir })
