@@ -18,6 +18,9 @@
 
 mod mqtt;
 mod owner;
+// The same files `roost hub --example` deploys: one source, compiled into
+// both binaries (`roost` is not a library to depend on).
+#[path = "../../roost/src/example.rs"]
 mod package;
 mod shadow;
 
