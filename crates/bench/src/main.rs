@@ -17,6 +17,8 @@
 //! those measured when the bench was part of `roost`.
 
 mod mqtt;
+// The owner's keys and signing, as `roost shadow` has them: one source.
+#[path = "../../roost/src/owner.rs"]
 mod owner;
 // The same files `roost hub --example` deploys: one source, compiled into
 // both binaries (`roost` is not a library to depend on).

@@ -7,6 +7,7 @@ mod bench;
 mod client;
 mod example;
 mod hub_cmd;
+mod owner;
 mod pack;
 mod shadow_cmd;
 

@@ -1,24 +1,28 @@
 //! The hub owner's keys, read from the profile files a hub writes in its
-//! data dir (as `roost shadow` reads them), to sign requests the way
-//! botocore does.
+//! data dir, and signing as botocore does. Shared by `roost shadow` and
+//! `roost-bench` (which compiles this file in through `#[path]`).
 
 use anyhow::{anyhow, Context, Result};
 use roost_sigv4 as sigv4;
 use std::path::Path;
 
-/// The hub owner's keys and region.
+/// The hub owner's keys and region, from the profile files the hub writes.
 #[derive(Clone)]
-pub struct Owner {
+pub(crate) struct Owner {
     pub key: String,
     pub secret: String,
     pub region: String,
 }
 
 impl Owner {
-    pub fn load(data_dir: &Path) -> Result<Self> {
+    pub(crate) fn load(data_dir: &Path) -> Result<Self> {
         let read = |f: &str| {
-            std::fs::read_to_string(data_dir.join(f))
-                .with_context(|| format!("cannot read {}", data_dir.join(f).display()))
+            std::fs::read_to_string(data_dir.join(f)).with_context(|| {
+                format!(
+                    "cannot read {} (is --data-dir the hub's data dir? the hub writes it at start)",
+                    data_dir.join(f).display()
+                )
+            })
         };
         let field = |text: &str, k: &str| {
             text.lines()
@@ -37,9 +41,9 @@ impl Owner {
         })
     }
 
-    /// The headers that sign an IoT data plane request to `host`
-    /// (`x-amz-date`, `authorization`; `host` included).
-    pub fn sign(
+    /// The headers that sign an IoT data plane request to `host` as
+    /// botocore would (`x-amz-date`, `authorization`; `host` included).
+    pub(crate) fn sign(
         &self,
         method: &str,
         path: &str,
