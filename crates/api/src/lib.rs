@@ -328,7 +328,7 @@ async fn active_deployment(State(st): State<AppState>) -> Result<Response, ApiEr
 async fn devices(State(st): State<AppState>) -> Response {
     let list: Vec<serde_json::Value> = st
         .hub
-        .broker()
+        .bus()
         .devices()
         .into_iter()
         .map(|d| serde_json::json!({"name": d.name, "connected": d.connected, "client_ids": d.client_ids}))

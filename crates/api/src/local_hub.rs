@@ -5,7 +5,7 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use roost_broker::{RetainedMessage, RetainedSummary};
+use roost_bus::{RetainedMessage, RetainedSummary};
 use roost_hub::{CallError, Hub};
 use roost_model::{CallId, Principal, TaskName};
 use roost_overrides::{CallRefused, HubFailure, LocalHub, PublishOptions, SecretValue, Settings};
@@ -23,7 +23,7 @@ impl HubForServices {
         let settings = Settings {
             region: c.region.clone(),
             max_call_input: c.max_sync_input,
-            max_publish_bytes: c.broker.max_packet_bytes,
+            max_publish_bytes: hub.bus().max_message_bytes(),
             max_shadow_request_bytes: c.shadow_limits.max_request_bytes,
         };
         HubForServices { hub, settings }
@@ -106,7 +106,7 @@ impl LocalHub for HubForServices {
     }
 
     fn retained_message(&self, topic: &str) -> Option<RetainedMessage> {
-        self.hub.broker().retained_message(topic)
+        self.hub.bus().retained_message(topic)
     }
 
     fn retained_page(
@@ -115,7 +115,7 @@ impl LocalHub for HubForServices {
         limit: usize,
         visible: &dyn Fn(&str) -> bool,
     ) -> (Vec<RetainedSummary>, Option<String>) {
-        self.hub.broker().retained_page(after, limit, visible)
+        self.hub.bus().retained_page(after, limit, visible)
     }
 
     fn has_task(&self, name: &str) -> bool {

@@ -467,6 +467,13 @@ async fn bench_instantiate(opts: &BenchOpts) -> Result<()> {
     let parts = roost_hub::Parts {
         runtimes: vec![std::sync::Arc::new(wasm)],
         logs,
+        bus: Box::new(|state: roost_bus::BusState| {
+            std::sync::Arc::new(roost_broker::Broker::with_persistence(
+                roost_broker::BrokerConfig::default(),
+                Some(state.persistence),
+                state.restore,
+            ))
+        }),
     };
     let hub = roost_hub::Hub::start(cfg, parts).await?;
     hub.deploy_package(&package::package(package::FILES)?)

@@ -8,12 +8,12 @@
 //! subscriptions (a topic trie), retained messages, QoS flows, wills and
 //! keep-alive; it knows nothing of tasks or HTTP.
 
+mod bus;
 mod connection;
 mod listener;
 mod metrics;
 mod persist;
 pub mod policy;
-mod qos;
 pub mod tls;
 /// Topic rules live in their own crate; re-exported for callers that name
 /// them through the broker.
@@ -21,11 +21,15 @@ pub use roost_topic as topic;
 
 pub use persist::{Done, PersistError, Persistence, Queued, Restore, Retained};
 pub use policy::{Device, Devices, Policy};
-pub use qos::{InvalidQoS, QoS};
+/// The message vocabulary is the bus's (`roost-bus`), shared with the hub.
+pub use roost_bus::{
+    DeviceState, InvalidQoS, Message, MessageBus, Publisher, QoS, Reserved, RetainedMessage,
+    RetainedSummary, Tap,
+};
 
 use bytes::Bytes;
-pub use mqtt5_protocol::Properties;
 use parking_lot::{Mutex, RwLock};
+pub use roost_bus::Properties;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -56,88 +60,6 @@ impl Default for BrokerConfig {
             session_queue_limit: 1000,
             outgoing_buffer: 10_000,
             slow_client_grace: std::time::Duration::from_secs(5),
-        }
-    }
-}
-
-/// A message as the broker routes it.
-#[derive(Clone, Debug)]
-pub struct Message {
-    pub topic: String,
-    pub payload: Bytes,
-    pub qos: QoS,
-    pub retain: bool,
-    /// MQTT 5 properties to forward (topic alias removed).
-    pub properties: Properties,
-    /// Who published it (for no-local, and whether the tap sees it).
-    pub from: Publisher,
-    /// Its id in the store when queued for persistent sessions (0: not stored).
-    pub id: u64,
-    /// When it stops being worth delivering (MQTT 5 message expiry).
-    pub expires_at: Option<std::time::Instant>,
-}
-
-/// A retained message as `GetRetainedMessage` shows it.
-#[derive(Clone, Debug)]
-pub struct RetainedMessage {
-    pub topic: String,
-    pub payload: Bytes,
-    pub qos: QoS,
-    /// When it was retained (wall clock, ms).
-    pub modified_ms: i64,
-    /// Its MQTT 5 user properties, in order.
-    pub user_properties: Vec<(String, String)>,
-}
-
-/// A retained message as `ListRetainedMessages` shows it.
-#[derive(Clone, Debug)]
-pub struct RetainedSummary {
-    pub topic: String,
-    pub payload_size: usize,
-    pub qos: QoS,
-    pub modified_ms: i64,
-}
-
-/// Who published a message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Publisher {
-    /// An MQTT client, by client id: its own no-local subscriptions do not
-    /// get the message back, and the tap sees it.
-    Client(String),
-    /// The hub itself (a route, a task, a shadow answer, a restored
-    /// message): the tap does not see it, so it feeds no `device:` route.
-    Hub,
-    /// Outside the hub without an MQTT connection (the owner's data-plane
-    /// `Publish`): like a client's message the tap sees it, and being no
-    /// client, no-local hides it from no one.
-    Outside,
-}
-
-impl Publisher {
-    /// Whether `client_id` published it (its no-local subscriptions skip it).
-    pub fn is_client(&self, client_id: &str) -> bool {
-        matches!(self, Publisher::Client(c) if c == client_id)
-    }
-
-    /// Whether the tap (the hub's route table) sees its messages.
-    pub fn feeds_tap(&self) -> bool {
-        !matches!(self, Publisher::Hub)
-    }
-}
-
-impl Message {
-    /// A QoS 1 message the hub itself publishes (a route, a task): it has
-    /// no client behind it, so it feeds no `device:` route.
-    pub fn from_hub(topic: &str, payload: Bytes) -> Self {
-        Message {
-            topic: topic.to_owned(),
-            payload,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            properties: Properties::new(),
-            from: Publisher::Hub,
-            id: 0,
-            expires_at: None,
         }
     }
 }
@@ -266,10 +188,6 @@ pub(crate) struct Inner {
     pub reserved: RwLock<Option<Reserved>>,
 }
 
-/// Says whether a topic is reserved for the hub (clients' publishes to it
-/// are refused as not authorized).
-pub type Reserved = Arc<dyn Fn(&str) -> bool + Send + Sync>;
-
 /// MQTT 5 properties as kept in the store: their wire encoding.
 fn encode_properties(p: &Properties) -> Vec<u8> {
     if p.is_empty() {
@@ -309,21 +227,10 @@ fn instant_of_wall_clock(ms: i64) -> std::time::Instant {
     std::time::Instant::now() + std::time::Duration::from_millis((ms - now_ms()).max(0) as u64)
 }
 
-/// A hook called with (topic, payload) of each message a client publishes.
-pub type Tap = Arc<dyn Fn(&str, &Bytes) + Send + Sync>;
-
 /// A running broker. Cheap to clone.
 #[derive(Clone)]
 pub struct Broker {
     pub(crate) inner: Arc<Inner>,
-}
-
-/// A device as `roost devices` shows it.
-#[derive(Clone, Debug)]
-pub struct DeviceState {
-    pub name: String,
-    pub connected: bool,
-    pub client_ids: Vec<String>,
 }
 
 impl Broker {

@@ -5,22 +5,14 @@
 use crate::topic::{filter_within, matches, valid_filter};
 use std::collections::HashMap;
 
-#[derive(Clone, Debug)]
-pub struct Device {
-    pub name: String,
-    /// An argon2 PHC string (`roost passwd`).
-    pub password_hash: Option<String>,
-    pub publish: Vec<String>,
-    pub subscribe: Vec<String>,
-}
+pub use roost_bus::Device;
 
-impl Device {
-    fn expand(&self, filters: &[String]) -> Vec<String> {
-        filters
-            .iter()
-            .map(|f| f.replace("{device}", &self.name))
-            .collect()
-    }
+/// `{device}` in a device's filters stands for its own name.
+fn expand(device: &Device, filters: &[String]) -> Vec<String> {
+    filters
+        .iter()
+        .map(|f| f.replace("{device}", &device.name))
+        .collect()
 }
 
 /// The devices of the active deployment, with their filters expanded.
@@ -69,13 +61,11 @@ impl Devices {
         let by_name = devices
             .into_iter()
             .map(|d| {
-                let publish = d
-                    .expand(&d.publish)
+                let publish = expand(&d, &d.publish)
                     .into_iter()
                     .filter(|f| valid_filter(f))
                     .collect();
-                let subscribe = d
-                    .expand(&d.subscribe)
+                let subscribe = expand(&d, &d.subscribe)
                     .into_iter()
                     .filter(|f| valid_filter(f))
                     .collect();

@@ -1,7 +1,8 @@
-//! Keeps the broker's durable state in the hub's store: the adapter between
-//! the broker's `Persistence` trait and the store (which owns the SQL).
+//! Keeps the message bus's durable state in the hub's store: the adapter
+//! between `roost-bus`'s `Persistence` trait and the store (which owns the
+//! SQL).
 
-use roost_broker::{Done, PersistError, Persistence, QoS, Queued, Restore, Retained};
+use roost_bus::{Done, PersistError, Persistence, QoS, Queued, Restore, Retained};
 use roost_store::{Store, StoredMessage, StoredRetained};
 use std::sync::Arc;
 

@@ -550,7 +550,7 @@ impl TaskCaller for NestedCaller {
                 "the hub is shutting down",
             ));
         };
-        if !roost_broker::topic::valid_topic_name(topic) {
+        if !roost_topic::valid_topic_name(topic) {
             return Err(Failure::new(
                 FailureCode::TaskError,
                 format!("{topic:?} is not a topic a message can be published to"),
@@ -563,7 +563,7 @@ impl TaskCaller for NestedCaller {
                 .allow
                 .publish
                 .iter()
-                .any(|f| roost_broker::topic::matches(f, topic))
+                .any(|f| roost_topic::matches(f, topic))
         });
         if !allowed || crate::reserved_topic(topic) {
             return Err(Failure::new(
@@ -575,8 +575,8 @@ impl TaskCaller for NestedCaller {
             ));
         }
         let done = inner
-            .broker
-            .publish(roost_broker::Message::from_hub(topic, payload));
+            .bus
+            .publish(roost_bus::Message::from_hub(topic, payload));
         if let Some(done) = done {
             done.await.map_err(|e| {
                 Failure::new(

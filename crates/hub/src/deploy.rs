@@ -326,17 +326,17 @@ impl Hub {
             self.inner.metrics.routes.clone(),
         );
         *self.inner.routes.write() = Arc::new(table);
-        self.inner.broker.set_devices(roost_broker::Devices::new(
+        self.inner.bus.set_devices(
             devices
                 .iter()
-                .map(|d| roost_broker::Device {
+                .map(|d| roost_bus::Device {
                     name: d.name.clone(),
                     password_hash: d.password_hash.clone(),
                     publish: d.publish.clone(),
                     subscribe: d.subscribe.clone(),
                 })
                 .collect(),
-        ));
+        );
         let mut names: Vec<String> = tasks.keys().map(|t| t.to_string()).collect();
         names.sort();
         let credentials = tasks

@@ -23,6 +23,7 @@ pub use deploy::{DeployError, DeployReport, SECRETS_ENTRY};
 use logs::LogBook;
 use metrics::Metrics;
 use parking_lot::RwLock;
+use roost_bus::{BusState, MessageBus};
 use roost_model::{RuntimeKind, TaskName};
 use roost_runtime::{PreparedTask, Runtime};
 use roost_scheduler::{Scheduler, SchedulerConfig};
@@ -52,8 +53,6 @@ pub struct HubConfig {
     pub retention: Duration,
     /// The AWS region the hub's Lambda-compatible environment reports.
     pub region: String,
-    /// The MQTT broker's settings.
-    pub broker: roost_broker::BrokerConfig,
     /// Shadow document limits (AWS's by default).
     pub shadow_limits: roost_shadows::Limits,
     /// The hub's HTTP API as tasks reach it (`AWS_ENDPOINT_URL_*`); none
@@ -78,7 +77,6 @@ impl HubConfig {
             retry_backoff: Duration::from_secs(1),
             retention: Duration::from_secs(24 * 3600),
             region: "us-east-1".into(),
-            broker: roost_broker::BrokerConfig::default(),
             shadow_limits: roost_shadows::Limits::default(),
             api_url: None,
             api_ca_bundle: None,
@@ -171,7 +169,7 @@ pub(crate) struct HubInner {
     pub deploy_lock: tokio::sync::Mutex<()>,
     pub logs: Arc<LogBook>,
     pub metrics: Metrics,
-    pub broker: roost_broker::Broker,
+    pub bus: Arc<dyn MessageBus>,
     pub routes: RwLock<Arc<roost_routes::RouteTable>>,
     pub key: credentials::HubKey,
     /// Derived from `key` once: asked for on every signed request.
@@ -180,12 +178,18 @@ pub(crate) struct HubInner {
 }
 
 /// What the hub is given rather than builds: the runtimes that run task
-/// code (at most one per kind) and the log book they write task lines to
-/// (a runtime with long-lived workers is given it when it is built).
+/// code (at most one per kind), the log book they write task lines to (a
+/// runtime with long-lived workers is given it when it is built), and how
+/// to make its message bus once the store it keeps its state in is open.
 pub struct Parts {
     pub runtimes: Vec<Arc<dyn Runtime>>,
     pub logs: Arc<LogBook>,
+    pub bus: BusFactory,
 }
+
+/// Makes the hub's message bus from the durable state the hub restored
+/// from its store (called once, at start).
+pub type BusFactory = Box<dyn FnOnce(BusState) -> Arc<dyn MessageBus> + Send>;
 
 /// A running hub. Cheap to clone.
 #[derive(Clone)]
@@ -219,6 +223,7 @@ impl Hub {
         let Parts {
             runtimes: given,
             logs,
+            bus,
         } = parts;
         let mut runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::new();
         for r in given {
@@ -244,15 +249,14 @@ impl Hub {
                 "restored the broker's persistent sessions and retained messages"
             );
         }
-        let broker = roost_broker::Broker::with_persistence(
-            config.broker.clone(),
-            Some(Arc::new(broker_store::BrokerStore(store.clone()))),
-            restored,
-        );
-        broker.register_metrics(metrics.registry());
+        let bus = bus(BusState {
+            persistence: Arc::new(broker_store::BrokerStore(store.clone())),
+            restore: restored,
+        });
+        bus.register_metrics(metrics.registry());
         let hub = Hub {
             inner: Arc::new(HubInner {
-                broker,
+                bus,
                 routes: RwLock::new(Arc::new(roost_routes::RouteTable::empty(
                     metrics.routes.clone(),
                 ))),
@@ -278,13 +282,13 @@ impl Hub {
             // AWS's reserved topics: clients may publish shadow requests,
             // never the hub's answers (`/accepted`, `/delta`, ...).
             hub.inner
-                .broker
+                .bus
                 .set_reserved(Arc::new(|topic: &str| reserved_topic(topic)));
             // Messages devices publish go to the shadows (their request
             // topics) or through the route table.
             let weak = Arc::downgrade(&hub.inner);
             hub.inner
-                .broker
+                .bus
                 .set_tap(Arc::new(move |topic: &str, payload: &bytes::Bytes| {
                     let Some(inner) = weak.upgrade() else { return };
                     if topic.starts_with("$aws/things/") {
@@ -308,9 +312,9 @@ impl Hub {
         &self.inner.config
     }
 
-    /// The hub's MQTT broker (the binary serves it on `--mqtt`).
-    pub fn broker(&self) -> &roost_broker::Broker {
-        &self.inner.broker
+    /// The hub's message bus (the binary serves its broker on `--mqtt`).
+    pub fn bus(&self) -> &dyn MessageBus {
+        &*self.inner.bus
     }
 
     pub fn logs(&self) -> &LogBook {

@@ -16,7 +16,7 @@ use serde_json::Value;
 pub struct PublishOptions {
     pub qos: u8,
     pub retain: bool,
-    pub properties: roost_broker::Properties,
+    pub properties: roost_bus::Properties,
     /// MQTT 5 message expiry.
     pub expiry: Option<std::time::Duration>,
     /// Whether `device:` routes see it, as they see an MQTT client's
@@ -31,7 +31,7 @@ pub enum PublishError {
     /// The broker could not store a QoS 1 message for the sessions that
     /// should get it.
     #[error("the broker could not store the message: {0}")]
-    NotStored(#[from] roost_broker::PersistError),
+    NotStored(#[from] roost_bus::PersistError),
 }
 
 /// Why a deployed secret could not be read.
@@ -130,21 +130,21 @@ impl Hub {
         payload: Bytes,
         options: PublishOptions,
     ) -> Result<(), PublishError> {
-        let mut m = roost_broker::Message::from_hub(topic, payload);
+        let mut m = roost_bus::Message::from_hub(topic, payload);
         if options.feeds_routes {
             // Routes see it the way they see a client's message: through
             // the broker's tap.
-            m.from = roost_broker::Publisher::Outside;
+            m.from = roost_bus::Publisher::Outside;
         }
         m.qos = if options.qos == 0 {
-            roost_broker::QoS::AtMostOnce
+            roost_bus::QoS::AtMostOnce
         } else {
-            roost_broker::QoS::AtLeastOnce
+            roost_bus::QoS::AtLeastOnce
         };
         m.retain = options.retain;
         m.properties = options.properties;
         m.expires_at = options.expiry.map(|d| std::time::Instant::now() + d);
-        match self.inner.broker.publish(m) {
+        match self.inner.bus.publish(m) {
             Some(done) => done.await.map_err(PublishError::NotStored),
             None => Ok(()),
         }

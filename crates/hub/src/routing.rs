@@ -34,8 +34,8 @@ impl roost_routes::Hooks for HubHooks {
     fn publish(&self, topic: &str, payload: Bytes) -> Result<(), DeliveryError> {
         let inner = self.hub.upgrade().ok_or(DeliveryError::ShuttingDown)?;
         let done = inner
-            .broker
-            .publish(roost_broker::Message::from_hub(topic, payload));
+            .bus
+            .publish(roost_bus::Message::from_hub(topic, payload));
         if let Some(done) = done {
             tokio::spawn(async move {
                 if let Err(e) = done.await {

@@ -247,8 +247,8 @@ async fn apply(
 
 fn publish(inner: &HubInner, topic: &str, payload: Bytes) {
     if let Some(done) = inner
-        .broker
-        .publish(roost_broker::Message::from_hub(topic, payload))
+        .bus
+        .publish(roost_bus::Message::from_hub(topic, payload))
     {
         tokio::spawn(async move {
             if let Err(e) = done.await {
@@ -332,10 +332,18 @@ mod tests {
     use roost_shadows::{Operation, ShadowId};
 
     /// Shadows need no task code run.
+    /// A hub with no runtimes and the real broker as its bus.
     fn no_runtimes() -> Parts {
         Parts {
             runtimes: Vec::new(),
             logs: Default::default(),
+            bus: Box::new(|state: roost_bus::BusState| {
+                std::sync::Arc::new(roost_broker::Broker::with_persistence(
+                    roost_broker::BrokerConfig::default(),
+                    Some(state.persistence),
+                    state.restore,
+                ))
+            }),
         }
     }
 

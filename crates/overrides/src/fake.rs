@@ -5,7 +5,7 @@
 use crate::{CallRefused, HubFailure, LocalHub, PublishOptions, SecretValue, Settings};
 use async_trait::async_trait;
 use bytes::Bytes;
-use roost_broker::{RetainedMessage, RetainedSummary};
+use roost_bus::{RetainedMessage, RetainedSummary};
 use roost_model::{CallId, Principal, TaskName};
 use roost_shadows::{Operation, ShadowError, ShadowErrorKind, ShadowFailure, ShadowId};
 use serde_json::Value;
@@ -64,7 +64,7 @@ impl FakeHub {
             RetainedMessage {
                 topic: topic.into(),
                 payload: Bytes::copy_from_slice(payload),
-                qos: roost_broker::QoS::try_from(qos).expect("a QoS of 0, 1 or 2"),
+                qos: roost_bus::QoS::try_from(qos).expect("a QoS of 0, 1 or 2"),
                 modified_ms: 1_000,
                 user_properties: vec![("site".into(), "plant-7".into())],
             },

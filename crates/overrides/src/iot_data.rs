@@ -245,7 +245,7 @@ fn get_retained(
         return Err(method_not_allowed("GetRetainedMessage takes GET"));
     }
     let topic = decode(raw).ok_or_else(|| invalid("The topic is not valid UTF-8"))?;
-    if !roost_broker::topic::valid_topic_name(&topic) {
+    if !roost_topic::valid_topic_name(&topic) {
         return Err(invalid(format!(
             "Invalid topic {topic:?}: a topic name has no wildcards (+, #) and is 1 to 65535 bytes"
         )));
@@ -364,7 +364,7 @@ fn publish_options(
                 .map_err(|_| invalid(format!("{name} must be base64"))),
         }
     };
-    let mut props = roost_broker::Properties::new();
+    let mut props = roost_bus::Properties::new();
     if let Some(raw) = b64("x-amz-mqtt5-user-properties")? {
         let bad = || {
             invalid("userProperties must be a JSON array of objects with string values, e.g. [{\"site\": \"plant-7\"}]")
@@ -414,7 +414,7 @@ fn publish_options(
         props.set_content_type(ct);
     }
     if let Some(t) = query_param(parts, "responseTopic") {
-        if !roost_broker::topic::valid_topic_name(&t) {
+        if !roost_topic::valid_topic_name(&t) {
             return Err(invalid(format!("responseTopic {t:?} is not a topic name")));
         }
         props.set_response_topic(t);
@@ -446,7 +446,7 @@ async fn publish(
     raw: &str,
 ) -> Result<Response, AwsError> {
     let topic = decode(raw).ok_or_else(|| invalid("The topic is not valid UTF-8"))?;
-    if !roost_broker::topic::valid_topic_name(&topic) {
+    if !roost_topic::valid_topic_name(&topic) {
         return Err(invalid(format!(
             "Invalid topic {topic:?}: a topic to publish to has no wildcards (+, #) and is 1 to 65535 bytes"
         )));

@@ -5,7 +5,7 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use roost_broker::{RetainedMessage, RetainedSummary};
+use roost_bus::{RetainedMessage, RetainedSummary};
 use roost_model::{CallId, Failure, Principal, TaskName};
 use roost_shadows::{Operation, ShadowFailure, ShadowId};
 use serde_json::Value;
@@ -29,7 +29,7 @@ pub struct Settings {
 pub struct PublishOptions {
     pub qos: u8,
     pub retain: bool,
-    pub properties: roost_broker::Properties,
+    pub properties: roost_bus::Properties,
     /// MQTT 5 message expiry.
     pub expiry: Option<std::time::Duration>,
     /// Whether `device:` routes see it, as they see an MQTT client's

@@ -32,14 +32,8 @@ impl Rights for Principal {
             Right::ShadowRead => Grants::matches(&g.shadow_read, name),
             Right::ShadowUpdate => Grants::matches(&g.shadow_update, name),
             Right::Secret => Grants::matches(&g.secrets, name),
-            Right::Publish => g
-                .publish
-                .iter()
-                .any(|f| roost_broker::topic::matches(f, name)),
-            Right::ReadRetained => g
-                .retained
-                .iter()
-                .any(|f| roost_broker::topic::matches(f, name)),
+            Right::Publish => g.publish.iter().any(|f| roost_topic::matches(f, name)),
+            Right::ReadRetained => g.retained.iter().any(|f| roost_topic::matches(f, name)),
         }
     }
 }

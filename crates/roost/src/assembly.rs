@@ -1,12 +1,14 @@
 //! What the binary puts together for the hub: its runtimes (wasm and
-//! process), built from their own settings and handed to `roost-hub` as
-//! trait objects, so that the hub names no runtime.
+//! process) and its MQTT broker, built from their own settings and handed
+//! to `roost-hub` as trait objects, so that the hub names neither a runtime
+//! nor the broker.
 
 use anyhow::{Context, Result};
+use roost_broker::{Broker, BrokerConfig};
 use roost_hub::{logs::LogBook, Hub, HubConfig, Parts};
 use roost_runtime_process::{identity, pool::PoolPolicy, ProcessConfig, ProcessRuntime};
 use roost_runtime_wasm::{WasmConfig, WasmRuntime};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// The runtimes' own settings (the hub's are in [`HubConfig`]).
 pub struct RuntimeOptions {
@@ -28,9 +30,14 @@ impl Default for RuntimeOptions {
     }
 }
 
-/// Builds the runtimes of the hub keeping its state in `config.data_dir`
-/// and starts the hub with them.
-pub async fn start_hub(config: HubConfig, options: RuntimeOptions) -> Result<Hub> {
+/// Builds the runtimes and the broker of the hub keeping its state in
+/// `config.data_dir` and starts the hub with them. The broker comes back
+/// too: the binary serves it on its MQTT listeners.
+pub async fn start_hub(
+    config: HubConfig,
+    options: RuntimeOptions,
+    broker: BrokerConfig,
+) -> Result<(Hub, Broker)> {
     let data_dir = &config.data_dir;
     // The process runtime's hub id is derived from the data dir's canonical
     // path (it names the worker cgroups), so the dir must exist first.
@@ -45,9 +52,23 @@ pub async fn start_hub(config: HubConfig, options: RuntimeOptions) -> Result<Hub
     process.pool_policy = options.pool_policy;
     process.task_identities = options.task_identities;
     let process = ProcessRuntime::new(process, logs.clone());
+    // The hub makes its bus once its store is open (the broker restores its
+    // sessions and retained messages from it); the binary keeps a handle.
+    let built = Arc::new(OnceLock::new());
+    let keep = built.clone();
     let parts = Parts {
         runtimes: vec![Arc::new(wasm), Arc::new(process)],
         logs,
+        bus: Box::new(move |state: roost_bus::BusState| {
+            let b = Broker::with_persistence(broker, Some(state.persistence), state.restore);
+            let _ = keep.set(b.clone());
+            Arc::new(b)
+        }),
     };
-    Ok(Hub::start(config, parts).await?)
+    let hub = Hub::start(config, parts).await?;
+    let broker = built
+        .get()
+        .cloned()
+        .context("the hub started without asking for its broker")?;
+    Ok((hub, broker))
 }

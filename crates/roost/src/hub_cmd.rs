@@ -282,11 +282,13 @@ async fn serve(opts: HubOpts) -> Result<()> {
         },
         ..Default::default()
     };
-    config.broker.allow_anonymous = opts.allow_anonymous;
-    config.broker.max_packet_bytes = opts.mqtt_max_packet_bytes;
-    config.broker.session_queue_limit = opts.mqtt_session_queue;
-    config.broker.outgoing_buffer = opts.mqtt_outgoing_buffer.max(1);
-    config.broker.slow_client_grace = Duration::from_secs(opts.mqtt_slow_client_grace_s);
+    let broker = roost_broker::BrokerConfig {
+        allow_anonymous: opts.allow_anonymous,
+        max_packet_bytes: opts.mqtt_max_packet_bytes,
+        session_queue_limit: opts.mqtt_session_queue,
+        outgoing_buffer: opts.mqtt_outgoing_buffer.max(1),
+        slow_client_grace: Duration::from_secs(opts.mqtt_slow_client_grace_s),
+    };
     let listener = tokio::net::TcpListener::bind(opts.http)
         .await
         .with_context(|| {
@@ -331,7 +333,7 @@ async fn serve(opts: HubOpts) -> Result<()> {
     config.shadow_limits.max_depth = opts.shadow_max_depth;
     config.api_url = Some(format!("{scheme}://{}", reachable(addr)));
     config.api_ca_bundle = opts.tls_cert.clone();
-    let hub = crate::assembly::start_hub(config, runtimes)
+    let (hub, broker) = crate::assembly::start_hub(config, runtimes, broker)
         .await
         .with_context(|| {
             format!(
@@ -354,12 +356,12 @@ async fn serve(opts: HubOpts) -> Result<()> {
         opts.tls_cert.as_deref(),
     )
     .context("cannot write DATA_DIR/aws-credentials and aws-config")?;
-    tokio::spawn(hub.broker().clone().serve(mqtt_listener));
+    tokio::spawn(broker.clone().serve(mqtt_listener));
     if let Some((l, tls)) = mqtts {
-        tokio::spawn(hub.broker().clone().serve_tls(l, tls));
+        tokio::spawn(broker.clone().serve_tls(l, tls));
     }
     if let Some(l) = mqtt_ws {
-        tokio::spawn(hub.broker().clone().serve_websocket(l));
+        tokio::spawn(broker.serve_websocket(l));
     }
     let endpoints = serde_json::json!({
         "http": addr.to_string(),
