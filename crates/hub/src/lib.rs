@@ -416,3 +416,35 @@ impl Hub {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The hub names no runtime and no broker: the crates that implement
+    /// them are not among its dependencies (the broker may be a
+    /// dev-dependency, for the hub's own tests), so a change inside one of
+    /// them recompiles no hub.
+    #[test]
+    fn the_hub_depends_on_the_traits_not_their_implementations() {
+        let manifest = include_str!("../Cargo.toml");
+        let deps = manifest
+            .split("[dependencies]")
+            .nth(1)
+            .and_then(|s| s.split("\n[").next())
+            .expect("a [dependencies] table");
+        for forbidden in [
+            "roost-broker",
+            "roost-runtime-wasm",
+            "roost-runtime-process",
+        ] {
+            assert!(
+                !deps.lines().any(|l| l.trim_start().starts_with(forbidden)),
+                "roost-hub depends on {forbidden}: go through roost-bus / roost-runtime instead"
+            );
+        }
+        for trait_crate in ["roost-bus", "roost-runtime"] {
+            assert!(deps
+                .lines()
+                .any(|l| l.trim_start().starts_with(trait_crate)));
+        }
+    }
+}
