@@ -17,6 +17,15 @@
 //! 4. The winner runs if its memory fits in the budget and a CPU slot is
 //!    free; if not, nothing behind it is admitted either (a big call is not
 //!    starved by a stream of small ones).
+//!
+//! Places in the queue, before admission:
+//! - at most `queue_limit` calls wait, and their inputs at most
+//!   `queued_input_limit` bytes (a waiting sync call holds its input);
+//! - each call is charged to a [`Share`] (the task it calls or that makes
+//!   it, or the route delivering it). Half the queue is split evenly among
+//!   the deployment's shares, each share's own; the other half is common,
+//!   first come. A noisy task or route fills its own part and the common
+//!   part, never another share's.
 
 use parking_lot::Mutex;
 use roost_model::TaskName;
@@ -35,6 +44,58 @@ pub struct SchedulerConfig {
     pub queue_limit: usize,
     /// Waiting this long is worth one priority level.
     pub aging: Duration,
+    /// Bytes of input that waiting calls may hold at once; past it,
+    /// submissions are refused.
+    pub queued_input_limit: usize,
+}
+
+/// The fewest places a share has of its own, however many shares there
+/// are (a deployment of many tasks still lets each queue a few calls).
+pub const MIN_SHARE: usize = 4;
+
+/// Whose part of the queue a waiting call takes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Share {
+    /// A task's: the calls made to it from outside (HTTP, Lambda `Invoke`)
+    /// and the calls it makes itself (nested, or on `/v1`).
+    Task(TaskName),
+    /// A route's deliveries, by the route's place in the deployment.
+    Route(u32),
+}
+
+impl std::fmt::Display for Share {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Share::Task(t) => write!(f, "task {t}"),
+            Share::Route(r) => write!(f, "route {r}"),
+        }
+    }
+}
+
+/// Which bound refused a place in the queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QueueBound {
+    /// `queue_limit` calls wait.
+    Calls,
+    /// This share's own places and the common ones are taken.
+    Share(Share),
+    /// Waiting calls hold `queued_input_limit` bytes of input.
+    InputBytes,
+}
+
+impl std::fmt::Display for QueueBound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QueueBound::Calls => write!(f, "the hub's queue is full"),
+            QueueBound::Share(s) => write!(f, "the queue share of {s} is full"),
+            QueueBound::InputBytes => {
+                write!(
+                    f,
+                    "the waiting calls hold the most input bytes the hub queues"
+                )
+            }
+        }
+    }
 }
 
 /// What one call needs.
@@ -44,12 +105,17 @@ pub struct Demand {
     pub memory_mb: u32,
     pub concurrency: u32,
     pub priority: i32,
+    /// Whose part of the queue it waits in.
+    pub share: Share,
+    /// Bytes of input it holds while it waits.
+    pub input_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Rejected {
-    #[error("the hub's queue is full ({queued} calls waiting); retry after {retry_after:?}")]
+    #[error("{bound} ({queued} calls waiting); retry after {retry_after:?}")]
     QueueFull {
+        bound: QueueBound,
         queued: usize,
         retry_after: Duration,
     },
@@ -57,12 +123,16 @@ pub enum Rejected {
     TooLarge { need_mb: u32, budget_mb: u64 },
     #[error("the hub is shutting down")]
     Closed,
+    #[error("the task left the deployment while the call waited")]
+    Removed,
 }
 
 /// Counters for metrics and `/v1/tasks`.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub queued: usize,
+    /// Bytes of input the waiting calls hold.
+    pub queued_input_bytes: usize,
     pub running: u32,
     pub reserved_mb: u64,
     pub per_task: Vec<(TaskName, usize, u32)>,
@@ -72,7 +142,7 @@ struct Waiter {
     seq: u64,
     since: Instant,
     demand: Demand,
-    tx: oneshot::Sender<Permit>,
+    tx: oneshot::Sender<Result<Permit, Rejected>>,
 }
 
 #[derive(Default)]
@@ -83,13 +153,79 @@ struct TaskQueue {
 
 struct State {
     queues: HashMap<TaskName, TaskQueue>,
-    queued: usize,
+    places: Places,
     running: u32,
     reserved_mb: u64,
     seq: u64,
     closed: bool,
     /// Recent mean run time, for the Retry-After estimate.
     mean_run: Duration,
+}
+
+/// Who holds the places in the queue (kept apart from `queues`, so it can
+/// be updated while a task's queue is borrowed).
+#[derive(Default)]
+struct Places {
+    /// Calls waiting.
+    queued: usize,
+    queued_bytes: usize,
+    per_share: HashMap<Share, usize>,
+    /// Places of its own each share has.
+    own: usize,
+    /// Places any share may take once its own are taken.
+    common: usize,
+    /// Common places taken (a share's waiting calls beyond its own).
+    common_used: usize,
+}
+
+impl Places {
+    fn joined(&mut self, d: &Demand) {
+        self.queued += 1;
+        self.queued_bytes += d.input_bytes;
+        let n = self.per_share.entry(d.share.clone()).or_default();
+        if *n >= self.own {
+            self.common_used += 1;
+        }
+        *n += 1;
+    }
+
+    fn left(&mut self, d: &Demand) {
+        self.queued -= 1;
+        self.queued_bytes -= d.input_bytes;
+        if let Some(n) = self.per_share.get_mut(&d.share) {
+            *n -= 1;
+            if *n >= self.own {
+                self.common_used -= 1;
+            }
+            if *n == 0 {
+                self.per_share.remove(&d.share);
+            }
+        }
+    }
+
+    /// Splits half of `limit` among `shares` and recounts the common part.
+    fn set_shares(&mut self, limit: usize, shares: usize) {
+        let shares = shares.max(1);
+        self.own = ((limit / 2) / shares).max(MIN_SHARE).min(limit);
+        self.common = limit.saturating_sub(self.own * shares);
+        let own = self.own;
+        self.common_used = self.per_share.values().map(|n| n.saturating_sub(own)).sum();
+    }
+
+    /// Which bound, if any, refuses one more call of `d`.
+    fn refuses(&self, cfg: &SchedulerConfig, d: &Demand) -> Option<QueueBound> {
+        if self.queued >= cfg.queue_limit {
+            return Some(QueueBound::Calls);
+        }
+        if self.queued_bytes + d.input_bytes > cfg.queued_input_limit && self.queued > 0 {
+            return Some(QueueBound::InputBytes);
+        }
+        let mine = self.per_share.get(&d.share).copied().unwrap_or(0);
+        if mine >= self.own && self.common_used >= self.common {
+            return Some(QueueBound::Share(d.share.clone()));
+        }
+        None
+    }
 }
 
 struct Inner {
@@ -105,13 +241,14 @@ pub struct Scheduler {
 
 /// A place in the queue. Dropping it gives the place up.
 pub struct Ticket {
-    rx: oneshot::Receiver<Permit>,
+    rx: oneshot::Receiver<Result<Permit, Rejected>>,
 }
 
 impl Ticket {
-    /// Waits until the call is admitted. Fails only if the hub shuts down.
+    /// Waits until the call is admitted. Fails only if the hub shuts down
+    /// or the task leaves the deployment.
     pub async fn admitted(self) -> Result<Permit, Rejected> {
-        self.rx.await.map_err(|_| Rejected::Closed)
+        self.rx.await.unwrap_or(Err(Rejected::Closed))
     }
 }
 
@@ -164,8 +301,9 @@ fn dispatch(inner: &Arc<Inner>, st: &mut State) {
         let mut best: Option<(&TaskName, f64, u64)> = None;
         for (name, q) in st.queues.iter_mut() {
             while q.waiting.front().is_some_and(|w| w.tx.is_closed()) {
-                q.waiting.pop_front();
-                st.queued -= 1;
+                if let Some(w) = q.waiting.pop_front() {
+                    st.places.left(&w.demand);
+                }
             }
             let Some(head) = q.waiting.front() else {
                 continue;
@@ -197,7 +335,7 @@ fn dispatch(inner: &Arc<Inner>, st: &mut State) {
         }
         let w = q.waiting.pop_front().expect("chosen head exists");
         q.running += 1;
-        st.queued -= 1;
+        st.places.left(&w.demand);
         st.running += 1;
         st.reserved_mb += need;
         let permit = Permit {
@@ -207,7 +345,7 @@ fn dispatch(inner: &Arc<Inner>, st: &mut State) {
             started: now,
             waited: now.duration_since(w.since),
         };
-        if let Err(mut permit) = w.tx.send(permit) {
+        if let Err(Ok(mut permit)) = w.tx.send(Ok(permit)) {
             // The caller went away between the check and the send.
             permit.inner = None;
             release(st, &name, w.demand.memory_mb);
@@ -217,12 +355,14 @@ fn dispatch(inner: &Arc<Inner>, st: &mut State) {
 
 impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Self {
+        let mut places = Places::default();
+        places.set_shares(config.queue_limit, 1);
         Self {
             inner: Arc::new(Inner {
                 config,
                 state: Mutex::new(State {
                     queues: HashMap::new(),
-                    queued: 0,
+                    places,
                     running: 0,
                     reserved_mb: 0,
                     seq: 0,
@@ -253,20 +393,26 @@ impl Scheduler {
         if st.closed {
             return Err(Rejected::Closed);
         }
-        if bounded && st.queued >= cfg.queue_limit {
+        if bounded && st.places.refuses(cfg, &demand).is_some() {
             // Callers that gave up still hold places; count them out first.
-            let mut freed = 0;
+            let st = &mut *st;
             for q in st.queues.values_mut() {
-                let before = q.waiting.len();
-                q.waiting.retain(|w| !w.tx.is_closed());
-                freed += before - q.waiting.len();
+                let mut kept = VecDeque::with_capacity(q.waiting.len());
+                for w in q.waiting.drain(..) {
+                    if w.tx.is_closed() {
+                        st.places.left(&w.demand);
+                    } else {
+                        kept.push_back(w);
+                    }
+                }
+                q.waiting = kept;
             }
-            st.queued -= freed;
-            if st.queued >= cfg.queue_limit {
+            if let Some(bound) = st.places.refuses(cfg, &demand) {
                 let per_slot = st.mean_run.max(Duration::from_millis(1));
-                let wait = per_slot * (st.queued as u32 / cfg.cpu_slots.max(1) + 1);
+                let wait = per_slot * (st.places.queued as u32 / cfg.cpu_slots.max(1) + 1);
                 return Err(Rejected::QueueFull {
-                    queued: st.queued,
+                    bound,
+                    queued: st.places.queued,
                     retry_after: wait.clamp(Duration::from_secs(1), Duration::from_secs(60)),
                 });
             }
@@ -274,7 +420,7 @@ impl Scheduler {
         let (tx, rx) = oneshot::channel();
         st.seq += 1;
         let seq = st.seq;
-        st.queued += 1;
+        st.places.joined(&demand);
         st.queues
             .entry(demand.task.clone())
             .or_default()
@@ -298,7 +444,8 @@ impl Scheduler {
             .collect();
         per_task.sort_by(|a, b| a.0.cmp(&b.0));
         Snapshot {
-            queued: st.queued,
+            queued: st.places.queued,
+            queued_input_bytes: st.places.queued_bytes,
             running: st.running,
             reserved_mb: st.reserved_mb,
             per_task,
@@ -309,12 +456,40 @@ impl Scheduler {
     /// `Closed`), running ones keep their permits.
     pub fn close(&self) {
         let mut st = self.inner.state.lock();
+        let st = &mut *st;
         st.closed = true;
         for q in st.queues.values_mut() {
-            q.waiting.clear();
+            for w in q.waiting.drain(..) {
+                st.places.left(&w.demand);
+            }
         }
-        st.queued = 0;
         st.queues.retain(|_, q| q.running > 0);
+    }
+
+    /// The calls waiting for `task` end with [`Rejected::Removed`] (it left
+    /// the deployment); its running calls keep their permits.
+    pub fn remove_task(&self, task: &TaskName) -> usize {
+        let mut st = self.inner.state.lock();
+        let st = &mut *st;
+        let Some(q) = st.queues.get_mut(task) else {
+            return 0;
+        };
+        let removed = q.waiting.len();
+        for w in q.waiting.drain(..) {
+            st.places.left(&w.demand);
+            let _ = w.tx.send(Err(Rejected::Removed));
+        }
+        if q.running == 0 {
+            st.queues.remove(task);
+        }
+        removed
+    }
+
+    /// How many shares the deployment has (its tasks and routes): half the
+    /// queue is split evenly among them.
+    pub fn set_shares(&self, shares: usize) {
+        let mut st = self.inner.state.lock();
+        st.places.set_shares(self.inner.config.queue_limit, shares);
     }
 
     /// Resolves once no call is running.
@@ -339,6 +514,7 @@ mod tests {
             cpu_slots: slots,
             queue_limit: limit,
             aging: Duration::from_secs(1),
+            queued_input_limit: usize::MAX,
         })
     }
 
@@ -348,11 +524,13 @@ mod tests {
             memory_mb: mem,
             concurrency: conc,
             priority: prio,
+            share: Share::Task(TaskName::parse(task).unwrap()),
+            input_bytes: 0,
         }
     }
 
     fn ready(t: &mut Ticket) -> Option<Permit> {
-        t.rx.try_recv().ok()
+        t.rx.try_recv().ok().and_then(Result::ok)
     }
 
     #[test]
@@ -397,6 +575,7 @@ mod tests {
             cpu_slots: 1,
             queue_limit: 10,
             aging: Duration::from_millis(1),
+            queued_input_limit: usize::MAX,
         });
         let mut hold = s.submit(demand("x", 1, 1, 0), true).unwrap();
         let p = ready(&mut hold).unwrap();
@@ -481,5 +660,107 @@ mod tests {
         assert!(!idle.is_finished());
         drop(p);
         idle.await.unwrap();
+    }
+    fn charged(task: &str, share: Share, bytes: usize) -> Demand {
+        Demand {
+            share,
+            input_bytes: bytes,
+            ..demand(task, 1, 1, 0)
+        }
+    }
+
+    fn route(n: u32) -> Share {
+        Share::Route(n)
+    }
+
+    #[test]
+    fn a_noisy_share_fills_its_own_places_and_the_common_ones_never_anothers() {
+        // 40 places: 20 common, and 4 shares with 5 of their own each.
+        let s = sched(1000, 1, 40);
+        s.set_shares(4);
+        let _run = s.submit(demand("busy", 1, 1, 0), true).unwrap();
+        let mut noisy = Vec::new();
+        let refused = loop {
+            match s.submit(charged("t", route(0), 0), true) {
+                Ok(t) => noisy.push(t),
+                Err(e) => break e,
+            }
+            assert!(noisy.len() <= 40, "the noisy route was never refused");
+        };
+        assert_eq!(noisy.len(), 25, "its own 5 places and the 20 common ones");
+        match refused {
+            Rejected::QueueFull { bound, .. } => assert_eq!(bound, QueueBound::Share(route(0))),
+            other => panic!("expected a full share, got {other:?}"),
+        }
+        // Every other share still has its own places.
+        let mut quiet = Vec::new();
+        for _ in 0..5 {
+            quiet.push(
+                s.submit(charged("t", route(1), 0), true)
+                    .expect("its own place"),
+            );
+        }
+        assert!(s.submit(charged("t", route(1), 0), true).is_err());
+        let task = Share::Task(TaskName::parse("other").unwrap());
+        assert!(s.submit(charged("other", task, 0), true).is_ok());
+        // A call that waits in the common part gives its place back.
+        drop(noisy.pop());
+        assert!(s.submit(charged("t", route(1), 0), true).is_ok());
+    }
+
+    #[test]
+    fn the_queued_input_bytes_are_bounded() {
+        let s = Scheduler::new(SchedulerConfig {
+            memory_budget_mb: 1000,
+            cpu_slots: 1,
+            queue_limit: 100,
+            aging: Duration::from_secs(1),
+            queued_input_limit: 10 << 20,
+        });
+        let a = || Share::Task(TaskName::parse("a").unwrap());
+        let _run = s.submit(charged("a", a(), 0), true).unwrap();
+        let mut waiting = Vec::new();
+        for _ in 0..3 {
+            waiting.push(s.submit(charged("a", a(), 3 << 20), true).unwrap());
+        }
+        assert_eq!(s.snapshot().queued_input_bytes, 9 << 20);
+        match s.submit(charged("a", a(), 3 << 20), true) {
+            Err(Rejected::QueueFull { bound, .. }) => assert_eq!(bound, QueueBound::InputBytes),
+            other => panic!("expected the input bound, got {:?}", other.err()),
+        }
+        // Acknowledged calls are never refused, and a freed place frees bytes.
+        assert!(s.submit(charged("a", a(), 3 << 20), false).is_ok());
+        drop(waiting.pop());
+        drop(waiting.pop());
+        assert!(s.submit(charged("a", a(), 3 << 20), true).is_ok());
+        // One call alone may hold more than the bound (the input limits
+        // decide what one call may hold).
+        let s = Scheduler::new(SchedulerConfig {
+            queued_input_limit: 1,
+            ..s.config().clone()
+        });
+        let _run = s.submit(charged("a", a(), 0), true).unwrap();
+        assert!(s.submit(charged("a", a(), 5), true).is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_waiting_calls_of_a_removed_task_end_at_once() {
+        let s = sched(1000, 1, 10);
+        let mut run = s.submit(demand("gone", 1, 1, 0), true).unwrap();
+        let p = ready(&mut run).unwrap();
+        let waiting: Vec<Ticket> = (0..3)
+            .map(|_| s.submit(demand("gone", 1, 1, 0), true).unwrap())
+            .collect();
+        let mut other = s.submit(demand("kept", 1, 1, 0), true).unwrap();
+        assert_eq!(s.remove_task(&TaskName::parse("gone").unwrap()), 3);
+        for t in waiting {
+            assert_eq!(t.admitted().await.err(), Some(Rejected::Removed));
+        }
+        assert_eq!(s.snapshot().queued, 1);
+        drop(p);
+        assert!(
+            ready(&mut other).is_some(),
+            "the other task's call runs next"
+        );
     }
 }
