@@ -16,9 +16,13 @@
 //! the one arm to add here.
 //!
 //! Device sources are matched with a topic trie, so a message costs the
-//! depth of its topic, not the number of routes. Each delivery runs on its
-//! own and retries with backoff, so a failing destination never holds up
-//! the others.
+//! depth of its topic, not the number of routes. Each route has a lane: a
+//! bounded backlog and a few deliveries in flight, each retrying with
+//! backoff, so a failing or busy destination never holds up the others and
+//! a flood into one route costs bounded memory. A delivery the hub is too
+//! busy to take (the route's queue share is full) waits, with backoff, for
+//! as long as the route is deployed; a message that finds the backlog full
+//! is dropped and counted.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -28,11 +32,35 @@ use prometheus_client::metrics::family::Family;
 use roost_model::{RouteDestination, RouteSource, RouteSpec, TaskName};
 use roost_topic::Trie;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
 
-/// Attempts a delivery gets before it is given up (and logged).
+/// Attempts a delivery gets before it is given up (and logged); waits for a
+/// busy destination do not count.
 pub const MAX_ATTEMPTS: u32 = 8;
+
+/// Deliveries of one route in flight at once.
+pub const IN_FLIGHT: usize = 16;
+
+/// The longest wait between two tries of a busy destination.
+const BUSY_WAIT_MAX: Duration = Duration::from_secs(5);
+
+/// How much each route may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteLimits {
+    /// Messages waiting in one route's backlog (besides the `IN_FLIGHT`
+    /// being delivered); past it, new messages are dropped and counted.
+    pub backlog: usize,
+}
+
+impl Default for RouteLimits {
+    fn default() -> Self {
+        Self { backlog: 1000 }
+    }
+}
 
 /// A message on its way through a route.
 #[derive(Clone, Debug)]
@@ -53,6 +81,10 @@ pub enum DeliveryError {
     ShuttingDown,
     #[error("the task call was not queued: {0}")]
     Call(#[source] Cause),
+    /// The destination cannot take it now (the route's share of the hub's
+    /// queue is full): the delivery waits and tries again, without limit.
+    #[error("the destination is busy: {0}")]
+    Busy(#[source] Cause),
     #[error("the message was not published: {0}")]
     Publish(#[source] Cause),
     #[error("the shadow was not updated: {0}")]
@@ -62,9 +94,11 @@ pub enum DeliveryError {
 /// What the hub lends the route table to act with.
 #[async_trait]
 pub trait Hooks: Send + Sync + 'static {
-    /// Queues a durable async call of `task` with `input`.
+    /// Queues a durable async call of `task` with `input`, charged to
+    /// route `route`'s share of the queue (its place in the deployment).
     async fn call_task(
         &self,
+        route: u32,
         task: &TaskName,
         input: Bytes,
         topic: Option<String>,
@@ -78,8 +112,13 @@ pub trait Hooks: Send + Sync + 'static {
 
 /// One route's destination, with the hooks it acts through.
 struct Route {
+    /// Its place in the deployment's routes.
+    id: u32,
     to: RouteDestination,
     hooks: Arc<dyn Hooks>,
+    /// When a dropped message was last logged (ms since the table was
+    /// built), so a flood logs once a second, not once a message.
+    last_drop_log_ms: AtomicU64,
 }
 
 impl Route {
@@ -96,7 +135,7 @@ impl Route {
         match &self.to {
             RouteDestination::Task(task) => {
                 self.hooks
-                    .call_task(task, m.payload.clone(), m.topic.clone())
+                    .call_task(self.id, task, m.payload.clone(), m.topic.clone())
                     .await
             }
             RouteDestination::Device(topic) => self.hooks.publish(topic, m.payload.clone()),
@@ -112,7 +151,12 @@ impl Route {
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Outcome {
     Delivered,
+    /// An attempt failed and will be tried again.
     Retried,
+    /// The destination was busy; the delivery waits and tries again.
+    Waited,
+    /// The route's backlog was full: the message was not kept.
+    Dropped,
     Failed,
 }
 
@@ -122,6 +166,8 @@ impl EncodeLabelValue for Outcome {
         encoder.write_str(match self {
             Outcome::Delivered => "delivered",
             Outcome::Retried => "retried",
+            Outcome::Waited => "waited",
+            Outcome::Dropped => "dropped",
             Outcome::Failed => "failed",
         })
     }
@@ -140,6 +186,8 @@ pub struct RouteStats {
     // The family's own counters, kept so a delivery counts without a lookup.
     delivered: Counter,
     retried: Counter,
+    waited: Counter,
+    dropped: Counter,
     failed: Counter,
 }
 
@@ -155,6 +203,8 @@ impl Default for RouteStats {
         Self {
             delivered: counter(Outcome::Delivered),
             retried: counter(Outcome::Retried),
+            waited: counter(Outcome::Waited),
+            dropped: counter(Outcome::Dropped),
             failed: counter(Outcome::Failed),
             deliveries,
         }
@@ -166,6 +216,8 @@ impl RouteStats {
         match outcome {
             Outcome::Delivered => &self.delivered,
             Outcome::Retried => &self.retried,
+            Outcome::Waited => &self.waited,
+            Outcome::Dropped => &self.dropped,
             Outcome::Failed => &self.failed,
         }
     }
@@ -176,16 +228,26 @@ impl RouteStats {
     }
 }
 
-/// The routes of the active deployment. Dropping it stops its timers.
+/// One route and the sending end of its lane.
+struct Lane {
+    route: Arc<Route>,
+    tx: mpsc::Sender<Routed>,
+}
+
+/// The routes of the active deployment. Dropping it stops its timers and
+/// the waits for busy destinations (what its lanes hold is still tried).
 pub struct RouteTable {
     /// One per `[[route]]`, in manifest order.
-    routes: Vec<Arc<Route>>,
+    routes: Vec<Lane>,
     // The sources' indexes, each naming routes by their place in `routes`.
     devices: Trie<usize>,
     by_task: HashMap<TaskName, Vec<usize>>,
     by_thing: HashMap<String, Vec<usize>>,
     timers: Vec<tokio::task::JoinHandle<()>>,
     stats: Arc<RouteStats>,
+    /// Cancelled when the table is replaced: busy waits give up.
+    retired: CancellationToken,
+    built: std::time::Instant,
 }
 
 impl Drop for RouteTable {
@@ -193,6 +255,7 @@ impl Drop for RouteTable {
         for t in &self.timers {
             t.abort();
         }
+        self.retired.cancel();
     }
 }
 
@@ -205,18 +268,35 @@ impl RouteTable {
             by_thing: HashMap::new(),
             timers: Vec::new(),
             stats: Arc::new(stats),
+            retired: CancellationToken::new(),
+            built: std::time::Instant::now(),
         }
     }
 
-    /// Assembles the table from a deployment's routes; timers start now.
-    pub fn build(specs: &[RouteSpec], hooks: Arc<dyn Hooks>, stats: RouteStats) -> Self {
+    /// Assembles the table from a deployment's routes; timers and lanes
+    /// start now.
+    pub fn build(
+        specs: &[RouteSpec],
+        hooks: Arc<dyn Hooks>,
+        stats: RouteStats,
+        limits: RouteLimits,
+    ) -> Self {
         let mut t = Self::empty(stats);
         for spec in specs {
             let r = t.routes.len();
-            t.routes.push(Arc::new(Route {
+            let route = Arc::new(Route {
+                id: r as u32,
                 to: spec.to.clone(),
                 hooks: hooks.clone(),
-            }));
+                last_drop_log_ms: AtomicU64::new(0),
+            });
+            let tx = lane(
+                route.clone(),
+                limits.backlog.max(1),
+                t.stats.clone(),
+                t.retired.clone(),
+            );
+            t.routes.push(Lane { route, tx });
             t.attach(&spec.from, r);
         }
         t
@@ -231,8 +311,8 @@ impl RouteTable {
             RouteSource::Task(task) => self.by_task.entry(task.clone()).or_default().push(r),
             RouteSource::Shadow(thing) => self.by_thing.entry(thing.clone()).or_default().push(r),
             RouteSource::Timer(ms) => {
-                let route = self.routes[r].clone();
-                let stats = self.stats.clone();
+                let (route, tx) = (self.routes[r].route.clone(), self.routes[r].tx.clone());
+                let (stats, built) = (self.stats.clone(), self.built);
                 let every = Duration::from_millis(*ms);
                 self.timers.push(tokio::spawn(async move {
                     let mut tick = tokio::time::interval(every);
@@ -245,12 +325,14 @@ impl RouteTable {
                             .map(|d| d.as_millis())
                             .unwrap_or(0);
                         dispatch(
-                            route.clone(),
+                            &route,
+                            &tx,
                             Routed {
                                 topic: None,
                                 payload: Bytes::from(format!("{{\"time_ms\":{now}}}")),
                             },
-                            stats.clone(),
+                            &stats,
+                            built,
                         );
                     }
                 }));
@@ -269,7 +351,8 @@ impl RouteTable {
     /// Sends `m` to each of `routes`.
     fn send(&self, routes: impl IntoIterator<Item = usize>, m: Routed) {
         for r in routes {
-            dispatch(self.routes[r].clone(), m.clone(), self.stats.clone());
+            let lane = &self.routes[r];
+            dispatch(&lane.route, &lane.tx, m.clone(), &self.stats, self.built);
         }
     }
 
@@ -313,29 +396,100 @@ impl RouteTable {
     }
 }
 
-/// Delivers on its own task, retrying with exponential backoff.
-fn dispatch(route: Arc<Route>, m: Routed, stats: Arc<RouteStats>) {
-    tokio::spawn(async move {
-        let mut delay = Duration::from_millis(100);
-        for attempt in 1..=MAX_ATTEMPTS {
-            match route.deliver(&m).await {
-                Ok(()) => {
-                    stats.counter(Outcome::Delivered).inc();
-                    return;
-                }
-                Err(e) if attempt < MAX_ATTEMPTS => {
-                    stats.counter(Outcome::Retried).inc();
-                    tracing::debug!(to = %route.describe(), attempt, error = %e, "route delivery failed; will retry");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
-                }
-                Err(e) => {
-                    stats.counter(Outcome::Failed).inc();
-                    tracing::warn!(to = %route.describe(), attempts = attempt, error = %e, "route delivery given up");
-                }
+/// Hands `m` to a route's lane, or drops it (counted, and logged at most
+/// once a second per route) when the lane's backlog is full.
+fn dispatch(
+    route: &Route,
+    tx: &mpsc::Sender<Routed>,
+    m: Routed,
+    stats: &RouteStats,
+    built: std::time::Instant,
+) {
+    match tx.try_send(m) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            stats.counter(Outcome::Dropped).inc();
+            let now = built.elapsed().as_millis() as u64;
+            let last = route.last_drop_log_ms.load(Ordering::Relaxed);
+            if (last == 0 || now.saturating_sub(last) >= 1000)
+                && route
+                    .last_drop_log_ms
+                    .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(to = %route.describe(), dropped_total = stats.count(Outcome::Dropped), "a route's backlog is full: messages are dropped (see roost_route_deliveries_total{{outcome=\"dropped\"}}; raise --route-backlog or the destination's capacity)");
             }
         }
+        // The table was replaced: the message goes nowhere.
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+/// Starts a route's lane: up to `backlog` messages wait, `IN_FLIGHT` are
+/// delivered at a time. It ends once its table is gone and it is empty.
+fn lane(
+    route: Arc<Route>,
+    backlog: usize,
+    stats: Arc<RouteStats>,
+    retired: CancellationToken,
+) -> mpsc::Sender<Routed> {
+    let (tx, mut rx) = mpsc::channel::<Routed>(backlog);
+    tokio::spawn(async move {
+        let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+        while let Some(m) = rx.recv().await {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (route, stats, retired) = (route.clone(), stats.clone(), retired.clone());
+            tokio::spawn(async move {
+                deliver(&route, &m, &stats, &retired).await;
+                drop(slot);
+            });
+        }
     });
+    tx
+}
+
+/// One delivery: retried with exponential backoff up to `MAX_ATTEMPTS`
+/// when it fails, and waited for without limit while the destination is
+/// busy (until the route leaves the deployment).
+async fn deliver(route: &Route, m: &Routed, stats: &RouteStats, retired: &CancellationToken) {
+    let mut delay = Duration::from_millis(100);
+    let mut busy_delay = Duration::from_millis(50);
+    let mut attempt = 0;
+    loop {
+        match route.deliver(m).await {
+            Ok(()) => {
+                stats.counter(Outcome::Delivered).inc();
+                return;
+            }
+            Err(DeliveryError::Busy(e)) => {
+                stats.counter(Outcome::Waited).inc();
+                tracing::debug!(to = %route.describe(), error = %e, "route destination busy; the delivery waits");
+                tokio::select! {
+                    _ = tokio::time::sleep(busy_delay) => {}
+                    _ = retired.cancelled() => {
+                        stats.counter(Outcome::Failed).inc();
+                        tracing::warn!(to = %route.describe(), "a delivery waiting for a busy destination was given up: its route left the deployment");
+                        return;
+                    }
+                }
+                busy_delay = (busy_delay * 2).min(BUSY_WAIT_MAX);
+            }
+            Err(e) => {
+                attempt += 1;
+                if attempt >= MAX_ATTEMPTS {
+                    stats.counter(Outcome::Failed).inc();
+                    tracing::warn!(to = %route.describe(), attempts = attempt, error = %e, "route delivery given up");
+                    return;
+                }
+                stats.counter(Outcome::Retried).inc();
+                tracing::debug!(to = %route.describe(), attempt, error = %e, "route delivery failed; will retry");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -349,12 +503,18 @@ mod tests {
         calls: Mutex<Vec<(String, String, Option<String>)>>,
         publishes: Mutex<Vec<(String, String)>>,
         fail_first: AtomicU64,
+        /// While set, task calls answer "busy".
+        busy: std::sync::atomic::AtomicBool,
+        /// When set, task calls wait on it before they are recorded.
+        gate: Option<Arc<Semaphore>>,
+        routes_seen: Mutex<Vec<u32>>,
     }
 
     #[async_trait]
     impl Hooks for Recorder {
         async fn call_task(
             &self,
+            _route: u32,
             task: &TaskName,
             input: Bytes,
             topic: Option<String>,
@@ -363,6 +523,13 @@ mod tests {
                 self.fail_first.fetch_sub(1, Ordering::Relaxed);
                 return Err(DeliveryError::Call("busy".into()));
             }
+            if self.busy.load(Ordering::Relaxed) {
+                return Err(DeliveryError::Busy("the share is full".into()));
+            }
+            if let Some(g) = &self.gate {
+                let _ = g.acquire().await.map(|p| p.forget());
+            }
+            self.routes_seen.lock().unwrap().push(_route);
             self.calls.lock().unwrap().push((
                 task.to_string(),
                 String::from_utf8_lossy(&input).into(),
@@ -403,7 +570,12 @@ mod tests {
                 to: RouteDestination::Shadow("lamp".into()),
             },
         ];
-        let t = RouteTable::build(&specs, rec.clone(), RouteStats::default());
+        let t = RouteTable::build(
+            &specs,
+            rec.clone(),
+            RouteStats::default(),
+            RouteLimits::default(),
+        );
         let topic = "$aws/things/lamp/shadow/update/delta";
         t.on_shadow_delta("lamp", topic, &Bytes::from_static(b"{\"state\":{}}"));
         t.on_shadow_delta("other", topic, &Bytes::from_static(b"x"));
@@ -445,7 +617,7 @@ mod tests {
             },
         ];
         let stats = RouteStats::default();
-        let table = RouteTable::build(&specs, rec.clone(), stats.clone());
+        let table = RouteTable::build(&specs, rec.clone(), stats.clone(), RouteLimits::default());
         table.on_device_message("sensors/s1/temp", &Bytes::from_static(b"21"));
         table.on_task_output(&name("thermo"), &Bytes::from_static(b"on"));
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -475,7 +647,12 @@ mod tests {
             from: RouteSource::Timer(100),
             to: RouteDestination::Device("tick".into()),
         }];
-        let table = RouteTable::build(&specs, rec.clone(), RouteStats::default());
+        let table = RouteTable::build(
+            &specs,
+            rec.clone(),
+            RouteStats::default(),
+            RouteLimits::default(),
+        );
         tokio::time::sleep(Duration::from_millis(350)).await;
         drop(table);
         let n = rec.publishes.lock().unwrap().len();
@@ -485,6 +662,98 @@ mod tests {
             rec.publishes.lock().unwrap().len(),
             n,
             "no ticks after drop"
+        );
+    }
+
+    fn to_task(n: usize) -> Vec<RouteSpec> {
+        (0..n)
+            .map(|i| RouteSpec {
+                from: RouteSource::Device(format!("in/{i}")),
+                to: RouteDestination::Task(name("worker")),
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_destination_is_waited_for_not_given_up() {
+        let rec = Arc::new(Recorder::default());
+        rec.busy.store(true, Ordering::Relaxed);
+        let stats = RouteStats::default();
+        let table = RouteTable::build(
+            &to_task(2),
+            rec.clone(),
+            stats.clone(),
+            RouteLimits::default(),
+        );
+        table.on_device_message("in/1", &Bytes::from_static(b"m"));
+        // Far longer than MAX_ATTEMPTS retries would last.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(rec.calls.lock().unwrap().is_empty());
+        assert_eq!(
+            stats.count(Outcome::Failed),
+            0,
+            "a busy wait never fails for good"
+        );
+        assert!(stats.count(Outcome::Waited) > MAX_ATTEMPTS as u64);
+        rec.busy.store(false, Ordering::Relaxed);
+        tokio::time::sleep(BUSY_WAIT_MAX * 2).await;
+        assert_eq!(stats.count(Outcome::Delivered), 1);
+        assert_eq!(
+            *rec.routes_seen.lock().unwrap(),
+            vec![1],
+            "charged to its route"
+        );
+        // A wait for a busy destination ends when the route leaves.
+        rec.busy.store(true, Ordering::Relaxed);
+        table.on_device_message("in/0", &Bytes::from_static(b"m"));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(table);
+        tokio::time::sleep(BUSY_WAIT_MAX * 2).await;
+        assert_eq!(stats.count(Outcome::Failed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_into_one_route_is_bounded_by_its_backlog_and_spares_the_others() {
+        let gate = Arc::new(Semaphore::new(0));
+        let rec = Arc::new(Recorder {
+            gate: Some(gate.clone()),
+            ..Recorder::default()
+        });
+        let stats = RouteStats::default();
+        let mut specs = to_task(1);
+        specs.push(RouteSpec {
+            from: RouteSource::Device("quiet".into()),
+            to: RouteDestination::Device("out".into()),
+        });
+        let table = RouteTable::build(
+            &specs,
+            rec.clone(),
+            stats.clone(),
+            RouteLimits { backlog: 10 },
+        );
+        for _ in 0..1000 {
+            table.on_device_message("in/0", &Bytes::from_static(b"flood"));
+            tokio::task::yield_now().await;
+        }
+        table.on_device_message("quiet", &Bytes::from_static(b"q"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // IN_FLIGHT wait at the gate, at most 10 more in the backlog (one
+        // more may be between the two), every other message was dropped.
+        let dropped = stats.count(Outcome::Dropped);
+        assert!(
+            (1000 - IN_FLIGHT as u64 - 11..=1000 - IN_FLIGHT as u64 - 10).contains(&dropped),
+            "dropped {dropped}"
+        );
+        assert_eq!(
+            *rec.publishes.lock().unwrap(),
+            vec![("out".into(), "q".into())]
+        );
+        gate.add_permits(1000);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            rec.calls.lock().unwrap().len() as u64,
+            1000 - dropped,
+            "what was kept is delivered"
         );
     }
 }
