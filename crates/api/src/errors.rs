@@ -67,6 +67,9 @@ impl From<CallError> for ApiError {
             CallError::Rejected(Rejected::TooLarge { .. }) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "over_budget", msg)
             }
+            CallError::Rejected(Rejected::Removed) => {
+                Self::new(StatusCode::NOT_FOUND, "unknown_task", msg)
+            }
             CallError::Rejected(Rejected::Closed) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

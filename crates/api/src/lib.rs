@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use errors::ApiError;
-use roost_hub::{CallError, Hub};
+use roost_hub::{CallError, Caller, Hub};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -69,7 +69,12 @@ async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Resp
     if st.hub.task_identities() {
         match task_gate(&st.hub, &req) {
             Gate::NotATask => {}
-            Gate::Pass => return next.run(req).await,
+            Gate::Pass(task) => {
+                // Its calls wait in its own share of the queue.
+                let mut req = req;
+                req.extensions_mut().insert(CallingTask(task));
+                return next.run(req).await;
+            }
             Gate::Refuse(why) => return task_refused(&req, &why),
         }
     }
@@ -96,8 +101,9 @@ async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Resp
 enum Gate {
     /// Not from a task's user: the token decides.
     NotATask,
-    /// A task's, for something a task may do.
-    Pass,
+    /// A task's, for something a task may do (the first of the tasks
+    /// sharing its identity).
+    Pass(roost_model::TaskName),
     Refuse(String),
 }
 
@@ -131,7 +137,10 @@ fn task_gate(hub: &Hub, req: &Request) -> Gate {
                 ApiMethod::Other
             };
             match task_may(&ApiRequest::new(method, req.uri().path())) {
-                Ok(()) => Gate::Pass,
+                Ok(()) => match tasks.first() {
+                    Some(t) => Gate::Pass(t.clone()),
+                    None => Gate::Refuse("no deployed task runs as this user".into()),
+                },
                 Err(why) => {
                     tracing::warn!(tasks = ?tasks, path = %req.uri().path(), "refused a task's request to /v1");
                     Gate::Refuse(why.to_string())
@@ -248,6 +257,10 @@ async fn drain(mut body: Body) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), reading).await;
 }
 
+/// The task a `/v1` request comes from, when task identities tell.
+#[derive(Clone)]
+struct CallingTask(roost_model::TaskName);
+
 async fn call(
     State(st): State<AppState>,
     Path(task): Path<String>,
@@ -277,11 +290,18 @@ async fn call(
         return Err(CallError::UnknownTask(task).into());
     }
     let input = body_within(body, &parts.headers, limit).await?;
+    let caller = match parts.extensions.get::<CallingTask>() {
+        Some(CallingTask(t)) => Caller::Task(t.clone()),
+        None => Caller::Outside,
+    };
     if asynchronous {
-        let id = st.hub.call_async(&task, input, Vec::new()).await?;
+        let id = st.hub.call_async(&caller, &task, input, Vec::new()).await?;
         Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id }))).into_response())
     } else {
-        let out = st.hub.call_sync(&task, input, Vec::new()).await?;
+        let out = st
+            .hub
+            .call_sync_as(roost_hub::new_call_id(), &caller, &task, input, Vec::new())
+            .await?;
         Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
     }
 }

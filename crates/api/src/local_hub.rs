@@ -6,7 +6,7 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use roost_bus::{RetainedMessage, RetainedSummary};
-use roost_hub::{CallError, Hub};
+use roost_hub::{CallError, Caller, Hub};
 use roost_model::{CallId, Principal, TaskName};
 use roost_overrides::{CallRefused, HubFailure, LocalHub, PublishOptions, SecretValue, Settings};
 use roost_shadows::{Operation, ShadowFailure, ShadowId};
@@ -27,6 +27,15 @@ impl HubForServices {
             max_shadow_request_bytes: c.shadow_limits.max_request_bytes,
         };
         HubForServices { hub, settings }
+    }
+}
+
+/// A task calling through Lambda `Invoke` waits in its own share of the
+/// queue; the owner's calls wait in the called task's.
+fn caller_of(p: &Principal) -> Caller {
+    match p {
+        Principal::Owner => Caller::Outside,
+        Principal::Task(t, _) => Caller::Task(t.clone()),
     }
 }
 
@@ -128,24 +137,29 @@ impl LocalHub for HubForServices {
 
     async fn call_sync(
         &self,
+        caller: &Principal,
         id: CallId,
         task: &str,
         input: Bytes,
         env: Vec<(String, String)>,
     ) -> Result<Bytes, CallRefused> {
         self.hub
-            .call_sync_as(id, task, input, env)
+            .call_sync_as(id, &caller_of(caller), task, input, env)
             .await
             .map_err(refused)
     }
 
     async fn call_async(
         &self,
+        caller: &Principal,
         task: &str,
         input: Bytes,
         env: Vec<(String, String)>,
     ) -> Result<CallId, CallRefused> {
-        self.hub.call_async(task, input, env).await.map_err(refused)
+        self.hub
+            .call_async(&caller_of(caller), task, input, env)
+            .await
+            .map_err(refused)
     }
 
     fn call_log(&self, task: &TaskName, call_id: &str) -> Vec<String> {

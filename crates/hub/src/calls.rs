@@ -12,7 +12,7 @@ use bytes::Bytes;
 use rand::RngCore;
 use roost_model::{CallId, CallStatus, Failure, FailureCode, Limits, TaskName};
 use roost_runtime::{CallContext, Invocation, PreparedTask, TaskCaller};
-use roost_scheduler::{Demand, Rejected, Ticket};
+use roost_scheduler::{Demand, Rejected, Share, Ticket};
 use roost_store::{NewCall, StoreError};
 use serde::Serialize;
 use std::sync::{Arc, Weak};
@@ -99,13 +99,32 @@ pub fn new_call_id() -> CallId {
     CallId::from_bytes(b)
 }
 
-fn demand(task: &dyn PreparedTask) -> Demand {
+/// Who asked for a call: whose share of the queue its place is charged to
+/// (see `roost_scheduler::Share`), so a noisy caller fills its own part.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// The owner, or anyone outside the hub: the called task's share.
+    Outside,
+    /// A task calling on `/v1` or through Lambda `Invoke`: its own share.
+    Task(TaskName),
+    /// A route delivering a message: that route's share (its place in the
+    /// deployment's route table).
+    Route(u32),
+}
+
+fn demand(task: &dyn PreparedTask, caller: &Caller, input_bytes: usize) -> Demand {
     let s = task.spec();
     Demand {
         task: s.name.clone(),
         memory_mb: s.limits.memory_mb,
         concurrency: s.limits.concurrency,
         priority: s.limits.priority,
+        share: match caller {
+            Caller::Outside => Share::Task(s.name.clone()),
+            Caller::Task(t) => Share::Task(t.clone()),
+            Caller::Route(r) => Share::Route(*r),
+        },
+        input_bytes,
     }
 }
 
@@ -127,10 +146,16 @@ impl Hub {
         self.inner.active.read().tasks.get(name).cloned()
     }
 
-    fn submit(&self, task: &dyn PreparedTask, bounded: bool) -> Result<Ticket, CallError> {
+    fn submit(
+        &self,
+        task: &dyn PreparedTask,
+        caller: &Caller,
+        held_input: usize,
+        bounded: bool,
+    ) -> Result<Ticket, CallError> {
         self.inner
             .scheduler
-            .submit(demand(task), bounded)
+            .submit(demand(task, caller, held_input), bounded)
             .map_err(|r| {
                 if matches!(r, Rejected::QueueFull { .. }) {
                     self.inner.metrics.rejected.inc();
@@ -140,12 +165,15 @@ impl Hub {
     }
 
     /// Checks the input's size, finds the task and takes a place in the
-    /// queue for a call from outside.
+    /// queue for a call from outside; `held` is whether the input waits in
+    /// memory with it (a sync call's) or in the store (an async call's).
     fn queue_call(
         &self,
+        caller: &Caller,
         task: &str,
         input: &Bytes,
         limit: usize,
+        held: bool,
     ) -> Result<(Arc<dyn PreparedTask>, Ticket), CallError> {
         if input.len() > limit {
             return Err(CallError::InputTooLarge {
@@ -154,8 +182,17 @@ impl Hub {
             });
         }
         let prepared = self.task(task)?;
-        let ticket = self.submit(prepared.as_ref(), true)?;
+        let held_input = if held { input.len() } else { 0 };
+        let ticket = self.submit(prepared.as_ref(), caller, held_input, true)?;
         Ok((prepared, ticket))
+    }
+
+    /// The task an admitted call runs: the one deployed now under its name
+    /// (a deployment may have replaced it while the call waited), or
+    /// `unknown_task` if it left the deployment.
+    fn admitted_task(&self, name: &TaskName) -> Result<Arc<dyn PreparedTask>, CallError> {
+        self.deployed(name)
+            .ok_or_else(|| CallError::UnknownTask(name.to_string()))
     }
 
     /// Runs a call and waits for its output.
@@ -165,7 +202,8 @@ impl Hub {
         input: Bytes,
         env: Vec<(String, String)>,
     ) -> Result<Bytes, CallError> {
-        self.call_sync_as(new_call_id(), task, input, env).await
+        self.call_sync_as(new_call_id(), &Caller::Outside, task, input, env)
+            .await
     }
 
     /// A synchronous call under a call id chosen by the caller (so it can
@@ -173,12 +211,19 @@ impl Hub {
     pub async fn call_sync_as(
         &self,
         id: CallId,
+        caller: &Caller,
         task: &str,
         input: Bytes,
         env: Vec<(String, String)>,
     ) -> Result<Bytes, CallError> {
-        let (prepared, ticket) = self.queue_call(task, &input, self.inner.config.max_sync_input)?;
-        let permit = ticket.admitted().await.map_err(CallError::Rejected)?;
+        let (prepared, ticket) =
+            self.queue_call(caller, task, &input, self.inner.config.max_sync_input, true)?;
+        let permit = match ticket.admitted().await {
+            Ok(p) => p,
+            Err(Rejected::Removed) => return Err(CallError::UnknownTask(task.to_owned())),
+            Err(r) => return Err(CallError::Rejected(r)),
+        };
+        let prepared = self.admitted_task(&prepared.spec().name)?;
         self.inner
             .metrics
             .queue_wait
@@ -188,17 +233,25 @@ impl Hub {
         result.map_err(CallError::Failed)
     }
 
-    /// Queues a durable call; returns once it is on disk.
+    /// Queues a durable call; returns once it is on disk. While it waits,
+    /// its input is in the store only (it is read back once admitted), so
+    /// acknowledged calls cost the queue no memory for their inputs.
     pub async fn call_async(
         &self,
+        caller: &Caller,
         task: &str,
         input: Bytes,
         env: Vec<(String, String)>,
     ) -> Result<CallId, CallError> {
         // Take the place in the queue first (this is the bound check), then
         // persist; the call only runs after both.
-        let (prepared, ticket) =
-            self.queue_call(task, &input, self.inner.config.max_async_input)?;
+        let (prepared, ticket) = self.queue_call(
+            caller,
+            task,
+            &input,
+            self.inner.config.max_async_input,
+            false,
+        )?;
         let id = new_call_id();
         self.inner
             .store
@@ -210,12 +263,10 @@ impl Hub {
                 max_attempts: self.inner.config.async_attempts,
             })
             .await?;
+        drop(input);
         let hub = self.clone();
         let (call_id, task) = (id.clone(), prepared.spec().name.clone());
-        tokio::spawn(async move {
-            hub.run_async(call_id, task, input, env, Some(ticket), 0)
-                .await
-        });
+        tokio::spawn(async move { hub.run_async(call_id, task, env, Some(ticket), 0).await });
         Ok(id)
     }
 
@@ -231,7 +282,8 @@ impl Hub {
             );
         }
         for call in queued {
-            let Some((input, env)) = self.inner.store.call_input(&call.id)? else {
+            // The input stays in the store until the call is admitted.
+            let Some((_, env)) = self.inner.store.call_input(&call.id)? else {
                 continue;
             };
             // Both were valid when the call was stored.
@@ -252,8 +304,7 @@ impl Hub {
             tokio::spawn(async move {
                 let wait = (call.next_at_ms - roost_store::now_ms()).max(0) as u64;
                 tokio::time::sleep(Duration::from_millis(wait)).await;
-                hub.run_async(id, task, Bytes::from(input), env, None, call.attempts)
-                    .await
+                hub.run_async(id, task, env, None, call.attempts).await
             });
         }
         Ok(())
@@ -265,31 +316,49 @@ impl Hub {
         &self,
         id: CallId,
         task: TaskName,
-        input: Bytes,
         env: Vec<(String, String)>,
         mut ticket: Option<Ticket>,
         mut attempts: u32,
     ) {
         let store = &self.inner.store;
+        let gone = || async {
+            log_store(
+                store
+                    .fail_call(id.as_str(), &no_longer_deployed(task.as_str()))
+                    .await,
+            )
+        };
         loop {
             let Some(prepared) = self.deployed(&task) else {
-                log_store(
-                    store
-                        .fail_call(id.as_str(), &no_longer_deployed(task.as_str()))
-                        .await,
-                );
-                return;
+                return gone().await;
             };
             let ticket = match ticket.take() {
                 Some(t) => t,
-                None => match self.submit(prepared.as_ref(), false) {
+                None => match self.submit(prepared.as_ref(), &Caller::Outside, 0, false) {
                     Ok(t) => t,
                     // Shutting down: the call stays queued on disk.
                     Err(_) => return,
                 },
             };
-            let Ok(permit) = ticket.admitted().await else {
-                return; // shutting down; still queued on disk
+            let permit = match ticket.admitted().await {
+                Ok(p) => p,
+                Err(Rejected::Removed) => return gone().await,
+                Err(_) => return, // shutting down; still queued on disk
+            };
+            // It runs what is deployed under its name now.
+            let Some(prepared) = self.deployed(&task) else {
+                return gone().await;
+            };
+            let input = match store.call_input(id.as_str()) {
+                Ok(Some((input, _))) => Bytes::from(input),
+                Ok(None) => {
+                    tracing::warn!(call_id = %id, "a queued call's row is gone (purged?); it is dropped");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(call_id = %id, error = %e, "cannot read a queued call's input; it stays queued");
+                    return;
+                }
             };
             self.inner
                 .metrics
@@ -304,7 +373,7 @@ impl Hub {
                 &self.inner,
                 &prepared,
                 &id,
-                input.clone(),
+                input,
                 env.clone(),
                 0,
                 Mode::Async,

@@ -324,8 +324,13 @@ impl Hub {
                 hub: Arc::downgrade(&self.inner),
             }),
             self.inner.metrics.routes.clone(),
+            roost_routes::RouteLimits {
+                backlog: self.inner.config.route_backlog,
+            },
         );
         *self.inner.routes.write() = Arc::new(table);
+        // Half the queue is split among the tasks and routes, each its own.
+        self.inner.scheduler.set_shares(tasks.len() + routes.len());
         self.inner.bus.set_devices(
             devices
                 .iter()
@@ -354,6 +359,13 @@ impl Hub {
             identities,
         });
         let old = std::mem::replace(&mut *self.inner.active.write(), new.clone());
+        for name in old.tasks.keys().filter(|n| !new.tasks.contains_key(*n)) {
+            // Its waiting calls end now with unknown_task, not minutes later.
+            let ended = self.inner.scheduler.remove_task(name);
+            if ended > 0 {
+                tracing::info!(task = %name, calls = ended, "the waiting calls of a task no longer deployed end with unknown_task");
+            }
+        }
         for (name, task) in &old.tasks {
             let same = new.tasks.get(name).is_some_and(|t| Arc::ptr_eq(t, task));
             if !same {

@@ -17,7 +17,7 @@ pub mod metrics;
 mod routing;
 pub mod shadows;
 
-pub use calls::{new_call_id, CallError, CallView, TaskView};
+pub use calls::{new_call_id, CallError, CallView, Caller, TaskView};
 pub use deploy::{DeployError, DeployReport, SECRETS_ENTRY};
 
 use logs::LogBook;
@@ -45,6 +45,11 @@ pub struct HubConfig {
     pub max_sync_input: usize,
     pub max_async_input: usize,
     pub max_package_bytes: usize,
+    /// Bytes of input that calls waiting in the queue may hold (a waiting
+    /// sync call holds its input; an async call's waits in the store).
+    pub queued_input_limit: usize,
+    /// Messages one route may hold waiting for delivery.
+    pub route_backlog: usize,
     /// Attempts an async call gets before it is kept as failed.
     pub async_attempts: u32,
     /// First retry delay; doubles per attempt.
@@ -73,6 +78,8 @@ impl HubConfig {
             max_sync_input: 6 << 20,
             max_async_input: 1 << 20,
             max_package_bytes: 256 << 20,
+            queued_input_limit: 128 << 20,
+            route_backlog: 1000,
             async_attempts: 3,
             retry_backoff: Duration::from_secs(1),
             retention: Duration::from_secs(24 * 3600),
@@ -237,6 +244,7 @@ impl Hub {
             cpu_slots: config.cpu_slots,
             queue_limit: config.queue_limit,
             aging: Duration::from_millis(250),
+            queued_input_limit: config.queued_input_limit,
         });
         let mut metrics = Metrics::default();
         metrics.memory_budget_mb.set(config.memory_budget_mb as i64);
@@ -326,6 +334,7 @@ impl Hub {
         let m = &self.inner.metrics;
         let s = self.inner.scheduler.snapshot();
         m.queue_depth.set(s.queued as i64);
+        m.queue_input_bytes.set(s.queued_input_bytes as i64);
         m.running.set(s.running as i64);
         m.memory_reserved_mb.set(s.reserved_mb as i64);
         let active = self.inner.active.read().clone();

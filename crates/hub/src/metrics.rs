@@ -44,6 +44,7 @@ pub struct Metrics {
     pub duration: Family<TaskLabel, Histogram>,
     pub queue_wait: Histogram,
     pub queue_depth: Gauge,
+    pub queue_input_bytes: Gauge,
     pub running: Gauge,
     pub memory_reserved_mb: Gauge,
     pub memory_budget_mb: Gauge,
@@ -82,6 +83,7 @@ impl Default for Metrics {
             duration,
             queue_wait,
             queue_depth: Gauge::default(),
+            queue_input_bytes: Gauge::default(),
             running: Gauge::default(),
             memory_reserved_mb: Gauge::default(),
             memory_budget_mb: Gauge::default(),
@@ -120,6 +122,11 @@ impl Default for Metrics {
             "queue_depth",
             "Calls waiting for admission",
             m.queue_depth.clone(),
+        );
+        registry.register(
+            "queue_input_bytes",
+            "Bytes of input the calls waiting for admission hold",
+            m.queue_input_bytes.clone(),
         );
         registry.register("calls_running", "Calls running now", m.running.clone());
         registry.register(

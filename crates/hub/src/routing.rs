@@ -1,11 +1,13 @@
 //! The route table's hooks into the hub: a routed message becomes a durable
 //! async call, or a publish through the broker.
 
+use crate::calls::CallError;
 use crate::{Hub, HubInner};
 use async_trait::async_trait;
 use bytes::Bytes;
 use roost_model::TaskName;
 use roost_routes::DeliveryError;
+use roost_scheduler::Rejected;
 use std::sync::Weak;
 
 pub(crate) struct HubHooks {
@@ -16,6 +18,7 @@ pub(crate) struct HubHooks {
 impl roost_routes::Hooks for HubHooks {
     async fn call_task(
         &self,
+        route: u32,
         task: &TaskName,
         input: Bytes,
         topic: Option<String>,
@@ -25,10 +28,19 @@ impl roost_routes::Hooks for HubHooks {
             .map(|t| vec![("ROOST_TOPIC".to_owned(), t)])
             .unwrap_or_default();
         Hub { inner }
-            .call_async(task.as_str(), input, env)
+            .call_async(
+                &crate::calls::Caller::Route(route),
+                task.as_str(),
+                input,
+                env,
+            )
             .await
             .map(|_| ())
-            .map_err(|e| DeliveryError::Call(e.into()))
+            .map_err(|e| match e {
+                // The route's share of the queue is full: wait, not fail.
+                CallError::Rejected(Rejected::QueueFull { .. }) => DeliveryError::Busy(e.into()),
+                e => DeliveryError::Call(e.into()),
+            })
     }
 
     fn publish(&self, topic: &str, payload: Bytes) -> Result<(), DeliveryError> {

@@ -198,6 +198,7 @@ impl LocalHub for FakeHub {
     }
     async fn call_sync(
         &self,
+        _caller: &Principal,
         _id: CallId,
         task: &str,
         input: Bytes,
@@ -214,6 +215,7 @@ impl LocalHub for FakeHub {
     }
     async fn call_async(
         &self,
+        _caller: &Principal,
         task: &str,
         input: Bytes,
         env: Vec<(String, String)>,

@@ -186,10 +186,10 @@ impl LocalService for Lambda {
         }
         match header("x-amz-invocation-type").as_deref() {
             None | Some("RequestResponse") => {
-                invoke_sync(hub, &f.name, req.body, env, tail).await
+                invoke_sync(hub, caller, &f.name, req.body, env, tail).await
             }
             Some("Event") => {
-                hub.call_async(&f.name, req.body, env)
+                hub.call_async(caller, &f.name, req.body, env)
                     .await
                     .map_err(call_error)?;
                 Ok(with_request_id(StatusCode::ACCEPTED, "application/json", Body::empty()))
@@ -230,13 +230,14 @@ fn client_context(header: &str) -> Result<String, AwsError> {
 
 async fn invoke_sync(
     hub: &dyn LocalHub,
+    caller: &Principal,
     task: &str,
     input: bytes::Bytes,
     env: Vec<(String, String)>,
     tail: bool,
 ) -> Result<Response, AwsError> {
     let id = hub.new_call_id();
-    let result = hub.call_sync(id.clone(), task, input, env).await;
+    let result = hub.call_sync(caller, id.clone(), task, input, env).await;
     let (body, function_error) = match result {
         Ok(out) => (out, None),
         Err(CallRefused::Failed(Failure {

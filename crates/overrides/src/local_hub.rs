@@ -143,18 +143,21 @@ pub trait LocalHub: Send + Sync {
     /// A fresh call id (so a call's log can be found after it).
     fn new_call_id(&self) -> CallId;
 
-    /// Calls `task` and waits for its output.
+    /// Calls `task` for `caller` (whose share of the queue the call waits
+    /// in) and waits for its output.
     async fn call_sync(
         &self,
+        caller: &Principal,
         id: CallId,
         task: &str,
         input: Bytes,
         env: Vec<(String, String)>,
     ) -> Result<Bytes, CallRefused>;
 
-    /// Queues a call durably; its id.
+    /// Queues a call durably for `caller`; its id.
     async fn call_async(
         &self,
+        caller: &Principal,
         task: &str,
         input: Bytes,
         env: Vec<(String, String)>,

@@ -61,9 +61,21 @@ pub struct HubOpts {
     /// Calls that may run at once. Default: 8 per core.
     #[arg(long, env = "ROOST_CPU_SLOTS")]
     cpu_slots: Option<u32>,
-    /// Calls that may wait for admission; past it calls get 429.
+    /// Calls that may wait for admission; past it calls get 429. Half of it
+    /// is split evenly among the deployment's tasks and routes (each its
+    /// own share), the other half is common: a noisy task or route fills
+    /// its share and the common half, never another's share.
     #[arg(long, env = "ROOST_QUEUE_LIMIT", default_value_t = 1024)]
     queue_limit: usize,
+    /// Bytes of input the calls waiting for admission may hold, in MiB (a
+    /// waiting sync call holds its input in memory); past it calls get 429.
+    #[arg(long, env = "ROOST_MAX_QUEUED_INPUT_MB", default_value_t = 128)]
+    max_queued_input_mb: usize,
+    /// Messages one route may hold waiting for delivery (besides the 16 it
+    /// delivers at a time); past it new messages for that route are
+    /// dropped and counted (roost_route_deliveries_total{outcome="dropped"}).
+    #[arg(long, env = "ROOST_ROUTE_BACKLOG", default_value_t = 1000)]
+    route_backlog: usize,
     /// Largest synchronous call input, in bytes.
     #[arg(long, env = "ROOST_MAX_SYNC_INPUT", default_value_t = 6 << 20)]
     max_sync_input: usize,
@@ -261,6 +273,8 @@ async fn serve(opts: HubOpts) -> Result<()> {
         config.cpu_slots = c.max(1);
     }
     config.queue_limit = opts.queue_limit;
+    config.queued_input_limit = opts.max_queued_input_mb << 20;
+    config.route_backlog = opts.route_backlog.max(1);
     config.max_sync_input = opts.max_sync_input;
     config.max_async_input = opts.max_async_input;
     config.async_attempts = opts.async_attempts.max(1);
