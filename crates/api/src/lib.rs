@@ -289,6 +289,16 @@ async fn call(
     if !st.hub.has_task(&task) {
         return Err(CallError::UnknownTask(task).into());
     }
+    // The body's bytes count against the bound on waiting inputs while it
+    // is read, so a flood of large calls is refused before it is in memory.
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(limit)
+        .min(limit);
+    let hold = st.hub.hold_input(declared)?;
     let input = body_within(body, &parts.headers, limit).await?;
     let caller = match parts.extensions.get::<CallingTask>() {
         Some(CallingTask(t)) => Caller::Task(t.clone()),
@@ -296,11 +306,19 @@ async fn call(
     };
     if asynchronous {
         let id = st.hub.call_async(&caller, &task, input, Vec::new()).await?;
+        drop(hold);
         Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id }))).into_response())
     } else {
         let out = st
             .hub
-            .call_sync_as(roost_hub::new_call_id(), &caller, &task, input, Vec::new())
+            .call_sync_holding(
+                roost_hub::new_call_id(),
+                &caller,
+                &task,
+                input,
+                Vec::new(),
+                Some(hold),
+            )
             .await?;
         Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
     }

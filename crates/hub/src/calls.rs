@@ -12,7 +12,7 @@ use bytes::Bytes;
 use rand::RngCore;
 use roost_model::{CallId, CallStatus, Failure, FailureCode, Limits, TaskName};
 use roost_runtime::{CallContext, Invocation, PreparedTask, TaskCaller};
-use roost_scheduler::{Demand, Rejected, Share, Ticket};
+use roost_scheduler::{Demand, InputHold, Rejected, Share, Ticket};
 use roost_store::{NewCall, StoreError};
 use serde::Serialize;
 use std::sync::{Arc, Weak};
@@ -152,10 +152,11 @@ impl Hub {
         caller: &Caller,
         held_input: usize,
         bounded: bool,
+        hold: Option<InputHold>,
     ) -> Result<Ticket, CallError> {
         self.inner
             .scheduler
-            .submit(demand(task, caller, held_input), bounded)
+            .submit_holding(demand(task, caller, held_input), bounded, hold)
             .map_err(|r| {
                 if matches!(r, Rejected::QueueFull { .. }) {
                     self.inner.metrics.rejected.inc();
@@ -174,6 +175,7 @@ impl Hub {
         input: &Bytes,
         limit: usize,
         held: bool,
+        hold: Option<InputHold>,
     ) -> Result<(Arc<dyn PreparedTask>, Ticket), CallError> {
         if input.len() > limit {
             return Err(CallError::InputTooLarge {
@@ -183,7 +185,7 @@ impl Hub {
         }
         let prepared = self.task(task)?;
         let held_input = if held { input.len() } else { 0 };
-        let ticket = self.submit(prepared.as_ref(), caller, held_input, true)?;
+        let ticket = self.submit(prepared.as_ref(), caller, held_input, true, hold)?;
         Ok((prepared, ticket))
     }
 
@@ -216,8 +218,38 @@ impl Hub {
         input: Bytes,
         env: Vec<(String, String)>,
     ) -> Result<Bytes, CallError> {
-        let (prepared, ticket) =
-            self.queue_call(caller, task, &input, self.inner.config.max_sync_input, true)?;
+        self.call_sync_holding(id, caller, task, input, env, None)
+            .await
+    }
+
+    /// Counts `bytes` of a call's input against the bound on waiting
+    /// inputs before it is read (see `roost_scheduler::Scheduler::hold_input`).
+    pub fn hold_input(&self, bytes: usize) -> Result<InputHold, CallError> {
+        self.inner.scheduler.hold_input(bytes).map_err(|r| {
+            self.inner.metrics.rejected.inc();
+            CallError::Rejected(r)
+        })
+    }
+
+    /// [`Hub::call_sync_as`] for an input read under `hold`, which the
+    /// call's place in the queue takes over.
+    pub async fn call_sync_holding(
+        &self,
+        id: CallId,
+        caller: &Caller,
+        task: &str,
+        input: Bytes,
+        env: Vec<(String, String)>,
+        hold: Option<InputHold>,
+    ) -> Result<Bytes, CallError> {
+        let (prepared, ticket) = self.queue_call(
+            caller,
+            task,
+            &input,
+            self.inner.config.max_sync_input,
+            true,
+            hold,
+        )?;
         let permit = match ticket.admitted().await {
             Ok(p) => p,
             Err(Rejected::Removed) => return Err(CallError::UnknownTask(task.to_owned())),
@@ -251,6 +283,7 @@ impl Hub {
             &input,
             self.inner.config.max_async_input,
             false,
+            None,
         )?;
         let id = new_call_id();
         self.inner
@@ -334,7 +367,7 @@ impl Hub {
             };
             let ticket = match ticket.take() {
                 Some(t) => t,
-                None => match self.submit(prepared.as_ref(), &Caller::Outside, 0, false) {
+                None => match self.submit(prepared.as_ref(), &Caller::Outside, 0, false, None) {
                     Ok(t) => t,
                     // Shutting down: the call stays queued on disk.
                     Err(_) => return,

@@ -191,3 +191,66 @@ fn a_flooded_route_fills_its_own_share_and_another_task_is_still_served() {
         0.0
     );
 }
+
+/// A process's resident memory now and at its peak, in MiB.
+fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb = |key: &str| -> f64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0)
+}
+
+#[test]
+fn a_flood_of_large_sync_calls_is_refused_before_its_bodies_are_read() {
+    let tasks = task("sleep", "sleep.wat", "timeout_ms = 10000") + &task("echo", "echo.wat", "");
+    let (hub, _p) = hub_with(
+        &tasks,
+        &["sleep.wat", "echo.wat"],
+        &["--cpu-slots", "1", "--max-queued-input-mb", "24"],
+    );
+    // Warm up the path a 6 MiB call takes, so its buffers are not counted.
+    assert_eq!(hub.call("echo", vec![b'w'; 6 << 20]).status(), 200);
+    let (before, _) = rss_mib(hub.pid());
+    let busy = {
+        let url = format!("{}/v1/tasks/sleep/calls", hub.url);
+        std::thread::spawn(move || http().post(url).body("3000").send().unwrap().status())
+    };
+    wait_until("the slot to be taken", Duration::from_secs(10), || {
+        hub.task_row("sleep")["running"] == 1
+    });
+    // 40 callers send 6 MiB each (240 MiB) at a hub that queues 24 MiB.
+    // (Reading every body first, as the hub did, peaked 340 MiB above
+    // where it started; refusing before reading, 40 MiB.)
+    let callers: Vec<_> = (0..40)
+        .map(|_| {
+            let url = format!("{}/v1/tasks/echo/calls", hub.url);
+            std::thread::spawn(move || {
+                http()
+                    .post(url)
+                    .body(vec![b'x'; 6 << 20])
+                    .send()
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = callers.into_iter().map(|c| c.join().unwrap()).collect();
+    assert_eq!(busy.join().unwrap(), 200);
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert!(ok <= 4, "at most 4 × 6 MiB wait: {statuses:?}");
+    assert!(refused >= 30, "{statuses:?}");
+    let (_, peak) = rss_mib(hub.pid());
+    eprintln!("hub RSS {before:.0} MiB before, peak {peak:.0} MiB");
+    assert!(
+        peak - before < 120.0,
+        "the hub's memory grew by {:.0} MiB for 24 MiB of queued input",
+        peak - before
+    );
+}

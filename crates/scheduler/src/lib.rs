@@ -252,6 +252,21 @@ impl Ticket {
     }
 }
 
+/// Input bytes counted before the call that carries them is queued;
+/// released on drop.
+pub struct InputHold {
+    inner: Option<Arc<Inner>>,
+    bytes: usize,
+}
+
+impl Drop for InputHold {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            inner.state.lock().places.queued_bytes -= self.bytes;
+        }
+    }
+}
+
 /// Resources held by one running call; released on drop.
 pub struct Permit {
     inner: Option<Arc<Inner>>,
@@ -382,6 +397,49 @@ impl Scheduler {
     /// acknowledged (async calls reloaded after a restart or retried): they
     /// are never refused for a full queue.
     pub fn submit(&self, demand: Demand, bounded: bool) -> Result<Ticket, Rejected> {
+        self.submit_holding(demand, bounded, None)
+    }
+
+    /// Counts `bytes` of input against the waiting calls' bound before
+    /// they are read (a request body on its way in), so a flood of large
+    /// uploads is refused before it is in memory. Released on drop, or
+    /// moved into the call's place by [`Scheduler::submit_holding`].
+    pub fn hold_input(&self, bytes: usize) -> Result<InputHold, Rejected> {
+        let cfg = &self.inner.config;
+        let mut st = self.inner.state.lock();
+        if st.closed {
+            return Err(Rejected::Closed);
+        }
+        let p = &mut st.places;
+        if p.queued_bytes > 0 && p.queued_bytes + bytes > cfg.queued_input_limit {
+            let retry_after = st.mean_run.max(Duration::from_millis(1)) * 2;
+            return Err(Rejected::QueueFull {
+                bound: QueueBound::InputBytes,
+                queued: st.places.queued,
+                retry_after: retry_after.clamp(Duration::from_secs(1), Duration::from_secs(60)),
+            });
+        }
+        p.queued_bytes += bytes;
+        Ok(InputHold {
+            inner: Some(self.inner.clone()),
+            bytes,
+        })
+    }
+
+    /// [`Scheduler::submit`], with the bytes `hold` counted while the input
+    /// was read handed over to the call's place (counted once, as the
+    /// demand's `input_bytes`).
+    pub fn submit_holding(
+        &self,
+        demand: Demand,
+        bounded: bool,
+        hold: Option<InputHold>,
+    ) -> Result<Ticket, Rejected> {
+        if let Some(mut h) = hold {
+            if h.inner.take().is_some() {
+                self.inner.state.lock().places.queued_bytes -= h.bytes;
+            }
+        }
         let cfg = &self.inner.config;
         if demand.memory_mb as u64 > cfg.memory_budget_mb {
             return Err(Rejected::TooLarge {
@@ -762,5 +820,37 @@ mod tests {
             ready(&mut other).is_some(),
             "the other task's call runs next"
         );
+    }
+
+    #[test]
+    fn input_held_while_it_is_read_counts_once_and_goes_when_dropped() {
+        let s = Scheduler::new(SchedulerConfig {
+            memory_budget_mb: 1000,
+            cpu_slots: 1,
+            queue_limit: 100,
+            aging: Duration::from_secs(1),
+            queued_input_limit: 10,
+        });
+        let a = || Share::Task(TaskName::parse("a").unwrap());
+        let _run = s.submit(charged("a", a(), 0), true).unwrap();
+        let h1 = s.hold_input(6).unwrap();
+        assert!(matches!(
+            s.hold_input(6),
+            Err(Rejected::QueueFull {
+                bound: QueueBound::InputBytes,
+                ..
+            })
+        ));
+        // Handed to its call: still 6 bytes, not 12.
+        let t = s
+            .submit_holding(charged("a", a(), 6), true, Some(h1))
+            .unwrap();
+        assert_eq!(s.snapshot().queued_input_bytes, 6);
+        let h2 = s.hold_input(4).unwrap();
+        assert_eq!(s.snapshot().queued_input_bytes, 10);
+        drop(h2);
+        drop(t);
+        let _run2 = s.submit(charged("a", a(), 0), true).unwrap();
+        assert_eq!(s.snapshot().queued_input_bytes, 0);
     }
 }
