@@ -316,7 +316,7 @@ impl Hub {
         }
         for call in queued {
             // The input stays in the store until the call is admitted.
-            let Some((_, env)) = self.inner.store.call_input(&call.id)? else {
+            let Some(env) = self.inner.store.call_env(&call.id)? else {
                 continue;
             };
             // Both were valid when the call was stored.
