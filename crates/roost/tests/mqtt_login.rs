@@ -507,3 +507,38 @@ assert codes == [0x8C], codes
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The figure of BENCHMARKS.md: ten clients each sending a 60 MiB
+/// fragmented message before login, with the limits lifted to
+/// tungstenite's own 64 MiB (as before them) and with the defaults.
+/// `cargo test -p roost --test mqtt_login figures -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn figures_fragmented_websocket_messages() {
+    let lifted = [
+        "--mqtt-max-packet-bytes",
+        "67108864",
+        "--mqtt-max-connect-bytes",
+        "67108864",
+    ];
+    for (label, limits) in [("limits lifted", &lifted[..]), ("default limits", &[])] {
+        let mut args = vec!["--allow-anonymous", "--mqtt-ws", "127.0.0.1:0"];
+        args.extend(limits);
+        let hub = TestHub::start(&args);
+        let ws = ws_address(&hub);
+        let mut rss = RssWatch::start(hub.pid());
+        let started = Instant::now();
+        let senders: Vec<_> = (0..10)
+            .map(|_| {
+                let ws = ws.clone();
+                std::thread::spawn(move || send_fragmented(&mut ws_open(&ws), 60))
+            })
+            .collect();
+        let taken: usize = senders.into_iter().map(|s| s.join().unwrap()).sum();
+        println!(
+            "{label}: 10 x 60 MiB before login: RSS +{:.0} MiB, {taken} MiB sent before the hub closed, in {:.1} s",
+            rss.growth_mib(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+}
