@@ -28,7 +28,10 @@ pub struct LoginLimits {
     /// The longest wait between tries (the wait doubles from one second).
     pub backoff_max: Duration,
     /// Largest CONNECT packet, and over WebSocket the bytes a client may
-    /// send before it has logged in.
+    /// send before it has logged in. A CONNECT is a client id, a user
+    /// name, a password and perhaps a will: a few hundred bytes; 64 KiB
+    /// leaves room for a big will and MQTT 5 properties while a thousand
+    /// half-sent CONNECTs hold under 64 MiB.
     pub max_connect_bytes: usize,
 }
 
