@@ -11,14 +11,17 @@
 mod bus;
 mod connection;
 mod listener;
+mod login;
 mod metrics;
 mod persist;
 pub mod policy;
 pub mod tls;
+mod websocket;
 /// Topic rules live in their own crate; re-exported for callers that name
 /// them through the broker.
 pub use roost_topic as topic;
 
+pub use login::LoginLimits;
 pub use persist::{Done, PersistError, Persistence, Queued, Restore, Retained};
 pub use policy::{Device, Devices, Policy};
 /// The message vocabulary is the bus's (`roost-bus`), shared with the hub.
@@ -50,6 +53,8 @@ pub struct BrokerConfig {
     /// How long a client's buffer may stay full before the client is
     /// disconnected as not reading.
     pub slow_client_grace: std::time::Duration,
+    /// The work a client may cause before it has logged in.
+    pub login: LoginLimits,
 }
 
 impl Default for BrokerConfig {
@@ -60,6 +65,7 @@ impl Default for BrokerConfig {
             session_queue_limit: 1000,
             outgoing_buffer: 10_000,
             slow_client_grace: std::time::Duration::from_secs(5),
+            login: LoginLimits::default(),
         }
     }
 }
@@ -172,6 +178,8 @@ pub struct Stats {
     pub dropped_slow: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Connections closed for sending more than the CONNECT limit before login.
+    pub oversize_before_login: AtomicU64,
 }
 
 pub(crate) struct Inner {
@@ -186,6 +194,8 @@ pub(crate) struct Inner {
     pub tap: RwLock<Option<Tap>>,
     /// Topics only the hub publishes to, whatever a device's policy says.
     pub reserved: RwLock<Option<Reserved>>,
+    /// Password-check slots, the failure back-off and refusal counts.
+    pub logins: login::Logins,
 }
 
 /// MQTT 5 properties as kept in the store: their wire encoding.
@@ -318,6 +328,7 @@ impl Broker {
         }
         let broker = Self {
             inner: Arc::new(Inner {
+                logins: login::Logins::new(config.login.clone()),
                 config,
                 state: Mutex::new(state),
                 devices: RwLock::new(Arc::new(Devices::default())),

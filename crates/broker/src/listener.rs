@@ -2,7 +2,7 @@
 //! accepted TCP connection to its upgrade (none, WebSocket, TLS) and then
 //! to the connection's own task.
 
-use crate::connection::{self, Stream};
+use crate::connection::{self, LoggedIn, Stream};
 use crate::{tls, Broker};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,17 +10,22 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
 /// Time a client gets to finish a TLS or WebSocket handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A connection made ready for MQTT: its byte stream, and the device a
-/// verified client certificate names, if any.
-type Upgraded = (Box<dyn Stream>, Option<String>);
+/// A connection made ready for MQTT: its byte stream, the device a
+/// verified client certificate names, if any, and the flag its transport
+/// watches for the client's login.
+pub(crate) type Upgraded = (Box<dyn Stream>, Option<String>, LoggedIn);
 
 impl Broker {
     /// Serves MQTT on an already bound listener until the task is dropped.
     pub async fn serve(self, listener: TcpListener) {
         self.accept_loop(listener, "MQTT", |stream, _| async move {
-            Some((Box::new(stream) as Box<dyn Stream>, None))
+            Some((
+                Box::new(stream) as Box<dyn Stream>,
+                None,
+                LoggedIn::default(),
+            ))
         })
         .await
     }
@@ -28,8 +33,11 @@ impl Broker {
     /// Serves MQTT over WebSockets (subprotocol `mqtt`, binary frames), for
     /// browsers and clients behind HTTP-only networks.
     pub async fn serve_websocket(self, listener: TcpListener) {
-        self.accept_loop(listener, "MQTT/WebSocket", websocket)
-            .await
+        let broker = self.clone();
+        self.accept_loop(listener, "MQTT/WebSocket", move |stream, peer| {
+            crate::websocket::upgrade(broker.clone(), stream, peer)
+        })
+        .await
     }
 
     /// Serves MQTT over TLS. With a client CA in `tls`, clients present
@@ -52,7 +60,11 @@ impl Broker {
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .and_then(|c| tls::common_name(c.as_ref()));
-                Some((Box::new(tls) as Box<dyn Stream>, device))
+                Some((
+                    Box::new(tls) as Box<dyn Stream>,
+                    device,
+                    LoggedIn::default(),
+                ))
             }
         })
         .await
@@ -79,45 +91,10 @@ impl Broker {
             let broker = self.clone();
             let ready = upgrade(stream, peer);
             tokio::spawn(async move {
-                if let Some((io, device)) = ready.await {
-                    connection::run(broker, io, peer, device).await;
+                if let Some((io, device, logged_in)) = ready.await {
+                    connection::run(broker, io, peer, device, logged_in).await;
                 }
             });
         }
     }
-}
-
-/// The WebSocket handshake, agreeing on the `mqtt` subprotocol when the
-/// client offers it.
-// The handshake callback's Result type is tungstenite's, not ours.
-#[allow(clippy::result_large_err)]
-async fn websocket(stream: TcpStream, peer: SocketAddr) -> Option<Upgraded> {
-    use async_tungstenite::tungstenite::handshake::server::{Request, Response};
-    let pick_mqtt = |req: &Request, mut resp: Response| {
-        let offers_mqtt = req
-            .headers()
-            .get_all("sec-websocket-protocol")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|p| p.trim() == "mqtt");
-        if offers_mqtt {
-            resp.headers_mut().insert(
-                "sec-websocket-protocol",
-                "mqtt".parse().expect("static header"),
-            );
-        }
-        Ok(resp)
-    };
-    let handshake = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        async_tungstenite::tokio::accept_hdr_async(stream, pick_mqtt),
-    )
-    .await;
-    let Ok(Ok(ws)) = handshake else {
-        tracing::debug!(%peer, "WebSocket handshake failed");
-        return None;
-    };
-    let io = ws_stream_tungstenite::WsStream::new(ws);
-    Some((Box::new(io) as Box<dyn Stream>, None))
 }

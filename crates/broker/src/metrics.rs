@@ -74,6 +74,24 @@ impl Collector for BrokerMetrics {
             "CONNECTs refused (bad credentials, policy)",
             &s.connects_refused,
         )?;
+        {
+            let mut family = e.encode_descriptor(
+                "auth_failures",
+                "MQTT logins refused, by reason: bad_password, unknown_device, no_credentials, bad_certificate, bad_auth_method, backoff (refused unchecked: too many failures from the address or as the device), busy (no password check came free in time)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (reason, n) in b.inner.logins.refusals() {
+                ConstCounter::new(n)
+                    .encode(family.encode_family(&[("reason", reason.label())])?)?;
+            }
+        }
+        counter(
+            &mut e,
+            "oversize_before_login",
+            "Connections closed for sending more than --mqtt-max-connect-bytes before logging in",
+            &s.oversize_before_login,
+        )?;
         gauge(
             &mut e,
             "clients_connected",
@@ -142,6 +160,12 @@ mod tests {
             .connects_refused
             .fetch_add(3, Ordering::Relaxed);
         b.inner.stats.messages_in[1].fetch_add(2, Ordering::Relaxed);
+        b.inner.logins.refused(
+            crate::login::AuthFailure::Backoff,
+            "127.0.0.1:1".parse().unwrap(),
+            Some("d"),
+            "test",
+        );
         let mut r = Registry::with_prefix("roost");
         b.register_metrics(&mut r);
         let mut text = String::new();
@@ -151,6 +175,10 @@ mod tests {
             "# TYPE roost_mqtt_connections counter\n",
             "roost_mqtt_connections_total 0\n",
             "roost_mqtt_connects_refused_total 3\n",
+            "roost_mqtt_auth_failures_total{reason=\"bad_password\"} 0\n",
+            "roost_mqtt_auth_failures_total{reason=\"backoff\"} 1\n",
+            "roost_mqtt_auth_failures_total{reason=\"busy\"} 0\n",
+            "roost_mqtt_oversize_before_login_total 0\n",
             "# TYPE roost_mqtt_clients_connected gauge\n",
             "roost_mqtt_clients_connected 0\n",
             "roost_mqtt_sessions 0\n",

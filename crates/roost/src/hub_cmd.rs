@@ -54,6 +54,27 @@ pub struct HubOpts {
     /// Messages kept for an offline persistent MQTT session.
     #[arg(long, env = "ROOST_MQTT_SESSION_QUEUE", default_value_t = 1000)]
     mqtt_session_queue: usize,
+    /// Device password checks (argon2, 19 MiB each) that may run at once.
+    /// Default: one per core, at most 4.
+    #[arg(long, env = "ROOST_MQTT_AUTH_CONCURRENCY")]
+    mqtt_auth_concurrency: Option<usize>,
+    /// How long a CONNECT may wait for a password check, in ms; past it
+    /// the client is refused as busy (MQTT 5: 0x89, 3.1.1: 3) and retries.
+    #[arg(long, env = "ROOST_MQTT_AUTH_WAIT_MS", default_value_t = 5000)]
+    mqtt_auth_wait_ms: u64,
+    /// Failed password checks a source address (an IPv6 /64), or a device,
+    /// may have before its tries are refused unchecked (MQTT 5: 0x9F,
+    /// 3.1.1: 3) for a wait that doubles from 1 s. A device is never
+    /// backed off at an address it logged in from. 0 turns it off.
+    #[arg(long, env = "ROOST_MQTT_AUTH_BACKOFF_AFTER", default_value_t = 5)]
+    mqtt_auth_backoff_after: u32,
+    /// The longest back-off wait, in seconds.
+    #[arg(long, env = "ROOST_MQTT_AUTH_BACKOFF_MAX_S", default_value_t = 60)]
+    mqtt_auth_backoff_max_s: u64,
+    /// Largest CONNECT packet, in bytes, and over WebSocket what a client
+    /// may send before it has logged in (plus 16 KiB for the upgrade).
+    #[arg(long, env = "ROOST_MQTT_MAX_CONNECT_BYTES", default_value_t = 64 << 10)]
+    mqtt_max_connect_bytes: usize,
     /// Memory running calls may reserve, in MiB (each running call reserves
     /// its task's memory_mb). Default: half of the machine's memory.
     #[arg(long, env = "ROOST_MEMORY_BUDGET_MB")]
@@ -302,6 +323,16 @@ async fn serve(opts: HubOpts) -> Result<()> {
         session_queue_limit: opts.mqtt_session_queue,
         outgoing_buffer: opts.mqtt_outgoing_buffer.max(1),
         slow_client_grace: Duration::from_secs(opts.mqtt_slow_client_grace_s),
+        login: roost_broker::LoginLimits {
+            concurrency: opts
+                .mqtt_auth_concurrency
+                .unwrap_or_else(roost_broker::LoginLimits::default_concurrency)
+                .max(1),
+            wait: Duration::from_millis(opts.mqtt_auth_wait_ms),
+            backoff_after: opts.mqtt_auth_backoff_after,
+            backoff_max: Duration::from_secs(opts.mqtt_auth_backoff_max_s.max(1)),
+            max_connect_bytes: opts.mqtt_max_connect_bytes,
+        },
     };
     let listener = tokio::net::TcpListener::bind(opts.http)
         .await

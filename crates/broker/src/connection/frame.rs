@@ -73,9 +73,10 @@ pub(super) async fn read_frame(
     rbuf: &mut BytesMut,
     broker: &Broker,
     version: u8,
+    max: usize,
 ) -> Option<Frame> {
     loop {
-        if let Some(f) = next_frame(rbuf, broker.inner.config.max_packet_bytes, version) {
+        if let Some(f) = next_frame(rbuf, max, version) {
             return Some(f);
         }
         if rbuf.capacity() - rbuf.len() < 256 {

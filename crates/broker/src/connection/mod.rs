@@ -29,6 +29,22 @@ pub(crate) trait Stream:
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 type TcpStream = Box<dyn Stream>;
 
+/// Whether the client has logged in (its CONNECT accepted), shared with
+/// its transport: until then, packets are held to the CONNECT limit and a
+/// WebSocket to its pre-login byte budget.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LoggedIn(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl LoggedIn {
+    pub(crate) fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// Time a client gets to send CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Topic aliases a v5 client may use towards the broker.
@@ -67,6 +83,7 @@ struct Conn {
     will: Option<Message>,
     peer: SocketAddr,
     cert_device: Option<String>,
+    logged_in: LoggedIn,
 }
 
 /// Serves one client. `cert_device` is the device a verified TLS client
@@ -76,6 +93,7 @@ pub(crate) async fn run(
     stream: TcpStream,
     peer: SocketAddr,
     cert_device: Option<String>,
+    logged_in: LoggedIn,
 ) {
     let mut conn = Conn {
         conn_id: broker.inner.next_conn.fetch_add(1, Ordering::Relaxed),
@@ -99,11 +117,17 @@ pub(crate) async fn run(
         will: None,
         peer,
         cert_device,
+        logged_in,
     };
     let connect = match tokio::time::timeout(CONNECT_TIMEOUT, conn.read_frame()).await {
         Ok(Some(Frame::Packet(Packet::Connect(c)))) => c,
         Ok(Some(Frame::TooLarge)) => {
-            tracing::debug!(%peer, "CONNECT over the packet size limit");
+            tracing::debug!(%peer, limit = conn.packet_limit(), "CONNECT over the size limit (--mqtt-max-connect-bytes)");
+            conn.broker
+                .inner
+                .stats
+                .oversize_before_login
+                .fetch_add(1, Ordering::Relaxed);
             return;
         }
         Ok(other) => {
@@ -126,13 +150,34 @@ pub(crate) async fn run(
         let _ = conn.flush().await;
         return;
     };
+    conn.logged_in.set();
     let clean = conn.serve(rx, keep_alive).await;
     conn.leave(clean).await;
 }
 
 impl Conn {
+    /// The largest packet this client may send now: a CONNECT is small,
+    /// so until login it is held to the CONNECT limit (a client that has
+    /// not logged in cannot make the hub buffer a megabyte).
+    fn packet_limit(&self) -> usize {
+        let config = &self.broker.inner.config;
+        if self.logged_in.get() {
+            config.max_packet_bytes
+        } else {
+            config.login.max_connect_bytes.min(config.max_packet_bytes)
+        }
+    }
+
     async fn read_frame(&mut self) -> Option<Frame> {
-        frame::read_frame(&mut self.stream, &mut self.rbuf, &self.broker, self.version).await
+        let max = self.packet_limit();
+        frame::read_frame(
+            &mut self.stream,
+            &mut self.rbuf,
+            &self.broker,
+            self.version,
+            max,
+        )
+        .await
     }
 
     fn queue<P: MqttPacket>(&mut self, p: &P) {

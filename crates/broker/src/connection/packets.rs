@@ -46,7 +46,7 @@ impl Conn {
                 }
             };
             tokio::select! {
-                frame = read_frame(&mut self.stream, &mut self.rbuf, &self.broker, self.version) => {
+                frame = read_frame(&mut self.stream, &mut self.rbuf, &self.broker, self.version, self.broker.inner.config.max_packet_bytes) => {
                     last_heard = Instant::now();
                     match frame {
                         None => return false,
