@@ -272,3 +272,36 @@ fn idle_http_connections_under_a_low_open_files_limit_do_not_stop_mqtt() {
         "{metrics}"
     );
 }
+
+#[test]
+fn an_mqtt_listener_keeps_to_its_cap_and_counts_the_refused() {
+    let hub = TestHub::start(&["--mqtt-max-connections", "5", "--allow-anonymous"]);
+    let (host, port) = hub.mqtt.rsplit_once(':').unwrap();
+    let publish = || {
+        Command::new("timeout")
+            .args(["20", "mosquitto_pub", "-h", host, "-p", port])
+            .args(["-t", "cap/check", "-m", "x", "-q", "1"])
+            .output()
+            .expect("mosquitto_pub (apt install mosquitto-clients)")
+            .status
+            .success()
+    };
+    // Five connections that never send CONNECT (the broker gives them 10 s).
+    let held: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(&hub.mqtt).unwrap())
+        .collect();
+    wait_until("the MQTT cap to be reached", Duration::from_secs(8), || {
+        metric(&hub.metrics(), "roost_connections_open{listener=\"mqtt\"}") == 5.0
+    });
+    assert!(
+        !publish(),
+        "a sixth MQTT client was served past the cap of 5"
+    );
+    let m = hub.metrics();
+    assert!(
+        metric(&m, "roost_connections_refused_total{listener=\"mqtt\"}") >= 1.0,
+        "{m}"
+    );
+    drop(held);
+    wait_until("MQTT to serve again", Duration::from_secs(20), publish);
+}
