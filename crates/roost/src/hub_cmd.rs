@@ -475,12 +475,23 @@ async fn serve(opts: HubOpts) -> Result<()> {
         idle_timeout: Duration::from_secs(opts.http_idle_timeout_s.max(1)),
         metrics: hub.listener_metrics("http"),
     };
+    let mqtt_each = opts.mqtt_max_connections.unwrap_or(shares.mqtt_each);
     tracing::info!(
         http = limits.max_connections,
-        mqtt_each = opts.mqtt_max_connections.unwrap_or(shares.mqtt_each),
+        mqtt_each,
         reserve = shares.reserve,
         "connection caps"
     );
+    let mqtt_listeners = 1 + opts.mqtts.is_some() as usize + opts.mqtt_ws.is_some() as usize;
+    let asked = (limits.max_connections + mqtt_each * mqtt_listeners) as u64;
+    if asked + shares.reserve > roost_listen::open_files_limit() {
+        tracing::warn!(
+            asked,
+            open_files = roost_listen::open_files_limit(),
+            reserve = shares.reserve,
+            "the connection caps given add up to more than the open-files limit less its reserve: a flood on one listener may take descriptors the others need"
+        );
+    }
     let server = roost_api::serve(
         listener,
         app,
