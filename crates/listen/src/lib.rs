@@ -34,11 +34,15 @@ pub struct ListenerMetrics {
     pub accept_errors: Counter,
 }
 
-/// The cap on one listener's open connections.
+/// The cap on one listener's open connections, plus a reserve of an
+/// eighth more (at least one) that only clients on this machine (loopback:
+/// the owner's CLI, tasks, local programs) may take, so a flood from the
+/// network never locks them out.
 pub struct ConnectionLimit {
     listener: &'static str,
     max: usize,
     permits: Arc<Semaphore>,
+    local: Arc<Semaphore>,
     metrics: ListenerMetrics,
     refusals: LogEvery,
     failures: LogEvery,
@@ -76,6 +80,7 @@ impl ConnectionLimit {
             listener,
             max,
             permits: Arc::new(Semaphore::new(max)),
+            local: Arc::new(Semaphore::new(local_reserve(max))),
             metrics,
             refusals: LogEvery::default(),
             failures: LogEvery::default(),
@@ -97,7 +102,15 @@ impl ConnectionLimit {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    return match self.permits.clone().try_acquire_owned() {
+                    let local = peer.ip().to_canonical().is_loopback();
+                    let permit = self.permits.clone().try_acquire_owned().or_else(|e| {
+                        if local {
+                            self.local.clone().try_acquire_owned()
+                        } else {
+                            Err(e)
+                        }
+                    });
+                    return match permit {
                         Ok(permit) => {
                             self.metrics.open.inc();
                             Accepted::Admitted(
@@ -144,6 +157,11 @@ impl ConnectionLimit {
             }
         }
     }
+}
+
+/// The places beyond a cap of `max` kept for clients on loopback.
+pub fn local_reserve(max: usize) -> usize {
+    (max / 8).max(1)
 }
 
 /// Whether an accept error is the process's (out of descriptors, buffers
@@ -258,10 +276,11 @@ pub const HTTP_DEFAULT_CEILING: usize = 4096;
 impl Shares {
     /// A quarter of what is left after the reserve (an eighth of the limit,
     /// at least 64) goes to the HTTP API (at most [`HTTP_DEFAULT_CEILING`]),
-    /// the rest is split between the `mqtt_listeners` MQTT listeners.
+    /// the rest is split between the `mqtt_listeners` MQTT listeners; each
+    /// cap leaves room for its [`local_reserve`].
     pub fn of(limit: u64, mqtt_listeners: usize) -> Shares {
         let reserve = (limit / 8).max(64).min(limit / 2);
-        let clients = limit - reserve;
+        let clients = (limit - reserve) * 8 / 9;
         let http = ((clients / 4) as usize).clamp(1, HTTP_DEFAULT_CEILING);
         let mqtt = clients.saturating_sub((clients / 4).max(1));
         Shares {
@@ -280,7 +299,8 @@ mod tests {
     fn shares_keep_a_reserve_and_never_overlap() {
         for (limit, listeners) in [(256, 1), (1024, 1), (1024, 3), (65536, 2), (1 << 20, 3)] {
             let s = Shares::of(limit, listeners);
-            let used = s.reserve + s.http as u64 + s.mqtt_each as u64 * listeners as u64;
+            let with_local = |cap: usize| (cap + local_reserve(cap)) as u64;
+            let used = s.reserve + with_local(s.http) + with_local(s.mqtt_each) * listeners as u64;
             assert!(used <= limit, "{limit}: {s:?}");
             assert!(s.reserve >= 64, "{limit}: {s:?}");
         }
@@ -288,8 +308,8 @@ mod tests {
             Shares::of(1024, 1),
             Shares {
                 reserve: 128,
-                http: 224,
-                mqtt_each: 672
+                http: 199,
+                mqtt_each: 597
             }
         );
         assert_eq!(Shares::of(1 << 20, 1).http, HTTP_DEFAULT_CEILING);
@@ -311,11 +331,12 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let metrics = ListenerMetrics::default();
         let limit = ConnectionLimit::new("test", 2, metrics.clone());
-        let _clients: Vec<_> = (0..3)
+        // Two under the cap and one in the loopback reserve.
+        let _clients: Vec<_> = (0..4)
             .map(|_| std::net::TcpStream::connect(addr).unwrap())
             .collect();
         let mut slots = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..3 {
             match limit.accept(&listener).await {
                 Accepted::Admitted(s, _, slot) => slots.push((s, slot)),
                 Accepted::OverCap(..) => panic!("under the cap"),
@@ -325,10 +346,47 @@ mod tests {
             limit.accept(&listener).await,
             Accepted::OverCap(..)
         ));
-        assert_eq!((metrics.open.get(), metrics.refused.get()), (2, 1));
+        assert_eq!((metrics.open.get(), metrics.refused.get()), (3, 1));
+        assert_eq!(metrics.max.get(), 2);
         slots.pop();
-        assert_eq!(metrics.open.get(), 1);
+        assert_eq!(metrics.open.get(), 2);
         let _c = std::net::TcpStream::connect(addr).unwrap();
+        assert!(matches!(
+            limit.accept(&listener).await,
+            Accepted::Admitted(..)
+        ));
+    }
+
+    /// This machine's address on its way out, if it has one that is not
+    /// loopback (found without sending anything).
+    fn outward_ip() -> Option<std::net::IpAddr> {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+        s.connect("192.0.2.1:9").ok()?;
+        let ip = s.local_addr().ok()?.ip();
+        (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+    }
+
+    #[tokio::test]
+    async fn the_loopback_reserve_is_for_loopback_clients_only() {
+        let Some(ip) = outward_ip() else {
+            eprintln!("no address but loopback: nothing to check");
+            return;
+        };
+        let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let limit = ConnectionLimit::new("test", 1, ListenerMetrics::default());
+        let _far = std::net::TcpStream::connect((ip, port)).unwrap();
+        let Accepted::Admitted(_s, _, _slot) = limit.accept(&listener).await else {
+            panic!("under the cap");
+        };
+        // Past the cap: another from the outward address is refused...
+        let _far2 = std::net::TcpStream::connect((ip, port)).unwrap();
+        assert!(matches!(
+            limit.accept(&listener).await,
+            Accepted::OverCap(..)
+        ));
+        // ...one from loopback takes the reserve.
+        let _near = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         assert!(matches!(
             limit.accept(&listener).await,
             Accepted::Admitted(..)

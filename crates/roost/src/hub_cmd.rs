@@ -41,7 +41,8 @@ pub struct HubOpts {
     #[arg(long, env = "ROOST_ALLOW_ANONYMOUS")]
     allow_anonymous: bool,
     /// MQTT connections each MQTT listener (plain, TLS, WebSocket) keeps
-    /// open at once; past it new ones are closed. Default: its share of the
+    /// open at once (plus an eighth more for loopback clients); past it new
+    /// ones are closed. Default: its share of the
     /// open-files limit (see --http-max-connections).
     #[arg(long, env = "ROOST_MQTT_MAX_CONNECTIONS")]
     mqtt_max_connections: Option<usize>,
@@ -102,7 +103,8 @@ pub struct HubOpts {
     /// On SIGTERM, how long running calls get to finish, in seconds.
     #[arg(long, env = "ROOST_GRACE_S", default_value_t = 10)]
     grace_s: u64,
-    /// HTTP API connections open at once; past it a client gets 503
+    /// HTTP API connections open at once, plus an eighth more kept for
+    /// clients on loopback (the CLI, tasks); past it a client gets 503
     /// `too_many_connections` (GET /healthz still answers), over TLS it is
     /// closed. Default: a quarter of the open-files limit left after a
     /// reserve of an eighth (at least 64), at most 4096; the MQTT listeners
