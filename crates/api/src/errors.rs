@@ -106,6 +106,13 @@ impl From<DeployError> for ApiError {
                 )
             },
             DeployError::BadPackage(_) => Self::new(StatusCode::BAD_REQUEST, "bad_package", msg),
+            DeployError::TooLarge { .. } => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "input_too_large", msg)
+            }
+            DeployError::Busy { .. } => Self {
+                retry_after: Some(1),
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, "too_many_uploads", msg)
+            },
             DeployError::NothingToRollBack => {
                 Self::new(StatusCode::CONFLICT, "nothing_to_roll_back", msg)
             }

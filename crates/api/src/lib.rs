@@ -9,7 +9,7 @@ mod errors;
 mod local_hub;
 mod serve;
 
-pub use serve::{serve, Peer, PeerUser, ServeConfig, TlsFiles};
+pub use serve::{serve, ConnectionLimits, Peer, PeerUser, ServeConfig, TlsFiles};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -339,10 +339,39 @@ async fn call_output(
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
 }
 
+/// Streams the package to the hub's upload file as it arrives (memory stays
+/// flat whatever its size), then deploys it.
 async fn deploy(State(st): State<AppState>, req: Request) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let package = body_within(body, &parts.headers, st.hub.config().max_package_bytes).await?;
-    let report = st.hub.deploy_package(&package).await?;
+    use http_body_util::BodyExt;
+    let (parts, mut body) = req.into_parts();
+    let limit = st.hub.config().max_package_bytes;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        drain(body).await;
+        return Err(ApiError::too_large(limit));
+    }
+    let mut upload = st.hub.begin_upload()?;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the request body was cut off",
+            ));
+        };
+        if let Ok(data) = frame.into_data() {
+            if let Err(e) = upload.write(&data).await {
+                drop(upload);
+                drain(body).await;
+                return Err(e.into());
+            }
+        }
+    }
+    let report = st.hub.deploy_upload(upload).await?;
     Ok(Json(report).into_response())
 }
 

@@ -4,6 +4,7 @@
 
 use crate::connection::{self, LoggedIn, Stream};
 use crate::{tls, Broker};
+use roost_listen::ConnectionLimit;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,9 +19,10 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) type Upgraded = (Box<dyn Stream>, Option<String>, LoggedIn);
 
 impl Broker {
-    /// Serves MQTT on an already bound listener until the task is dropped.
-    pub async fn serve(self, listener: TcpListener) {
-        self.accept_loop(listener, "MQTT", |stream, _| async move {
+    /// Serves MQTT on an already bound listener until the task is dropped,
+    /// at most `cap` connections at once (past it a connection is closed).
+    pub async fn serve(self, listener: TcpListener, cap: ConnectionLimit) {
+        self.accept_loop(listener, cap, "MQTT", |stream, _| async move {
             Some((
                 Box::new(stream) as Box<dyn Stream>,
                 None,
@@ -32,9 +34,9 @@ impl Broker {
 
     /// Serves MQTT over WebSockets (subprotocol `mqtt`, binary frames), for
     /// browsers and clients behind HTTP-only networks.
-    pub async fn serve_websocket(self, listener: TcpListener) {
+    pub async fn serve_websocket(self, listener: TcpListener, cap: ConnectionLimit) {
         let broker = self.clone();
-        self.accept_loop(listener, "MQTT/WebSocket", move |stream, peer| {
+        self.accept_loop(listener, cap, "MQTT/WebSocket", move |stream, peer| {
             crate::websocket::upgrade(broker.clone(), stream, peer)
         })
         .await
@@ -43,9 +45,9 @@ impl Broker {
     /// Serves MQTT over TLS. With a client CA in `tls`, clients present
     /// certificates; a verified certificate's common name is the device it
     /// authenticates.
-    pub async fn serve_tls(self, listener: TcpListener, tls: tls::MqttTls) {
+    pub async fn serve_tls(self, listener: TcpListener, tls: tls::MqttTls, cap: ConnectionLimit) {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
-        self.accept_loop(listener, "MQTT/TLS", move |stream, peer| {
+        self.accept_loop(listener, cap, "MQTT/TLS", move |stream, peer| {
             let acceptor = acceptor.clone();
             async move {
                 let handshake =
@@ -73,24 +75,28 @@ impl Broker {
     /// Accepts connections until the task is dropped; each gets its own
     /// task, which runs `upgrade` (a handshake, say) and then serves MQTT
     /// on what it gives (none: the connection is dropped).
-    async fn accept_loop<U, F>(self, listener: TcpListener, transport: &'static str, upgrade: U)
-    where
+    async fn accept_loop<U, F>(
+        self,
+        listener: TcpListener,
+        cap: ConnectionLimit,
+        transport: &'static str,
+        upgrade: U,
+    ) where
         U: Fn(TcpStream, SocketAddr) -> F,
         F: Future<Output = Option<Upgraded>> + Send + 'static,
     {
         loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "{transport} accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
+            // Past the cap (counted and logged by `cap`), the connection is
+            // closed; accept errors are backed off there.
+            let roost_listen::Accepted::Admitted(stream, peer, slot) = cap.accept(&listener).await
+            else {
+                continue;
             };
-            let _ = stream.set_nodelay(true);
+            tracing::trace!(%peer, "{transport} connection accepted");
             let broker = self.clone();
             let ready = upgrade(stream, peer);
             tokio::spawn(async move {
+                let _slot = slot;
                 if let Some((io, device, logged_in)) = ready.await {
                     connection::run(broker, io, peer, device, logged_in).await;
                 }

@@ -12,8 +12,11 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Inactive deployments whose packages are kept for rollback.
+/// Inactive deployments whose packages are kept for rollback, at most
+/// (within `deployments_disk_budget`).
 const KEEP_DEPLOYMENTS: usize = 10;
+/// Where packages being uploaded are written, under the data dir.
+pub(crate) const UPLOADS_DIR: &str = "uploads";
 /// The manifest's name inside a package.
 pub const MANIFEST_FILE: &str = "manifest.toml";
 
@@ -31,6 +34,10 @@ pub enum DeployError {
     Invalid(Vec<Problem>),
     #[error("the deployment package is unusable: {0}")]
     BadPackage(String),
+    #[error("the package is over the {limit} byte limit; send a smaller one")]
+    TooLarge { limit: usize },
+    #[error("{max} packages are being uploaded or deployed already (--max-concurrent-uploads); retry when one is done")]
+    Busy { max: usize },
     #[error("there is no earlier deployment to roll back to")]
     NothingToRollBack,
     #[error("the hub could not record the deployment: {0}")]
@@ -54,10 +61,93 @@ pub const SECRETS_ENTRY: &str = ".roost-secrets.json";
 /// Largest secrets entry accepted.
 const MAX_SECRETS_BYTES: u64 = 1 << 20;
 
+/// A package being received: written to a file under the data dir as it
+/// arrives, within the size limit, so an upload costs disk rather than
+/// memory. It holds one of the `max_concurrent_uploads` places until it is
+/// deployed or dropped; dropping it removes the file.
+pub struct PackageUpload {
+    file: tokio::fs::File,
+    path: PathBuf,
+    written: u64,
+    limit: usize,
+    _place: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl PackageUpload {
+    /// Appends the next part of the package.
+    pub async fn write(&mut self, part: &[u8]) -> Result<(), DeployError> {
+        use tokio::io::AsyncWriteExt;
+        if self.written + part.len() as u64 > self.limit as u64 {
+            return Err(DeployError::TooLarge { limit: self.limit });
+        }
+        self.file.write_all(part).await?;
+        self.written += part.len() as u64;
+        Ok(())
+    }
+}
+
+impl Drop for PackageUpload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 impl Hub {
+    /// Starts receiving a package, if fewer than `max_concurrent_uploads`
+    /// are being received or deployed.
+    pub fn begin_upload(&self) -> Result<PackageUpload, DeployError> {
+        let cfg = &self.inner.config;
+        let place = self
+            .inner
+            .uploads
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                tracing::warn!(
+                    max = cfg.max_concurrent_uploads,
+                    "package upload refused: too many at once"
+                );
+                DeployError::Busy {
+                    max: cfg.max_concurrent_uploads,
+                }
+            })?;
+        let mut name = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut name);
+        let path = cfg
+            .data_dir
+            .join(UPLOADS_DIR)
+            .join(format!("{}.tar.gz.partial", hex::encode(name)));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok(PackageUpload {
+            file: tokio::fs::File::from_std(file),
+            path,
+            written: 0,
+            limit: cfg.max_package_bytes,
+            _place: place,
+        })
+    }
+
+    /// Validates and applies an uploaded package.
+    pub async fn deploy_upload(
+        &self,
+        mut upload: PackageUpload,
+    ) -> Result<DeployReport, DeployError> {
+        use tokio::io::AsyncWriteExt;
+        upload.file.flush().await?;
+        let file = std::fs::File::open(&upload.path)?;
+        self.deploy_from(std::io::BufReader::new(file)).await
+    }
+
     /// Validates and applies a deployment package (a gzipped tar holding
     /// `manifest.toml` and the files it names).
     pub async fn deploy_package(&self, package: &[u8]) -> Result<DeployReport, DeployError> {
+        self.deploy_from(package).await
+    }
+
+    async fn deploy_from(&self, package: impl Read + Send) -> Result<DeployReport, DeployError> {
         let _guard = self.inner.deploy_lock.lock().await;
         let id = self.inner.store.next_deployment_id()?;
         let dir = self
@@ -71,7 +161,7 @@ impl Hub {
         }
         std::fs::create_dir_all(&dir)?;
         let result = async {
-            let values = unpack(package, &dir, self.inner.config.max_package_bytes)?;
+            let values = unpack(package, &dir, &self.package_bounds())?;
             let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).map_err(|_| {
                 DeployError::BadPackage(format!(
                     "it has no {MANIFEST_FILE} (use `roost deploy MANIFEST`)"
@@ -395,10 +485,47 @@ impl Hub {
         }
     }
 
+    fn package_bounds(&self) -> Bounds {
+        let c = &self.inner.config;
+        Bounds {
+            bytes: c.max_package_bytes,
+            entries: c.package_max_entries,
+            depth: c.package_max_depth,
+        }
+    }
+
+    /// Keeps the packages of the newest inactive deployments, at most
+    /// `KEEP_DEPLOYMENTS` of them within `deployments_disk_budget`, and the
+    /// one a rollback would go back to whatever its size; removes the rest.
     async fn remove_stale_packages(&self) {
-        if let Ok(dirs) = self.inner.store.stale_deployment_dirs(KEEP_DEPLOYMENTS) {
+        let store = &self.inner.store;
+        let rollback_dir = store
+            .active_deployment()
+            .ok()
+            .flatten()
+            .and_then(|a| a.previous)
+            .and_then(|p| store.deployment(p).ok().flatten())
+            .map(|d| d.package_dir);
+        let budget = self.inner.config.deployments_disk_budget;
+        if let Ok(dirs) = store.stale_deployment_dirs(0) {
+            let mut used = rollback_dir
+                .as_deref()
+                .map_or(0, |d| disk_use(Path::new(d)));
+            let mut kept = 0;
             for d in dirs {
-                let _ = std::fs::remove_dir_all(d);
+                let path = Path::new(&d);
+                if Some(&d) == rollback_dir.as_ref() || !path.exists() {
+                    continue;
+                }
+                let size = disk_use(path);
+                if kept < KEEP_DEPLOYMENTS && used + size <= budget {
+                    used += size;
+                    kept += 1;
+                    continue;
+                }
+                if std::fs::remove_dir_all(path).is_ok() {
+                    tracing::info!(package = %d, bytes = size, kept_bytes = used, budget, "removed an old deployment's package");
+                }
             }
         }
         if let Err(e) = self.inner.store.drop_stale_secrets(KEEP_DEPLOYMENTS).await {
@@ -417,12 +544,48 @@ fn code_value(spec: &TaskSpec) -> String {
     }
 }
 
+/// Disk used by a folder and all it holds, in bytes (blocks, so empty
+/// folders count too).
+fn disk_use(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return 0;
+    };
+    let mut total = meta.blocks() * 512;
+    if meta.is_dir() {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                total += disk_use(&e.path());
+            }
+        }
+    }
+    total
+}
+
+/// What a package may unpack to.
+struct Bounds {
+    /// Bytes of file content.
+    bytes: usize,
+    /// Entries, files and folders.
+    entries: usize,
+    /// Path components of the deepest entry.
+    depth: usize,
+}
+
 /// Unpacks regular files and folders only (no links, devices or paths that
-/// leave `dir`), keeping file modes, and stops past `max_bytes` unpacked so
-/// a compressed bomb cannot fill the disk. The secrets entry is returned
-/// instead of unpacked.
-fn unpack(package: &[u8], dir: &PathBuf, max_bytes: usize) -> Result<Option<Vec<u8>>, DeployError> {
+/// leave `dir`), keeping file modes, within `bounds`: bytes, so a
+/// compressed bomb cannot fill the disk, entries and depth, so a small
+/// package of empty or deeply nested folders cannot eat inodes or hold the
+/// deploy lock. Each entry is checked before it is written. The secrets
+/// entry is returned instead of unpacked.
+fn unpack(
+    package: impl Read,
+    dir: &PathBuf,
+    bounds: &Bounds,
+) -> Result<Option<Vec<u8>>, DeployError> {
+    let max_bytes = bounds.bytes;
     let mut secrets = None;
+    let mut entries = 0usize;
     let bad =
         |e: std::io::Error| DeployError::BadPackage(format!("not a gzipped tar archive: {e}"));
     let gz = flate2::read::GzDecoder::new(package);
@@ -437,6 +600,24 @@ fn unpack(package: &[u8], dir: &PathBuf, max_bytes: usize) -> Result<Option<Vec<
         let mut entry = entry.map_err(bad)?;
         let kind = entry.header().entry_type();
         let path = entry.path().map_err(bad)?.into_owned();
+        entries += 1;
+        if entries > bounds.entries {
+            return Err(DeployError::BadPackage(format!(
+                "it holds more than {} entries (files and folders); the hub's limit is --package-max-entries",
+                bounds.entries
+            )));
+        }
+        let depth = path
+            .components()
+            .filter(|c| matches!(c, std::path::Component::Normal(_)))
+            .count();
+        if depth > bounds.depth {
+            return Err(DeployError::BadPackage(format!(
+                "{}... is {depth} levels deep, more than {}; the hub's limit is --package-max-depth",
+                path.iter().take(4).collect::<PathBuf>().display(),
+                bounds.depth
+            )));
+        }
         if !(kind.is_file() || kind.is_dir()) {
             return Err(DeployError::BadPackage(format!(
                 "{} is a link or special file; packages may hold only files and folders",
@@ -500,6 +681,60 @@ mod tests {
         b.into_inner().unwrap().finish().unwrap()
     }
 
+    fn bounds() -> Bounds {
+        Bounds {
+            bytes: 1 << 20,
+            entries: 100,
+            depth: 8,
+        }
+    }
+
+    fn folders(names: impl Iterator<Item = String>) -> Vec<u8> {
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
+        for name in names {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o700);
+            h.set_size(0);
+            b.append_data(&mut h, name, std::io::empty()).unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap()
+    }
+
+    #[test]
+    fn many_or_deep_folders_are_refused_before_they_are_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let many = folders((0..1000).map(|i| format!("d{i}")));
+        let err = unpack(&many[..], &dir.path().to_path_buf(), &bounds()).unwrap_err();
+        assert!(err.to_string().contains("more than 100 entries"), "{err}");
+        assert!(err.to_string().contains("--package-max-entries"), "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 100);
+        let dir = tempfile::tempdir().unwrap();
+        let deep = folders((1..2000).map(|n| vec!["a"; n].join("/")));
+        let err = unpack(&deep[..], &dir.path().to_path_buf(), &bounds()).unwrap_err();
+        assert!(
+            err.to_string().contains("9 levels deep, more than 8"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--package-max-depth"), "{err}");
+        let ok = folders((1..=8).map(|n| vec!["a"; n].join("/")));
+        unpack(&ok[..], &dir.path().to_path_buf(), &bounds()).unwrap();
+    }
+
+    #[test]
+    fn disk_use_counts_empty_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = disk_use(dir.path());
+        for i in 0..10 {
+            std::fs::create_dir(dir.path().join(i.to_string())).unwrap();
+        }
+        std::fs::write(dir.path().join("f"), vec![1u8; 100_000]).unwrap();
+        assert!(disk_use(dir.path()) >= empty + 100_000);
+    }
+
     #[test]
     fn the_secrets_entry_is_kept_in_memory_in_any_spelling() {
         for name in [
@@ -509,7 +744,7 @@ mod tests {
         ] {
             let dir = tempfile::tempdir().unwrap();
             let pkg = package(&[("manifest.toml", b"x"), (name, br#"{"db":"hunter2"}"#)]);
-            let secrets = unpack(&pkg, &dir.path().to_path_buf(), 1 << 20).unwrap();
+            let secrets = unpack(&pkg[..], &dir.path().to_path_buf(), &bounds()).unwrap();
             assert_eq!(
                 secrets.as_deref(),
                 Some(&br#"{"db":"hunter2"}"#[..]),

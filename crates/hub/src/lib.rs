@@ -18,7 +18,7 @@ mod routing;
 pub mod shadows;
 
 pub use calls::{new_call_id, CallError, CallView, Caller, TaskView};
-pub use deploy::{DeployError, DeployReport, SECRETS_ENTRY};
+pub use deploy::{DeployError, DeployReport, PackageUpload, SECRETS_ENTRY};
 
 use logs::LogBook;
 use metrics::Metrics;
@@ -50,6 +50,16 @@ pub struct HubConfig {
     pub queued_input_limit: usize,
     /// Messages one route may hold waiting for delivery.
     pub route_backlog: usize,
+    /// Most entries (files and folders) a package may hold.
+    pub package_max_entries: usize,
+    /// Deepest path in a package, in folders and file.
+    pub package_max_depth: usize,
+    /// Packages being uploaded (and deployed) at once; past it, 429.
+    pub max_concurrent_uploads: usize,
+    /// Disk the packages of inactive deployments (kept for rollback) may
+    /// use, in bytes; the oldest are removed past it (the one a rollback
+    /// would go back to is always kept).
+    pub deployments_disk_budget: u64,
     /// Attempts an async call gets before it is kept as failed.
     pub async_attempts: u32,
     /// First retry delay; doubles per attempt.
@@ -80,6 +90,10 @@ impl HubConfig {
             max_package_bytes: 256 << 20,
             queued_input_limit: 128 << 20,
             route_backlog: 1000,
+            package_max_entries: 65_536,
+            package_max_depth: 32,
+            max_concurrent_uploads: 2,
+            deployments_disk_budget: 1 << 30,
             async_attempts: 3,
             retry_backoff: Duration::from_secs(1),
             retention: Duration::from_secs(24 * 3600),
@@ -174,6 +188,8 @@ pub(crate) struct HubInner {
     pub runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>>,
     pub active: RwLock<Arc<ActiveDeployment>>,
     pub deploy_lock: tokio::sync::Mutex<()>,
+    /// Places for packages being uploaded (`max_concurrent_uploads`).
+    pub uploads: Arc<tokio::sync::Semaphore>,
     pub logs: Arc<LogBook>,
     pub metrics: Metrics,
     pub bus: Arc<dyn MessageBus>,
@@ -220,7 +236,9 @@ impl Hub {
     /// Opens the data dir, loads the active deployment and requeues every
     /// async call that was acknowledged but not finished.
     pub async fn start(config: HubConfig, parts: Parts) -> Result<Self, StartError> {
-        for d in ["", "code", "cache", "deployments"] {
+        // An upload a crash cut short is never resumed.
+        let _ = std::fs::remove_dir_all(config.data_dir.join(deploy::UPLOADS_DIR));
+        for d in ["", "code", "cache", "deployments", deploy::UPLOADS_DIR] {
             let p = config.data_dir.join(d);
             std::fs::create_dir_all(&p).map_err(|e| StartError::DataDir(p, e))?;
         }
@@ -262,6 +280,9 @@ impl Hub {
             restore: restored,
         });
         bus.register_metrics(metrics.registry());
+        let uploads = Arc::new(tokio::sync::Semaphore::new(
+            config.max_concurrent_uploads.max(1),
+        ));
         let hub = Hub {
             inner: Arc::new(HubInner {
                 bus,
@@ -282,6 +303,7 @@ impl Hub {
                 key,
                 shadows: shadows::Shadows::new(),
                 deploy_lock: tokio::sync::Mutex::new(()),
+                uploads,
                 logs,
                 metrics,
             }),
@@ -327,6 +349,12 @@ impl Hub {
 
     pub fn logs(&self) -> &LogBook {
         &self.inner.logs
+    }
+
+    /// The connection counters of one listener (`http`, `mqtt`, ...), kept
+    /// in the hub's registry.
+    pub fn listener_metrics(&self, listener: &str) -> roost_listen::ListenerMetrics {
+        self.inner.metrics.listener(listener)
     }
 
     /// Prometheus text exposition of every hub metric.

@@ -38,8 +38,19 @@ pub struct ServiceLabels {
     pub status: String,
 }
 
+/// Which listener a connection counter is for: `http`, `mqtt`, `mqtts`,
+/// `mqtt_ws`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub connections_open: Family<ListenerLabel, Gauge>,
+    pub connections_max: Family<ListenerLabel, Gauge>,
+    pub connections_refused: Family<ListenerLabel, Counter>,
+    pub accept_errors: Family<ListenerLabel, Counter>,
     pub calls: Family<CallLabels, Counter>,
     pub duration: Family<TaskLabel, Histogram>,
     pub queue_wait: Histogram,
@@ -79,6 +90,10 @@ impl Default for Metrics {
         });
         let queue_wait = Histogram::new([0.0001, 0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 30.0]);
         let m = Self {
+            connections_open: Family::default(),
+            connections_max: Family::default(),
+            connections_refused: Family::default(),
+            accept_errors: Family::default(),
             calls,
             duration,
             queue_wait,
@@ -200,6 +215,26 @@ impl Default for Metrics {
             "Route deliveries by outcome",
             m.routes.deliveries.clone(),
         );
+        registry.register(
+            "connections_open",
+            "Client connections open, by listener",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "connections_max",
+            "The cap on client connections, by listener",
+            m.connections_max.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Client connections refused at the listener's cap",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Accepts that failed for want of resources (EMFILE...) and were retried",
+            m.accept_errors.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -218,6 +253,19 @@ impl Metrics {
     /// (succeeded, failed) calls of a task since the hub started.
     pub fn totals(&self, task: &str) -> (u64, u64) {
         self.totals.lock().get(task).copied().unwrap_or_default()
+    }
+
+    /// The counters of the listener named `listener`, for its accept loop.
+    pub fn listener(&self, listener: &str) -> roost_listen::ListenerMetrics {
+        let l = ListenerLabel {
+            listener: listener.to_owned(),
+        };
+        roost_listen::ListenerMetrics {
+            open: self.connections_open.get_or_create(&l).clone(),
+            max: self.connections_max.get_or_create(&l).clone(),
+            refused: self.connections_refused.get_or_create(&l).clone(),
+            accept_errors: self.accept_errors.get_or_create(&l).clone(),
+        }
     }
 
     /// The registry, for other components to register their own metrics

@@ -78,6 +78,34 @@ fn path_is_normal(path: &str) -> bool {
     !path.contains("//") && !path.split('/').any(|seg| seg == "." || seg == "..")
 }
 
+/// The first query parameter or `x-amz-*` header given more than once.
+/// Every parameter and header the services read takes one value, and the
+/// signature cannot tell which copy a service would read (AWS sorts repeated
+/// query parameters by value), so repeats are refused rather than guessed.
+fn repeated(parts: &axum::http::request::Parts) -> Option<String> {
+    let mut seen = std::collections::HashSet::new();
+    for pair in parts.uri.query().unwrap_or("").split('&') {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        if key.is_empty() {
+            continue;
+        }
+        // Compared decoded, so `n%61me` repeats `name`.
+        let key: Vec<u8> = percent_encoding::percent_decode_str(key).collect();
+        if !seen.insert(key.clone()) {
+            return Some(format!(
+                "query parameter {:?}",
+                String::from_utf8_lossy(&key)
+            ));
+        }
+    }
+    parts
+        .headers
+        .keys()
+        .filter(|n| n.as_str().starts_with("x-amz-"))
+        .find(|n| parts.headers.get_all(*n).iter().nth(1).is_some())
+        .map(|n| format!("header {}", n.as_str()))
+}
+
 /// Reads the body (bounded), verifies the signature and the scope, finds
 /// the caller and serves.
 async fn serve(
@@ -91,6 +119,13 @@ async fn serve(
             StatusCode::BAD_REQUEST,
             "InvalidRequestException",
             "The request path has empty, '.' or '..' segments",
+        ));
+    }
+    if let Some(what) = repeated(&parts) {
+        return Err(AwsError::new(
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            format!("{what} is given more than once; this API takes one value"),
         ));
     }
     // Before reading any body: a request that cannot be signed by a key
@@ -327,6 +362,73 @@ mod dispatch_tests {
             hub.now,
         );
         assert_eq!(status(&hub, dotted).await.0, 400);
+        assert!(hub.published.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn unsigned_action_headers_and_repeated_parameters_are_refused() {
+        let mut hub = hub();
+        hub.tasks.push("echo".into());
+        let invoke = "/2015-03-31/functions/echo/invocations";
+        // A captured Invoke replayed with a header that would make it an
+        // Event call, a dry run, or return the caller's log.
+        for (name, value) in [
+            ("x-amz-invocation-type", "Event"),
+            ("x-amz-invocation-type", "DryRun"),
+            ("x-amz-log-type", "Tail"),
+        ] {
+            let mut req = signed("POST", invoke, b"{}", "us-east-1", "lambda", hub.now);
+            req.headers_mut().insert(name, value.parse().unwrap());
+            assert_eq!(
+                status(&hub, req).await,
+                (403, "InvalidSignatureException".into()),
+                "{name}: {value}"
+            );
+        }
+        assert!(hub.calls.lock().unwrap().is_empty());
+        // Signed, the same headers are served.
+        let req = signed_with(
+            "POST",
+            invoke,
+            &[("x-amz-invocation-type", "DryRun")],
+            b"{}",
+            "us-east-1",
+            "lambda",
+            hub.now,
+        );
+        assert_eq!(status(&hub, req).await.0, 204);
+        // Repeated query parameters (in any spelling) and repeated action
+        // headers, even signed, are refused: which one would count?
+        for target in [
+            "/topics/a?qos=0&qos=1",
+            "/topics/a?qos=1&q%6Fs=0",
+            "/2015-03-31/functions/echo/invocations?Qualifier=%24LATEST&Qualifier=x",
+        ] {
+            let service = if target.starts_with("/topics") {
+                "iotdata"
+            } else {
+                "lambda"
+            };
+            let req = signed("POST", target, b"{}", "us-east-1", service, hub.now);
+            assert_eq!(
+                status(&hub, req).await,
+                (400, "ValidationException".into()),
+                "{target}"
+            );
+        }
+        let mut req = signed_with(
+            "POST",
+            invoke,
+            &[("x-amz-invocation-type", "RequestResponse")],
+            b"{}",
+            "us-east-1",
+            "lambda",
+            hub.now,
+        );
+        req.headers_mut()
+            .append("x-amz-invocation-type", "Event".parse().unwrap());
+        assert_eq!(status(&hub, req).await, (400, "ValidationException".into()));
+        assert!(hub.calls.lock().unwrap().is_empty());
         assert!(hub.published.lock().unwrap().is_empty());
     }
 

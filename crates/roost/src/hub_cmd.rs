@@ -40,6 +40,12 @@ pub struct HubOpts {
     /// subscribe anywhere). Off by default: devices log in with their name.
     #[arg(long, env = "ROOST_ALLOW_ANONYMOUS")]
     allow_anonymous: bool,
+    /// MQTT connections each MQTT listener (plain, TLS, WebSocket) keeps
+    /// open at once (plus an eighth more for loopback clients); past it new
+    /// ones are closed. Default: its share of the
+    /// open-files limit (see --http-max-connections).
+    #[arg(long, env = "ROOST_MQTT_MAX_CONNECTIONS")]
+    mqtt_max_connections: Option<usize>,
     /// Largest MQTT packet accepted, in bytes.
     #[arg(long, env = "ROOST_MQTT_MAX_PACKET", default_value_t = 1 << 20)]
     mqtt_max_packet_bytes: usize,
@@ -103,6 +109,21 @@ pub struct HubOpts {
     /// Largest asynchronous call input, in bytes.
     #[arg(long, env = "ROOST_MAX_ASYNC_INPUT", default_value_t = 1 << 20)]
     max_async_input: usize,
+    /// Most entries (files and folders) a deployment package may hold.
+    #[arg(long, env = "ROOST_PACKAGE_MAX_ENTRIES", default_value_t = 65_536)]
+    package_max_entries: usize,
+    /// Deepest path in a deployment package, in levels (folders and file).
+    #[arg(long, env = "ROOST_PACKAGE_MAX_DEPTH", default_value_t = 32)]
+    package_max_depth: usize,
+    /// Deployment packages being uploaded or deployed at once; past it, 429
+    /// `too_many_uploads`.
+    #[arg(long, env = "ROOST_MAX_CONCURRENT_UPLOADS", default_value_t = 2)]
+    max_concurrent_uploads: usize,
+    /// Disk the packages of inactive deployments (kept for rollback) may
+    /// use, in MiB; past it the oldest are removed (the one `roost rollback`
+    /// goes back to is always kept).
+    #[arg(long, env = "ROOST_DEPLOYMENTS_DISK_BUDGET_MB", default_value_t = 1024)]
+    deployments_disk_budget_mb: u64,
     /// Attempts an async call gets before it is kept as failed.
     #[arg(long, env = "ROOST_ASYNC_ATTEMPTS", default_value_t = 3)]
     async_attempts: u32,
@@ -115,6 +136,22 @@ pub struct HubOpts {
     /// On SIGTERM, how long running calls get to finish, in seconds.
     #[arg(long, env = "ROOST_GRACE_S", default_value_t = 10)]
     grace_s: u64,
+    /// HTTP API connections open at once, plus an eighth more kept for
+    /// clients on loopback (the CLI, tasks); past it a client gets 503
+    /// `too_many_connections` (GET /healthz still answers), over TLS it is
+    /// closed. Default: a quarter of the open-files limit left after a
+    /// reserve of an eighth (at least 64), at most 4096; the MQTT listeners
+    /// share the rest.
+    #[arg(long, env = "ROOST_HTTP_MAX_CONNECTIONS")]
+    http_max_connections: Option<usize>,
+    /// Seconds an HTTP client gets to send a whole request head, on a new
+    /// connection and between requests on a kept-alive one.
+    #[arg(long, env = "ROOST_HTTP_HEADER_TIMEOUT_S", default_value_t = 20)]
+    http_header_timeout_s: u64,
+    /// Seconds an HTTP connection may move no bytes (a stalled request
+    /// body, an answer the client does not read) before it is closed.
+    #[arg(long, env = "ROOST_HTTP_IDLE_TIMEOUT_S", default_value_t = 60)]
+    http_idle_timeout_s: u64,
     /// Bearer token required on every API request but /healthz.
     #[arg(long, env = "ROOST_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -278,6 +315,15 @@ pub fn run(opts: HubOpts) -> Result<()> {
     // task needs is opened to that task explicitly.
     // SAFETY: umask has no preconditions; set before any thread starts.
     unsafe { libc::umask(0o077) };
+    match roost_listen::raise_open_files() {
+        Ok(f) => tracing::info!(
+            open_files = f.now,
+            was = f.was,
+            hard = f.hard,
+            "open-files limit (RLIMIT_NOFILE)"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("roost")
@@ -298,6 +344,10 @@ async fn serve(opts: HubOpts) -> Result<()> {
     config.route_backlog = opts.route_backlog.max(1);
     config.max_sync_input = opts.max_sync_input;
     config.max_async_input = opts.max_async_input;
+    config.package_max_entries = opts.package_max_entries.max(1);
+    config.package_max_depth = opts.package_max_depth.max(1);
+    config.max_concurrent_uploads = opts.max_concurrent_uploads.max(1);
+    config.deployments_disk_budget = opts.deployments_disk_budget_mb << 20;
     config.async_attempts = opts.async_attempts.max(1);
     config.retry_backoff = Duration::from_millis(opts.retry_backoff_ms);
     config.retention = Duration::from_secs(opts.retention_s);
@@ -401,12 +451,21 @@ async fn serve(opts: HubOpts) -> Result<()> {
         opts.tls_cert.as_deref(),
     )
     .context("cannot write DATA_DIR/aws-credentials and aws-config")?;
-    tokio::spawn(broker.clone().serve(mqtt_listener));
+    // The listeners' default caps, from the open-files limit now in force.
+    let shares = roost_listen::Shares::of(
+        roost_listen::open_files_limit(),
+        1 + mqtts.is_some() as usize + mqtt_ws.is_some() as usize,
+    );
+    let mqtt_cap = |name: &'static str| {
+        let max = opts.mqtt_max_connections.unwrap_or(shares.mqtt_each);
+        roost_listen::ConnectionLimit::new(name, max, hub.listener_metrics(name))
+    };
+    tokio::spawn(broker.clone().serve(mqtt_listener, mqtt_cap("mqtt")));
     if let Some((l, tls)) = mqtts {
-        tokio::spawn(broker.clone().serve_tls(l, tls));
+        tokio::spawn(broker.clone().serve_tls(l, tls, mqtt_cap("mqtts")));
     }
     if let Some(l) = mqtt_ws {
-        tokio::spawn(broker.serve_websocket(l));
+        tokio::spawn(broker.serve_websocket(l, mqtt_cap("mqtt_ws")));
     }
     let endpoints = serde_json::json!({
         "http": addr.to_string(),
@@ -459,7 +518,35 @@ async fn serve(opts: HubOpts) -> Result<()> {
         (Some(cert), Some(key)) => Some(roost_api::TlsFiles { cert, key }),
         _ => None,
     };
-    let server = roost_api::serve(listener, app, roost_api::ServeConfig { tls }, shutdown);
+    let limits = roost_api::ConnectionLimits {
+        max_connections: opts.http_max_connections.unwrap_or(shares.http),
+        header_timeout: Duration::from_secs(opts.http_header_timeout_s.max(1)),
+        idle_timeout: Duration::from_secs(opts.http_idle_timeout_s.max(1)),
+        metrics: hub.listener_metrics("http"),
+    };
+    let mqtt_each = opts.mqtt_max_connections.unwrap_or(shares.mqtt_each);
+    tracing::info!(
+        http = limits.max_connections,
+        mqtt_each,
+        reserve = shares.reserve,
+        "connection caps"
+    );
+    let mqtt_listeners = 1 + opts.mqtts.is_some() as usize + opts.mqtt_ws.is_some() as usize;
+    let asked = (limits.max_connections + mqtt_each * mqtt_listeners) as u64;
+    if asked + shares.reserve > roost_listen::open_files_limit() {
+        tracing::warn!(
+            asked,
+            open_files = roost_listen::open_files_limit(),
+            reserve = shares.reserve,
+            "the connection caps given add up to more than the open-files limit less its reserve: a flood on one listener may take descriptors the others need"
+        );
+    }
+    let server = roost_api::serve(
+        listener,
+        app,
+        roost_api::ServeConfig { tls, limits },
+        shutdown,
+    );
     let mut rx = stop_rx.clone();
     tokio::select! {
         r = server => r?,

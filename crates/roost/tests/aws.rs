@@ -174,6 +174,8 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn bad_signatures_skewed_clocks_and_path_tricks_get_aws_errors_and_change_nothing() {
     let hub = TestHub::start(&[]);
+    let pkg = Package::new(&task("echo", "echo.wat", ""), &["echo.wat"]);
+    hub.deploy(&pkg.manifest());
     let d = hub.data_dir.display().to_string();
     run_py(
         &hub,
@@ -197,6 +199,18 @@ fn bad_signatures_skewed_clocks_and_path_tricks_get_aws_errors_and_change_nothin
             "MissingAuthenticationTokenException"
         );
     }
+    // Of the Invokes hostile.py sent, only the first (as signed) ran: none
+    // of the replays with an unsigned header added ran, async or not.
+    let m = hub.metrics();
+    let ran: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("roost_calls_total{") && l.contains("task=\"echo\""))
+        .collect();
+    assert_eq!(ran.len(), 1, "{ran:?}");
+    assert!(
+        ran[0].contains("mode=\"sync\"") && ran[0].ends_with(" 1"),
+        "{ran:?}"
+    );
     let r = http()
         .post(format!("{}/", hub.url))
         .header("X-Amz-Target", "secretsmanager.GetSecretValue")

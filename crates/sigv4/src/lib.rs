@@ -139,6 +139,11 @@ pub enum SigError {
          Consult the service documentation for details."
     )]
     Mismatch,
+    /// An `x-amz-*` header the signature does not cover (named here,
+    /// comma-separated): one added to a captured request, such as
+    /// `X-Amz-Invocation-Type`, would change what the request does.
+    #[error("There were headers present in the request which were not signed: {0}.")]
+    UnsignedHeaders(String),
 }
 
 impl SigError {
@@ -148,7 +153,9 @@ impl SigError {
             SigError::Missing => "MissingAuthenticationTokenException",
             SigError::Incomplete(_) => "IncompleteSignatureException",
             SigError::UnknownKey => "UnrecognizedClientException",
-            SigError::Expired { .. } | SigError::Mismatch => "InvalidSignatureException",
+            SigError::Expired { .. } | SigError::Mismatch | SigError::UnsignedHeaders(_) => {
+                "InvalidSignatureException"
+            }
         }
     }
 
@@ -159,7 +166,8 @@ impl SigError {
             SigError::Missing
             | SigError::UnknownKey
             | SigError::Expired { .. }
-            | SigError::Mismatch => 403,
+            | SigError::Mismatch
+            | SigError::UnsignedHeaders(_) => 403,
         }
     }
 }
@@ -237,6 +245,8 @@ pub fn verify<S: AsRef<str>>(
         }
     }
 
+    unsigned_amz_headers(req.headers, &auth.signed_headers)?;
+
     let secret = secret_for(auth.access_key_id).ok_or(SigError::UnknownKey)?;
 
     let canonical = canonical_request(
@@ -264,6 +274,29 @@ pub fn verify<S: AsRef<str>>(
         region: auth.region.to_owned(),
         service: auth.service.to_owned(),
     })
+}
+
+/// Refuses a request carrying an `x-amz-*` header outside `SignedHeaders`.
+/// Every header the local services act on is one (`X-Amz-Invocation-Type`,
+/// `X-Amz-Log-Type`, `X-Amz-Client-Context`, `X-Amz-Target`,
+/// `x-amz-mqtt5-*`), and every SDK we serve signs them all. Two need no
+/// signing because the signature covers them another way: `x-amz-date` is
+/// in the string to sign, and `x-amz-content-sha256` must equal the hash
+/// of the body, which the canonical request carries.
+fn unsigned_amz_headers(headers: &HeaderMap, signed: &[HeaderName]) -> Result<(), SigError> {
+    let mut unsigned: Vec<&str> = headers
+        .keys()
+        .map(HeaderName::as_str)
+        .filter(|n| n.starts_with("x-amz-") && *n != X_AMZ_DATE && *n != X_AMZ_CONTENT_SHA256)
+        .filter(|n| !signed.iter().any(|s| s.as_str() == *n))
+        .collect();
+    if unsigned.is_empty() {
+        return Ok(());
+    }
+    unsigned.sort_unstable();
+    // A hostile request may carry many; naming a few is enough.
+    unsigned.truncate(8);
+    Err(SigError::UnsignedHeaders(unsigned.join(", ")))
 }
 
 /// The access key ID a request's `Authorization` header names, checked only
@@ -1187,6 +1220,80 @@ mod tests {
             verify(&request(f, &h), boto_secret, BOTO_NOW),
             Err(SigError::Incomplete(_))
         ));
+    }
+
+    #[test]
+    fn amz_headers_outside_signed_headers_are_refused() {
+        // A captured Invoke with a header the service acts on added: it
+        // would become an `Event` call, a `DryRun`, or return the log.
+        let lambda = &BOTOCORE[0];
+        for (name, value) in [
+            ("x-amz-invocation-type", "Event"),
+            ("x-amz-log-type", "Tail"),
+            ("x-amz-client-context", "e30="),
+            ("x-amz-security-token", "t"),
+        ] {
+            let mut h = lambda.header_map();
+            h.insert(
+                HeaderName::from_static(name),
+                http::HeaderValue::from_static(value),
+            );
+            let err = verify(&request(lambda, &h), boto_secret, BOTO_NOW).unwrap_err();
+            assert_eq!(err, SigError::UnsignedHeaders(name.into()), "{name}");
+            assert_eq!(
+                (err.status(), err.aws_code()),
+                (403, "InvalidSignatureException")
+            );
+            assert!(err.to_string().contains(name), "{err}");
+        }
+        // Covered another way: the date is in the string to sign, and a
+        // declared payload hash must be the body's.
+        let mut h = lambda.header_map();
+        h.insert(
+            X_AMZ_CONTENT_SHA256,
+            http::HeaderValue::from_str(&hex::encode(Sha256::digest(lambda.body))).unwrap(),
+        );
+        assert!(verify(&request(lambda, &h), boto_secret, BOTO_NOW).is_ok());
+        // `x-amzn-` is not `x-amz-`: botocore leaves the trace id unsigned.
+        let mut h = lambda.header_map();
+        h.insert("x-amzn-trace-id", http::HeaderValue::from_static("Root=1"));
+        assert!(verify(&request(lambda, &h), boto_secret, BOTO_NOW).is_ok());
+    }
+
+    #[test]
+    fn repeated_query_parameters_sign_in_sorted_order_as_on_aws() {
+        // AWS sorts by name, then by value: the order on the wire does not
+        // change the signature, so a service must refuse repeats it would
+        // read only one of.
+        assert_eq!(canonical_query("name=b&name=a"), "name=a&name=b");
+        assert_eq!(canonical_query("b=2&a=1&a=0"), "a=0&a=1&b=2");
+        assert_eq!(canonical_query("a=%2F&a=-"), "a=%2F&a=-");
+        let mut headers = HeaderMap::new();
+        headers.insert("host", http::HeaderValue::from_static("localhost"));
+        let signed = |query: &'static str| Request {
+            method: "GET",
+            path: "/retainedMessage/t",
+            query: Some(query),
+            headers: &headers,
+            body: b"",
+        };
+        let mut with_auth = headers.clone();
+        with_auth.extend(
+            sign(
+                &signed("name=a&name=b"),
+                "AKID",
+                "s",
+                "us-east-1",
+                "iotdata",
+                BOTO_NOW,
+            )
+            .unwrap(),
+        );
+        let swapped = Request {
+            headers: &with_auth,
+            ..signed("name=b&name=a")
+        };
+        assert!(verify(&swapped, |_| Some("s"), BOTO_NOW).is_ok());
     }
 
     #[test]

@@ -23,7 +23,7 @@ SECRET = creds["roost"]["aws_secret_access_key"]
 
 
 def send(method, path, body=b"", headers=None, key=KEY, secret=SECRET, service="iotdata",
-         region="us-east-1", skew_s=0, sign=True, tamper=None):
+         region="us-east-1", skew_s=0, sign=True, tamper=None, added=None):
     req = botocore.awsrequest.AWSRequest(method=method, url=url + path, data=body, headers=headers or {})
     if sign:
         real = botocore.auth.get_current_datetime
@@ -34,7 +34,9 @@ def send(method, path, body=b"", headers=None, key=KEY, secret=SECRET, service="
             botocore.auth.get_current_datetime = real
     prepared = req.prepare()
     data = prepared.body if tamper is None else tamper
-    r = urllib.request.Request(prepared.url, data=data, method=method, headers=dict(prepared.headers))
+    # Headers added after signing: a captured request someone changed.
+    r = urllib.request.Request(prepared.url, data=data, method=method,
+                               headers={**dict(prepared.headers), **(added or {})})
     try:
         with urllib.request.urlopen(r) as resp:
             return resp.status, resp.headers, resp.read()
@@ -81,4 +83,20 @@ assert status == 400 and json.loads(body)["__type"] == "SerializationException",
 status, headers, body = send("POST", "/", b"{}", service="secretsmanager", secret="y" * 40,
                              headers={"X-Amz-Target": "secretsmanager.GetSecretValue"})
 assert status == 403 and json.loads(body)["__type"] == "InvalidSignatureException", body
+# A captured Invoke of a deployed task, replayed with a header the signature
+# does not cover, would become an Event call (run again), a DryRun, or a
+# call returning the log: refused, whatever the header.
+invoke = "/2015-03-31/functions/echo/invocations"
+assert send("POST", invoke, b'"x"', service="lambda")[0] == 200
+for name, value in [("X-Amz-Invocation-Type", "Event"), ("X-Amz-Invocation-Type", "DryRun"),
+                    ("X-Amz-Log-Type", "Tail"), ("X-Amz-Client-Context", "e30=")]:
+    expect(403, "InvalidSignatureException", "POST", invoke, b'"x"', service="lambda",
+           added={name: value})
+# Signed, they are served.
+assert send("POST", invoke, b'"x"', service="lambda",
+            headers={"X-Amz-Invocation-Type": "DryRun"})[0] == 204
+# A parameter the API takes once, given twice (signed: AWS sorts repeats).
+expect(400, "ValidationException", "GET", "/things/door/shadow?name=a&name=b")
+expect(400, "ValidationException", "POST", invoke + "?Qualifier=%24LATEST&Qualifier=x", b'"x"',
+       service="lambda")
 print("hostile: all checks passed")
