@@ -34,6 +34,9 @@ pub struct StoredRetained {
     pub expires_ms: Option<i64>,
     /// When it was stored (wall clock, ms); none in stores made before.
     pub modified_ms: Option<i64>,
+    /// The device (or client id) whose quota it counts against; none: the
+    /// hub's own, or kept before owners were.
+    pub owner: Option<String>,
 }
 
 /// Everything the broker restores at start.
@@ -136,6 +139,45 @@ impl Store {
         }))
     }
 
+    /// `client_id`'s queued messages after `after`, in id order: at most
+    /// `limit`, and no more than `max_bytes` of topics and payloads past the
+    /// first. Read through the writer, so it sees every write submitted
+    /// before it (a message acknowledged just before is not read again).
+    pub fn mqtt_queued(
+        &self,
+        client_id: &str,
+        after: i64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<StoredMessage>, StoreError>> + Send + 'static {
+        let c = client_id.to_owned();
+        self.submit(move |conn| {
+            let mut st = conn.prepare_cached(
+                "SELECT client_id, id, topic, payload, qos, retain, expires_ms, properties FROM
+                   (SELECT *, SUM(length(topic) + length(payload)) OVER (ORDER BY id) AS upto,
+                           length(topic) + length(payload) AS size
+                    FROM mqtt_queue WHERE client_id = ?1 AND id > ?2)
+                 WHERE upto - size < ?3 OR upto = size
+                 ORDER BY id LIMIT ?4",
+            )?;
+            let rows = st
+                .query_map(params![c, after, max_bytes as i64, limit as i64], |r| {
+                    Ok(StoredMessage {
+                        client_id: r.get(0)?,
+                        id: r.get(1)?,
+                        topic: r.get(2)?,
+                        payload: r.get(3)?,
+                        qos: r.get(4)?,
+                        retain: r.get(5)?,
+                        expires_ms: r.get(6)?,
+                        properties: r.get::<_, Option<Vec<u8>>>(7)?.unwrap_or_default(),
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
     /// A queued message was delivered and acknowledged.
     pub fn mqtt_delivered(&self, client_id: &str, id: i64) -> Done {
         let c = client_id.to_owned();
@@ -174,10 +216,10 @@ impl Store {
                     .execute(params![m.topic])
             } else {
                 conn.prepare_cached(
-                    "INSERT INTO mqtt_retained (topic, payload, qos, properties, expires_ms, modified_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT(topic) DO UPDATE SET payload = ?2, qos = ?3, properties = ?4, expires_ms = ?5, modified_ms = ?6",
+                    "INSERT INTO mqtt_retained (topic, payload, qos, properties, expires_ms, modified_ms, owner) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT(topic) DO UPDATE SET payload = ?2, qos = ?3, properties = ?4, expires_ms = ?5, modified_ms = ?6, owner = ?7",
                 )?
-                .execute(params![m.topic, m.payload, m.qos, m.properties, m.expires_ms, m.modified_ms])
+                .execute(params![m.topic, m.payload, m.qos, m.properties, m.expires_ms, m.modified_ms, m.owner])
             }
             .map(|_| ())
         }))
@@ -209,7 +251,7 @@ impl Store {
                 .collect::<Result<_, _>>()?;
             let mut st = c.prepare("SELECT client_id, packet_id FROM mqtt_qos2_in")?;
             snap.qos2_in = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
-            let mut st = c.prepare("SELECT topic, payload, qos, properties, expires_ms, modified_ms FROM mqtt_retained")?;
+            let mut st = c.prepare("SELECT topic, payload, qos, properties, expires_ms, modified_ms, owner FROM mqtt_retained")?;
             snap.retained = st
                 .query_map([], |r| {
                     Ok(StoredRetained {
@@ -219,6 +261,7 @@ impl Store {
                         properties: r.get::<_, Option<Vec<u8>>>(3)?.unwrap_or_default(),
                         expires_ms: r.get(4)?,
                         modified_ms: r.get(5)?,
+                        owner: r.get(6)?,
                     })
                 })?
                 .collect::<Result<_, _>>()?;
