@@ -85,8 +85,8 @@ pub trait Persistence: Send + Sync {
     fn enqueue(&self, messages: Vec<Queued>, limit: usize) -> Done;
     fn delivered(&self, client_id: &str, id: u64) -> Done;
     /// `client_id`'s queued messages after message `after`, in order: at
-    /// most `limit`, and no more than `max_bytes` of payload past the
-    /// first. Read when messages were left in the store only (the
+    /// most `limit`, each while those before it hold less than `max_bytes`
+    /// (so at least one). Read when messages were left in the store only (the
     /// session's buffer was full).
     fn queued(&self, client_id: &str, after: u64, limit: usize, max_bytes: usize) -> QueuePage;
     fn qos2_received(&self, client_id: &str, packet_id: u16) -> Done;

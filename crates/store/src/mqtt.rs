@@ -125,9 +125,13 @@ impl Store {
             for m in &messages {
                 insert.execute(params![m.client_id, m.id, m.topic, m.payload, m.qos, m.retain, m.expires_ms, m.properties])?;
             }
+            // Everything at or below the newest `limit`-th message's id
+            // goes: a walk of `limit` index entries and a range delete,
+            // where `NOT IN (newest limit)` read and compared every row
+            // of the session on every publish.
             let mut trim = conn.prepare_cached(
-                "DELETE FROM mqtt_queue WHERE client_id = ?1 AND id NOT IN
-                 (SELECT id FROM mqtt_queue WHERE client_id = ?1 ORDER BY id DESC LIMIT ?2)",
+                "DELETE FROM mqtt_queue WHERE client_id = ?1 AND id <=
+                 (SELECT id FROM mqtt_queue WHERE client_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
             )?;
             let mut seen = std::collections::HashSet::new();
             for m in &messages {
@@ -140,8 +144,8 @@ impl Store {
     }
 
     /// `client_id`'s queued messages after `after`, in id order: at most
-    /// `limit`, and no more than `max_bytes` of topics and payloads past the
-    /// first. Read through the writer, so it sees every write submitted
+    /// `limit`, each while those before it hold less than `max_bytes` of
+    /// topics and payloads (so at least one). Read through the writer, so it sees every write submitted
     /// before it (a message acknowledged just before is not read again).
     pub fn mqtt_queued(
         &self,
@@ -267,5 +271,67 @@ impl Store {
                 .collect::<Result<_, _>>()?;
             Ok(snap)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(client: &str, id: i64, payload: usize) -> StoredMessage {
+        StoredMessage {
+            client_id: client.into(),
+            id,
+            topic: "t".into(),
+            payload: vec![0; payload],
+            qos: 1,
+            retain: false,
+            expires_ms: None,
+            properties: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_queue_keeps_its_newest_and_is_read_in_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        for id in 1..=10 {
+            store
+                .mqtt_enqueue(vec![message("a", id, 99), message("b", id, 1)], 6)
+                .await
+                .unwrap();
+        }
+        let ids = |rows: Vec<StoredMessage>| rows.into_iter().map(|m| m.id).collect::<Vec<_>>();
+        // The newest 6 of each session are kept.
+        assert_eq!(
+            ids(store.mqtt_queued("a", 0, 100, 1 << 20).await.unwrap()),
+            [5, 6, 7, 8, 9, 10]
+        );
+        assert_eq!(
+            ids(store.mqtt_queued("b", 0, 100, 1 << 20).await.unwrap()),
+            [5, 6, 7, 8, 9, 10]
+        );
+        // Pages: after an id, at most `limit`, and rows while those before
+        // them hold less than `max_bytes` (100 bytes each here).
+        assert_eq!(
+            ids(store.mqtt_queued("a", 6, 2, 1 << 20).await.unwrap()),
+            [7, 8]
+        );
+        assert_eq!(
+            ids(store.mqtt_queued("a", 0, 100, 250).await.unwrap()),
+            [5, 6, 7]
+        );
+        assert_eq!(ids(store.mqtt_queued("a", 0, 100, 1).await.unwrap()), [5]);
+        assert!(store
+            .mqtt_queued("a", 10, 100, 1 << 20)
+            .await
+            .unwrap()
+            .is_empty());
+        // A delivered message is not read again.
+        store.mqtt_delivered("a", 7).await.unwrap();
+        assert_eq!(
+            ids(store.mqtt_queued("a", 6, 2, 1 << 20).await.unwrap()),
+            [8, 9]
+        );
     }
 }
