@@ -576,6 +576,17 @@ impl Broker {
         });
     }
 
+    /// Whether `client`'s session is still held by connection `conn` (the
+    /// broker lets a slow client go by taking its session's connection).
+    pub(crate) fn holds(&self, client: &str, conn: u64) -> bool {
+        self.inner
+            .state
+            .lock()
+            .sessions
+            .get(client)
+            .is_some_and(|s| s.conn.as_ref().is_some_and(|(id, _)| *id == conn))
+    }
+
     pub(crate) fn is_reserved(&self, topic: &str) -> bool {
         self.inner
             .reserved

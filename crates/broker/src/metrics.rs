@@ -58,6 +58,24 @@ fn by_qos(
     Ok(())
 }
 
+/// Retained messages refused, labelled by the `limit` they would have passed.
+fn retained_refused(e: &mut DescriptorEncoder, v: &[AtomicU64; 2]) -> std::fmt::Result {
+    let mut family = e.encode_descriptor(
+        "retained_refused",
+        "Retained messages refused for passing a limit (device: the publisher's quota, total: the broker's)",
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (limit, n) in [RetainedLimit::Device, RetainedLimit::Total]
+        .into_iter()
+        .zip(v)
+    {
+        ConstCounter::new(n.load(Ordering::Relaxed))
+            .encode(family.encode_family(&[("limit", limit.label())])?)?;
+    }
+    Ok(())
+}
+
 impl Collector for BrokerMetrics {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         let b = &self.0;
@@ -93,20 +111,7 @@ impl Collector for BrokerMetrics {
             "Bytes of retained messages (topics, payloads, properties)",
             b.retained_bytes(),
         )?;
-        let mut family = e.encode_descriptor(
-            "retained_refused",
-            "Retained messages refused for passing a limit (device: the publisher's quota, total: the broker's)",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (limit, n) in [RetainedLimit::Device, RetainedLimit::Total]
-            .into_iter()
-            .zip(&s.retained_refused)
-        {
-            ConstCounter::new(n.load(Ordering::Relaxed))
-                .encode(family.encode_family(&[("limit", limit.label())])?)?;
-        }
-        drop(family);
+        retained_refused(&mut e, &s.retained_refused)?;
         by_qos(
             &mut e,
             "messages_in",

@@ -22,6 +22,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// Acknowledgements a connection may have waiting for their publishes to
+/// be durable before it stops reading the client.
+const MAX_PENDING_ACKS: usize = 256;
+
 /// How often a connection whose window is shut checks whether the broker
 /// let it go as slow.
 const SLOW_CHECK: Duration = Duration::from_millis(500);
@@ -51,7 +55,7 @@ impl Conn {
                 self.drain_pending();
             }
             self.feed_retained();
-            if self.flush().await.is_err() {
+            if self.flush_unless_let_go().await.is_err() {
                 return false;
             }
             let window_open = self.window_open();
@@ -64,7 +68,10 @@ impl Conn {
                 }
             };
             tokio::select! {
-                frame = read_frame(&mut self.stream, &mut self.rbuf, &self.broker, self.version) => {
+                // A client with this many publishes not yet durable is not
+                // read from until some are: what it sends waits in its own
+                // socket, not in the hub's memory.
+                frame = read_frame(&mut self.stream, &mut self.rbuf, &self.broker, self.version), if self.acks.len() < MAX_PENDING_ACKS => {
                     last_heard = Instant::now();
                     match frame {
                         None => return false,
@@ -133,9 +140,7 @@ impl Conn {
                 // whether the broker let go of this slow client is looked
                 // up now and then.
                 _ = tokio::time::sleep(SLOW_CHECK), if !window_open => {
-                    let ours = self.broker.inner.state.lock().sessions.get(&self.client_id)
-                        .is_some_and(|s| s.conn.as_ref().is_some_and(|(id, _)| *id == self.conn_id));
-                    if !ours {
+                    if !self.broker.holds(&self.client_id, self.conn_id) {
                         return false;
                     }
                 }
@@ -146,6 +151,27 @@ impl Conn {
                     return false;
                 }
             }
+        }
+    }
+
+    /// Writes what is buffered, unless the broker lets this connection go
+    /// (as slow) while the client does not read: the write is then given
+    /// up instead of waiting on the socket for ever.
+    async fn flush_unless_let_go(&mut self) -> std::io::Result<()> {
+        let (broker, client, conn) = (self.broker.clone(), self.client_id.clone(), self.conn_id);
+        let let_go = async move {
+            loop {
+                tokio::time::sleep(SLOW_CHECK).await;
+                if !broker.holds(&client, conn) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            // Most writes complete at once, and the timer is never started.
+            biased;
+            written = self.flush() => written,
+            () = let_go => Err(std::io::Error::other("let go as a slow client")),
         }
     }
 
