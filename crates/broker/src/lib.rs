@@ -904,7 +904,7 @@ pub(crate) fn route(
             None if session.persistent && m.qos.is_acknowledged() => {
                 if session.queue.len() >= limit {
                     if let Some(old) = session.queue.pop_front() {
-                        session.backlog.bytes -= old.weight();
+                        session.backlog.bytes = session.backlog.bytes.saturating_sub(old.weight());
                     }
                     inner
                         .stats
@@ -919,7 +919,7 @@ pub(crate) fn route(
                     let Some(old) = session.queue.pop_front() else {
                         break;
                     };
-                    session.backlog.bytes -= old.weight();
+                    session.backlog.bytes = session.backlog.bytes.saturating_sub(old.weight());
                     if old.id != 0 {
                         session.backlog.stored_only = true;
                     } else {

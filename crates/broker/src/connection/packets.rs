@@ -158,6 +158,9 @@ impl Conn {
     /// (as slow) while the client does not read: the write is then given
     /// up instead of waiting on the socket for ever.
     async fn flush_unless_let_go(&mut self) -> std::io::Result<()> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
         let (broker, client, conn) = (self.broker.clone(), self.client_id.clone(), self.conn_id);
         let let_go = async move {
             loop {
