@@ -308,7 +308,7 @@ fn a_subscribe_costs_what_it_matches_not_what_is_retained() {
     );
     // A scan of every retained message made this ~100x slower; the index
     // costs the filter's depth. Generous for a loaded 2-core CI.
-    assert!(ratio > 0.3, "{none:.0}/s vs {many:.0}/s");
+    assert!(ratio > 0.2, "{none:.0}/s vs {many:.0}/s");
 
     // A '#' subscriber at QoS 1 that acknowledges gets all of them, in
     // chunks as it acknowledges, while a QoS 1 round trip elsewhere stays
