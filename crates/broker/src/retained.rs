@@ -156,7 +156,7 @@ impl RetainedStore {
 
     /// Keeps `entry` (already admitted), replacing its topic's message.
     pub fn insert(&mut self, entry: Entry) {
-        self.remove(&entry.message.topic.clone());
+        self.remove(&entry.message.topic);
         self.index.insert(&entry.message.topic, ());
         self.count(entry.owner.as_deref(), 1, entry.bytes as isize);
         if let Some(o) = &entry.owner {

@@ -17,14 +17,30 @@ use std::collections::{BTreeMap, HashMap};
 /// Longest topic or filter accepted (the protocol's UTF-8 string limit).
 pub const MAX_TOPIC_LEN: usize = 65_535;
 
-/// A topic a message is published to: no wildcards, no NUL, not empty.
-pub fn valid_topic_name(t: &str) -> bool {
-    !t.is_empty() && t.len() <= MAX_TOPIC_LEN && !t.contains(['+', '#', '\0'])
+/// Most levels a topic or filter may have. The protocol sets none; the
+/// tries are walked level by level, recursively, so a topic of tens of
+/// thousands of empty levels (`////...`, within the length limit) would
+/// overflow the stack. AWS IoT allows 8 levels; this is far more than any
+/// real topic needs.
+pub const MAX_TOPIC_LEVELS: usize = 128;
+
+fn levels_within_limit(t: &str) -> bool {
+    t.bytes().filter(|&b| b == b'/').count() < MAX_TOPIC_LEVELS
 }
 
-/// A subscription filter: `+` fills a whole level, `#` only the whole last level.
+/// A topic a message is published to: no wildcards, no NUL, not empty, at
+/// most `MAX_TOPIC_LEVELS` levels.
+pub fn valid_topic_name(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= MAX_TOPIC_LEN
+        && !t.contains(['+', '#', '\0'])
+        && levels_within_limit(t)
+}
+
+/// A subscription filter: `+` fills a whole level, `#` only the whole last
+/// level; at most `MAX_TOPIC_LEVELS` levels.
 pub fn valid_filter(f: &str) -> bool {
-    if f.is_empty() || f.len() > MAX_TOPIC_LEN || f.contains('\0') {
+    if f.is_empty() || f.len() > MAX_TOPIC_LEN || f.contains('\0') || !levels_within_limit(f) {
         return false;
     }
     let levels: Vec<&str> = f.split('/').collect();
@@ -687,5 +703,26 @@ mod tests {
         }
         assert!(t.is_empty());
         assert!(t.root.children.is_empty(), "no levels are left behind");
+    }
+
+    #[test]
+    fn a_topic_of_too_many_levels_is_refused_before_any_trie_walks_it() {
+        let at = vec!["a"; MAX_TOPIC_LEVELS].join("/");
+        let over = vec![""; MAX_TOPIC_LEVELS + 1].join("/");
+        assert!(valid_topic_name(&at) && valid_filter(&at));
+        assert!(!valid_topic_name(&over) && !valid_filter(&over));
+        // At the limit, both tries walk it (recursively) and drop it.
+        let mut subs = Trie::default();
+        subs.insert(&at, "k", ());
+        let mut out = Vec::new();
+        subs.matching(&at, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(subs.remove(&at, "k"));
+        let mut topics = TopicTree::default();
+        topics.insert(&at, ());
+        let mut out = Vec::new();
+        topics.matching("#", None, 10, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(topics.remove(&at).is_some());
     }
 }
