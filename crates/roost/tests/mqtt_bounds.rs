@@ -430,3 +430,36 @@ fn a_subscriber_that_never_acknowledges_is_bounded_let_go_and_gets_the_rest_late
     assert!(r.next(&mut back).is_none(), "nothing more, no duplicates");
     back.write_all(&[0xE0, 0]).unwrap();
 }
+
+#[test]
+fn a_filter_of_thousands_of_levels_is_refused_and_the_hub_lives_on() {
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    let mut s = connect(&hub.mqtt, "deep", true);
+    // 30,001 empty levels in 30 kB: the trie's walks once overflowed the
+    // stack on it, and the hub aborted.
+    let deep = "/".repeat(30_000);
+    subscribe(&mut s, 1, &deep, 0);
+    let mut r = Reader::new();
+    let (first, body) = r.next(&mut s).expect("SUBACK");
+    assert_eq!((first, body[2]), (0x90, 0x80), "refused");
+    unsubscribe(&mut s, 2, &deep);
+    assert_eq!(r.next(&mut s).expect("UNSUBACK").0, 0xB0);
+    // A retained publish to such a topic ends only its own connection.
+    s.write_all(&publish(
+        &deep[..29_999].replace("//", "/a/"),
+        b"x",
+        0,
+        true,
+        0,
+    ))
+    .unwrap();
+    assert!(r.next(&mut s).is_none(), "disconnected");
+    let mut other = connect(&hub.mqtt, "other", true);
+    other
+        .write_all(&publish("calm/x", b"hi", 1, false, 7))
+        .unwrap();
+    let mut ack = [0u8; 4];
+    other.read_exact(&mut ack).unwrap();
+    assert_eq!(ack, [0x40, 2, 0, 7]);
+    assert_eq!(metric(&hub, "roost_mqtt_retained "), 0);
+}
