@@ -15,6 +15,7 @@ mod login;
 mod metrics;
 mod persist;
 pub mod policy;
+mod retained;
 pub mod tls;
 mod websocket;
 /// Topic rules live in their own crate; re-exported for callers that name
@@ -22,8 +23,9 @@ mod websocket;
 pub use roost_topic as topic;
 
 pub use login::LoginLimits;
-pub use persist::{Done, PersistError, Persistence, Queued, Restore, Retained};
+pub use persist::{Done, PersistError, Persistence, QueuePage, Queued, Restore, Retained};
 pub use policy::{Device, Devices, Policy};
+pub use retained::{RetainedLimit, RetainedLimits};
 /// The message vocabulary is the bus's (`roost-bus`), shared with the hub.
 pub use roost_bus::{
     DeviceState, InvalidQoS, Message, MessageBus, Publisher, QoS, Reserved, RetainedMessage,
@@ -32,9 +34,10 @@ pub use roost_bus::{
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
+use retained::RetainedStore;
 pub use roost_bus::Properties;
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use topic::Trie;
@@ -50,6 +53,11 @@ pub struct BrokerConfig {
     /// Messages waiting to be written to one connection; past it messages
     /// for that client are dropped.
     pub outgoing_buffer: usize,
+    /// Bytes of messages waiting to be written to one connection (and kept
+    /// in memory for one offline session); past it, the same.
+    pub outgoing_buffer_bytes: usize,
+    /// How many retained messages are kept, per device and in all.
+    pub retained: RetainedLimits,
     /// How long a client's buffer may stay full before the client is
     /// disconnected as not reading.
     pub slow_client_grace: std::time::Duration,
@@ -64,6 +72,8 @@ impl Default for BrokerConfig {
             max_packet_bytes: 1 << 20,
             session_queue_limit: 1000,
             outgoing_buffer: 10_000,
+            outgoing_buffer_bytes: 16 << 20,
+            retained: RetainedLimits::default(),
             slow_client_grace: std::time::Duration::from_secs(5),
             login: LoginLimits::default(),
         }
@@ -81,14 +91,97 @@ pub(crate) struct SubOptions {
 #[derive(Debug)]
 pub(crate) enum Outbound {
     /// Boxed: the channel preallocates slots, and an idle connection should
-    /// cost a few bytes per slot, not a whole message each.
-    Deliver(Box<Message>),
+    /// cost a few bytes per slot, not a whole message each. The charge
+    /// holds its bytes against the connection's byte bound until the
+    /// connection takes it.
+    Deliver(Box<Message>, Charge),
     /// Another connection took over this session.
     TakenOver,
 }
 
+/// Bytes a message holds, as counted against a client's byte bounds.
+pub(crate) fn weight(m: &Message) -> usize {
+    // The topic, the payload, and a fixed share for the rest (the struct,
+    // its properties' usual size).
+    m.topic.len() + m.payload.len() + 256
+}
+
+/// A message's bytes, counted against its connection's buffer until it is
+/// dropped (taken by the connection, or left in a closed channel).
+#[derive(Debug)]
+pub(crate) struct Charge {
+    queued: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// The broker's end of a connection's channel, bounded in messages (the
+/// channel's capacity) and in bytes.
+#[derive(Debug)]
+pub(crate) struct Outlet {
+    tx: mpsc::Sender<Outbound>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl From<mpsc::Sender<Outbound>> for Outlet {
+    fn from(tx: mpsc::Sender<Outbound>) -> Self {
+        Self {
+            tx,
+            queued: Arc::default(),
+        }
+    }
+}
+
+impl Outlet {
+    pub fn try_send(&self, o: Outbound) -> Result<(), mpsc::error::TrySendError<Outbound>> {
+        self.tx.try_send(o)
+    }
+
+    /// Hands `m` to the connection unless its buffer is full, in messages
+    /// or in `max_bytes` (a single message bigger than that still goes
+    /// through an empty buffer).
+    pub fn offer(&self, m: Message, max_bytes: usize) -> Result<(), Refused> {
+        let bytes = crate::weight(&m);
+        let before = self.queued.fetch_add(bytes, Ordering::Relaxed);
+        let charge = Charge {
+            queued: self.queued.clone(),
+            bytes,
+        };
+        if before > 0 && before + bytes > max_bytes {
+            return Err(Refused::Full);
+        }
+        self.tx
+            .try_send(Outbound::Deliver(Box::new(m), charge))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => Refused::Full,
+                mpsc::error::TrySendError::Closed(_) => Refused::Closed,
+            })
+    }
+}
+
+/// Why a connection did not take a message.
+pub(crate) enum Refused {
+    Full,
+    Closed,
+}
+
+/// What an offline persistent session holds beyond its queue.
+#[derive(Debug, Default)]
+pub(crate) struct Backlog {
+    /// Bytes of `Session::queue`.
+    pub bytes: usize,
+    /// Messages for it were left in the store only (its buffer or queue
+    /// was full): its next connection reads its queue from the store.
+    pub stored_only: bool,
+}
+
 pub(crate) struct Session {
-    pub conn: Option<(u64, mpsc::Sender<Outbound>)>,
+    pub conn: Option<(u64, Outlet)>,
     pub persistent: bool,
     pub subscriptions: HashMap<String, SubOptions>,
     pub queue: VecDeque<Message>,
@@ -99,15 +192,14 @@ pub(crate) struct Session {
     pub backlogged_since: Option<std::time::Instant>,
     /// The last connection that held it (for session expiry).
     pub last_conn: u64,
+    pub backlog: Backlog,
 }
 
 #[derive(Default)]
 pub(crate) struct State {
     pub sessions: HashMap<String, Session>,
     pub subs: Trie<SubOptions>,
-    /// In topic order, so `ListRetainedMessages` pages without sorting;
-    /// each with when it was retained (wall clock, ms).
-    pub retained: BTreeMap<String, (Message, i64)>,
+    pub retained: RetainedStore,
     /// Shared subscriptions (`$share/GROUP/FILTER`): the trie holds one key
     /// per group and filter, the members take turns.
     pub shared: Trie<()>,
@@ -176,6 +268,9 @@ pub struct Stats {
     pub dropped_queue_full: AtomicU64,
     pub slow_clients_dropped: AtomicU64,
     pub dropped_slow: AtomicU64,
+    /// Retained messages refused, by the limit they would have passed
+    /// (device, total).
+    pub retained_refused: [AtomicU64; 2],
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     /// Connections closed for sending more than the CONNECT limit before login.
@@ -256,7 +351,10 @@ impl Broker {
         persist: Option<Arc<dyn Persistence>>,
         restore: Restore,
     ) -> Self {
-        let mut state = State::default();
+        let mut state = State {
+            retained: RetainedStore::new(config.retained),
+            ..State::default()
+        };
         let mut max_id = 0;
         let mut expiring = Vec::new();
         for (client, device, expiry_s) in restore.sessions {
@@ -274,6 +372,7 @@ impl Broker {
                     qos2_in: Default::default(),
                     backlogged_since: None,
                     last_conn: 0,
+                    backlog: Backlog::default(),
                 },
             );
         }
@@ -291,6 +390,7 @@ impl Broker {
         for q in restore.queue {
             max_id = max_id.max(q.id);
             if let Some(s) = state.sessions.get_mut(&q.client_id) {
+                s.backlog.bytes += q.topic.len() + q.payload.len() + 256;
                 s.queue.push_back(Message {
                     topic: q.topic,
                     payload: Bytes::from(q.payload),
@@ -309,22 +409,29 @@ impl Broker {
             }
         }
         for r in restore.retained {
-            state.retained.insert(
-                r.topic.clone(),
-                (
-                    Message {
-                        topic: r.topic,
-                        payload: Bytes::from(r.payload),
-                        qos: r.qos,
-                        retain: true,
-                        properties: decode_properties(&r.properties),
-                        from: Publisher::Hub,
-                        id: 0,
-                        expires_at: r.expires_ms.map(instant_of_wall_clock),
-                    },
-                    r.modified_ms,
-                ),
-            );
+            if !topic::valid_topic_name(&r.topic) {
+                // Kept by an older hub under looser topic rules (more
+                // levels than the topic tree walks).
+                tracing::warn!(topic = %r.topic.chars().take(100).collect::<String>(), "a stored retained message's topic is no longer valid; not restored");
+                continue;
+            }
+            // What was kept before is kept again, even past limits lowered
+            // since: the limits refuse new messages, they delete nothing.
+            state.retained.insert(retained::Entry {
+                bytes: retained::size_of(&r.topic, r.payload.len(), r.properties.len()),
+                message: Message {
+                    topic: r.topic,
+                    payload: Bytes::from(r.payload),
+                    qos: r.qos,
+                    retain: true,
+                    properties: decode_properties(&r.properties),
+                    from: Publisher::Hub,
+                    id: 0,
+                    expires_at: r.expires_ms.map(instant_of_wall_clock),
+                },
+                at: r.modified_ms,
+                owner: r.owner,
+            });
         }
         let broker = Self {
             inner: Arc::new(Inner {
@@ -391,6 +498,17 @@ impl Broker {
         });
     }
 
+    /// Whether `client`'s session is still held by connection `conn` (the
+    /// broker lets a slow client go by taking its session's connection).
+    pub(crate) fn holds(&self, client: &str, conn: u64) -> bool {
+        self.inner
+            .state
+            .lock()
+            .sessions
+            .get(client)
+            .is_some_and(|s| s.conn.as_ref().is_some_and(|(id, _)| *id == conn))
+    }
+
     pub(crate) fn is_reserved(&self, topic: &str) -> bool {
         self.inner
             .reserved
@@ -428,10 +546,15 @@ impl Broker {
         self.inner.state.lock().retained.len()
     }
 
+    /// Bytes of retained messages kept (as counted against the limits).
+    pub fn retained_bytes(&self) -> usize {
+        self.inner.state.lock().retained.bytes()
+    }
+
     /// The retained message of `topic`, unless there is none or it expired.
     pub fn retained_message(&self, topic: &str) -> Option<RetainedMessage> {
         let st = self.inner.state.lock();
-        let (m, at) = st.retained.get(topic)?;
+        let retained::Entry { message: m, at, .. } = st.retained.get(topic)?;
         if m.expires_at.is_some_and(|t| t <= std::time::Instant::now()) {
             return None;
         }
@@ -478,8 +601,11 @@ impl Broker {
         };
         let mut page = Vec::new();
         let mut last_seen: Option<&String> = None;
-        let topics = st.retained.range::<str, _>((start, Bound::Unbounded));
-        for (scanned, (t, (m, at))) in topics.enumerate() {
+        let topics = st
+            .retained
+            .by_topic
+            .range::<str, _>((start, Bound::Unbounded));
+        for (scanned, (t, retained::Entry { message: m, at, .. })) in topics.enumerate() {
             if page.len() == limit || scanned == RETAINED_SCAN {
                 // More follow: the next page starts after the last topic
                 // looked at.
@@ -526,32 +652,84 @@ impl Broker {
     /// Publishes a message from inside the hub (routes, tasks); resolves
     /// once it is durable for every persistent session it was queued for.
     pub fn publish(&self, message: Message) -> Option<Done> {
-        route(&self.inner, message)
+        route(&self.inner, message, false).unwrap_or(None)
     }
 }
 
 /// Delivers a message to every matching subscription (and keeps it if it
 /// is retained). Never blocks: a connection whose buffer is full is told to
 /// go, an offline persistent session queues up to its limit.
-pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
+///
+/// A retained message past its device's or the total limit is refused
+/// (`Err`, nothing delivered) when `refusable` (the publisher can be told:
+/// an MQTT 5 QoS 1/2 PUBLISH, answered 0x97); otherwise it is delivered but
+/// not retained, and what its topic held is discarded, as a new retained
+/// message would have replaced it (MQTT 3.1.1 3.3.1.3).
+pub(crate) fn route(
+    inner: &Inner,
+    mut msg: Message,
+    refusable: bool,
+) -> Result<Option<Done>, RetainedLimit> {
     let mut writes: Vec<Done> = Vec::new();
     let mut st = inner.state.lock();
     if msg.retain {
         let at = now_ms();
+        let properties = encode_properties(&msg.properties);
+        let owner = match &msg.from {
+            // A device's quota is its own whatever client id it uses.
+            Publisher::Client(c) => Some(
+                st.sessions
+                    .get(c)
+                    .and_then(|s| s.device.clone())
+                    .unwrap_or_else(|| c.clone()),
+            ),
+            _ => None,
+        };
+        let mut stored = Retained {
+            topic: msg.topic.clone(),
+            payload: msg.payload.to_vec(),
+            qos: msg.qos,
+            properties: properties.clone(),
+            expires_ms: msg.expires_at.map(wall_clock_ms),
+            modified_ms: at,
+            owner: owner.clone(),
+        };
         if msg.payload.is_empty() {
             st.retained.remove(&msg.topic);
         } else {
-            st.retained.insert(msg.topic.clone(), (msg.clone(), at));
+            let entry = retained::Entry {
+                bytes: retained::size_of(&msg.topic, msg.payload.len(), properties.len()),
+                message: msg.clone(),
+                at,
+                owner: owner.clone(),
+            };
+            match st.retained.admits(&entry) {
+                Ok(()) => st.retained.insert(entry),
+                Err(limit) => {
+                    inner.stats.retained_refused[limit as usize].fetch_add(1, Ordering::Relaxed);
+                    if st.retained.first_refusal(owner.as_deref(), limit) {
+                        let l = st.retained.limits;
+                        tracing::warn!(
+                            device = owner.as_deref().unwrap_or("(hub)"),
+                            topic = %msg.topic,
+                            limit = limit.label(),
+                            per_device = l.per_device,
+                            per_device_bytes = l.per_device_bytes,
+                            total = l.total,
+                            total_bytes = l.total_bytes,
+                            "retained message refused: over the retained-message limit (raise --mqtt-retained-per-device / --mqtt-retained-total, or clear retained topics); further refusals are only counted until one gets in"
+                        );
+                    }
+                    if refusable {
+                        return Err(limit);
+                    }
+                    st.retained.remove(&msg.topic);
+                    stored.payload.clear();
+                }
+            }
         }
         if let Some(p) = &inner.persist {
-            writes.push(p.retain(Retained {
-                topic: msg.topic.clone(),
-                payload: msg.payload.to_vec(),
-                qos: msg.qos,
-                properties: encode_properties(&msg.properties),
-                expires_ms: msg.expires_at.map(wall_clock_ms),
-                modified_ms: at,
-            }));
+            writes.push(p.retain(stored));
         }
     }
     let mut queued: Vec<Queued> = Vec::new();
@@ -590,6 +768,7 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
     matched.dedup_by(|later, first| later.0 == first.0);
     let best = matched;
     let limit = inner.config.session_queue_limit;
+    let max_bytes = inner.config.outgoing_buffer_bytes;
     if msg.qos.is_acknowledged() && inner.persist.is_some() {
         msg.id = inner.next_msg.fetch_add(1, Ordering::Relaxed);
     }
@@ -614,15 +793,21 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
         } else {
             m.id = 0;
         }
+        // Non-zero: it is in the store for this session.
+        let stored_id = m.id;
         match &session.conn {
-            Some((_, tx)) => match tx.try_send(Outbound::Deliver(Box::new(m))) {
+            Some((_, outlet)) => match outlet.offer(m, max_bytes) {
                 Ok(()) => session.backlogged_since = None,
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(Refused::Full) => {
                     // Its buffer is full: this message is not delivered
-                    // (a persistent session still has it in the store for
-                    // its next connection). A client that stays this far
-                    // behind is not reading: it is let go.
+                    // now. A persistent session still has it in the store,
+                    // which its next connection reads its queue from. A
+                    // client that stays this far behind is not reading: it
+                    // is let go.
                     inner.stats.dropped_slow.fetch_add(1, Ordering::Relaxed);
+                    if stored_id != 0 {
+                        session.backlog.stored_only = true;
+                    }
                     let since = *session
                         .backlogged_since
                         .get_or_insert_with(std::time::Instant::now);
@@ -636,19 +821,49 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
                         session.backlogged_since = None;
                     }
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(Refused::Closed) => {}
             },
             None if session.persistent && m.qos.is_acknowledged() => {
                 if session.queue.len() >= limit {
-                    session.queue.pop_front();
+                    if let Some(old) = session.queue.pop_front() {
+                        session.backlog.bytes =
+                            session.backlog.bytes.saturating_sub(crate::weight(&old));
+                    }
                     inner
                         .stats
                         .dropped_queue_full
                         .fetch_add(1, Ordering::Relaxed);
                 }
+                // Past its bytes, the oldest leave memory: those in the
+                // store stay there for its next connection, the others
+                // are lost.
+                let weight = crate::weight(&m);
+                while session.backlog.bytes + weight > max_bytes {
+                    let Some(old) = session.queue.pop_front() else {
+                        break;
+                    };
+                    session.backlog.bytes =
+                        session.backlog.bytes.saturating_sub(crate::weight(&old));
+                    if old.id != 0 {
+                        session.backlog.stored_only = true;
+                    } else {
+                        inner
+                            .stats
+                            .dropped_queue_full
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                session.backlog.bytes += weight;
                 session.queue.push_back(m);
             }
             None => {}
+        }
+    }
+    // Submitted before the lock is let go, so a connection reading its
+    // queue from the store (after a message reached it) sees the message.
+    if let Some(p) = &inner.persist {
+        if !queued.is_empty() {
+            writes.push(p.enqueue(std::mem::take(&mut queued), limit));
         }
     }
     drop(st);
@@ -658,20 +873,15 @@ pub(crate) fn route(inner: &Inner, mut msg: Message) -> Option<Done> {
             tap(&msg.topic, &msg.payload);
         }
     }
-    if let Some(p) = &inner.persist {
-        if !queued.is_empty() {
-            writes.push(p.enqueue(queued, limit));
-        }
-    }
     if writes.is_empty() {
-        return None;
+        return Ok(None);
     }
-    Some(Box::pin(async move {
+    Ok(Some(Box::pin(async move {
         for w in writes {
             w.await?;
         }
         Ok(())
-    }))
+    })))
 }
 
 #[cfg(test)]
@@ -733,5 +943,134 @@ mod tests {
         assert_eq!(page.len(), 1);
         assert_eq!(page[0].topic, "z/seen");
         assert_eq!(next, None);
+    }
+
+    /// A session of `client` (a device of that name) subscribed to `filter`
+    /// at QoS 1, connected through a channel of `capacity` messages.
+    fn connected(
+        b: &Broker,
+        client: &str,
+        filter: &str,
+        persistent: bool,
+        capacity: usize,
+    ) -> mpsc::Receiver<Outbound> {
+        let (tx, rx) = mpsc::channel(capacity);
+        let mut st = b.inner.state.lock();
+        let opts = SubOptions {
+            qos: QoS::AtLeastOnce,
+            no_local: false,
+            retain_as_published: false,
+        };
+        st.add_sub(client, filter, opts);
+        st.sessions.insert(
+            client.to_owned(),
+            Session {
+                conn: Some((1, tx.into())),
+                persistent,
+                subscriptions: HashMap::from([(filter.to_owned(), opts)]),
+                queue: VecDeque::new(),
+                device: Some(client.to_owned()),
+                qos2_in: Default::default(),
+                backlogged_since: None,
+                last_conn: 1,
+                backlog: Backlog::default(),
+            },
+        );
+        rx
+    }
+
+    fn from_device(device: &str, topic: &str, payload: usize) -> Message {
+        let mut m = Message::from_hub(topic, Bytes::from(vec![b'x'; payload]));
+        m.from = Publisher::Client(device.to_owned());
+        m.retain = true;
+        m
+    }
+
+    #[tokio::test]
+    async fn a_device_over_its_retained_quota_is_refused_or_not_retained() {
+        let mut config = BrokerConfig::default();
+        config.retained.per_device = 3;
+        let b = Broker::new(config);
+        let _rx = connected(&b, "d", "nothing/#", false, 10);
+        let mut watcher = connected(&b, "w", "d/#", false, 100);
+        for i in 0..3 {
+            assert!(route(&b.inner, from_device("d", &format!("d/{i}"), 10), true).is_ok());
+        }
+        assert_eq!(b.retained_count(), 3);
+        // A fourth that can be refused is: not retained, not delivered.
+        let got = route(&b.inner, from_device("d", "d/3", 10), true);
+        assert!(matches!(got, Err(RetainedLimit::Device)));
+        assert_eq!(b.retained_count(), 3);
+        assert_eq!(b.stats().retained_refused[0].load(Ordering::Relaxed), 1);
+        let mut delivered = Vec::new();
+        while let Ok(Outbound::Deliver(m, _)) = watcher.try_recv() {
+            delivered.push(m.topic);
+        }
+        assert_eq!(delivered, ["d/0", "d/1", "d/2"]);
+        // One that cannot be refused (QoS 0, MQTT 3.1.1) is delivered, not
+        // kept, and what its topic held goes: a bigger d/2 clears d/2.
+        assert!(route(&b.inner, from_device("d", "d/2", 10 << 20), false).is_ok());
+        assert!(matches!(watcher.try_recv(), Ok(Outbound::Deliver(m, _)) if m.topic == "d/2"));
+        assert_eq!(b.retained_count(), 2);
+        assert!(b.retained_message("d/2").is_none());
+        // Replacing its own takes nothing more; the hub is never refused.
+        assert!(route(&b.inner, from_device("d", "d/0", 10), true).is_ok());
+        for i in 0..5 {
+            retain(&b, &format!("hub/{i}"), QoS::AtLeastOnce);
+        }
+        assert_eq!(b.retained_count(), 7);
+        assert_eq!(b.stats().retained_refused[0].load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_buffer_is_bounded_in_bytes() {
+        let config = BrokerConfig {
+            outgoing_buffer_bytes: 10_000,
+            ..BrokerConfig::default()
+        };
+        let b = Broker::new(config);
+        // Room for 1,000 messages, but 10 kB only: about nine of 1 kB.
+        let mut rx = connected(&b, "s", "t/#", true, 1000);
+        for _ in 0..50 {
+            let m = Message::from_hub("t/x", Bytes::from(vec![0; 1000]));
+            let _ = route(&b.inner, m, false);
+        }
+        let mut taken = 0;
+        while let Ok(Outbound::Deliver(..)) = rx.try_recv() {
+            taken += 1;
+        }
+        assert!((5..=10).contains(&taken), "{taken} taken");
+        assert_eq!(
+            b.stats().dropped_slow.load(Ordering::Relaxed),
+            50 - taken as u64
+        );
+        // Taking them gave their bytes back.
+        let st = b.inner.state.lock();
+        let (_, outlet) = st.sessions["s"].conn.as_ref().unwrap();
+        assert_eq!(outlet.queued.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn an_offline_queue_is_bounded_in_bytes_too() {
+        let config = BrokerConfig {
+            outgoing_buffer_bytes: 10_000,
+            ..BrokerConfig::default()
+        };
+        let b = Broker::new(config);
+        drop(connected(&b, "s", "t/#", true, 1));
+        b.inner.state.lock().sessions.get_mut("s").unwrap().conn = None;
+        for _ in 0..50 {
+            let mut m = Message::from_hub("t/x", Bytes::from(vec![0; 1000]));
+            m.qos = QoS::AtLeastOnce;
+            let _ = route(&b.inner, m, false);
+        }
+        let st = b.inner.state.lock();
+        let s = &st.sessions["s"];
+        assert!(s.queue.len() < 10, "{} queued", s.queue.len());
+        assert!(s.backlog.bytes <= 10_000);
+        assert_eq!(
+            b.stats().dropped_queue_full.load(Ordering::Relaxed),
+            50 - s.queue.len() as u64
+        );
     }
 }

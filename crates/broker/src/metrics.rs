@@ -3,7 +3,7 @@
 //! reads the broker's counters and state at each scrape, so the hot path
 //! only bumps atomics.
 
-use crate::Broker;
+use crate::{Broker, RetainedLimit};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -58,6 +58,24 @@ fn by_qos(
     Ok(())
 }
 
+/// Retained messages refused, labelled by the `limit` they would have passed.
+fn retained_refused(e: &mut DescriptorEncoder, v: &[AtomicU64; 2]) -> std::fmt::Result {
+    let mut family = e.encode_descriptor(
+        "retained_refused",
+        "Retained messages refused for passing a limit (device: the publisher's quota, total: the broker's)",
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (limit, n) in [RetainedLimit::Device, RetainedLimit::Total]
+        .into_iter()
+        .zip(v)
+    {
+        ConstCounter::new(n.load(Ordering::Relaxed))
+            .encode(family.encode_family(&[("limit", limit.label())])?)?;
+    }
+    Ok(())
+}
+
 impl Collector for BrokerMetrics {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         let b = &self.0;
@@ -105,6 +123,13 @@ impl Collector for BrokerMetrics {
             b.session_count(),
         )?;
         gauge(&mut e, "retained", "Retained messages", b.retained_count())?;
+        gauge(
+            &mut e,
+            "retained_bytes",
+            "Bytes of retained messages (topics, payloads, properties)",
+            b.retained_bytes(),
+        )?;
+        retained_refused(&mut e, &s.retained_refused)?;
         by_qos(
             &mut e,
             "messages_in",
@@ -183,6 +208,9 @@ mod tests {
             "roost_mqtt_clients_connected 0\n",
             "roost_mqtt_sessions 0\n",
             "roost_mqtt_retained 0\n",
+            "roost_mqtt_retained_bytes 0\n",
+            "roost_mqtt_retained_refused_total{limit=\"device\"} 0\n",
+            "roost_mqtt_retained_refused_total{limit=\"total\"} 0\n",
             "roost_mqtt_messages_in_total{qos=\"0\"} 0\n",
             "roost_mqtt_messages_in_total{qos=\"1\"} 2\n",
             "roost_mqtt_messages_in_total{qos=\"2\"} 0\n",

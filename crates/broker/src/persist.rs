@@ -2,7 +2,7 @@
 //! keeps) lives in `roost-bus`, the hub implements it; here is how the
 //! broker runs the writes nobody waits for.
 
-pub use roost_bus::{Done, PersistError, Persistence, Queued, Restore, Retained};
+pub use roost_bus::{Done, PersistError, Persistence, QueuePage, Queued, Restore, Retained};
 
 /// Runs a write nobody waits for, logging a failure.
 pub(crate) fn background(done: Done) {

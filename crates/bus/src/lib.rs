@@ -8,7 +8,7 @@
 mod persist;
 mod qos;
 
-pub use persist::{Done, PersistError, Persistence, Queued, Restore, Retained};
+pub use persist::{Done, PersistError, Persistence, QueuePage, Queued, Restore, Retained};
 pub use qos::{InvalidQoS, QoS};
 
 use bytes::Bytes;

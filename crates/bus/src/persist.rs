@@ -10,6 +10,10 @@ use std::pin::Pin;
 /// A write that resolves once it is on disk.
 pub type Done = Pin<Box<dyn Future<Output = Result<(), PersistError>> + Send>>;
 
+/// A page of a session's stored queue, read after every write submitted
+/// before it.
+pub type QueuePage = Pin<Box<dyn Future<Output = Result<Vec<Queued>, PersistError>> + Send>>;
+
 /// Why the broker's state could not be kept.
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
@@ -46,6 +50,9 @@ pub struct Retained {
     pub expires_ms: Option<i64>,
     /// When it was retained (wall clock, ms).
     pub modified_ms: i64,
+    /// The device (or client id) whose quota it counts against; none: the
+    /// hub's own, or kept before owners were.
+    pub owner: Option<String>,
 }
 
 /// The broker's durable state as loaded at start.
@@ -77,6 +84,11 @@ pub trait Persistence: Send + Sync {
     /// Queues messages for persistent sessions, at most `limit` per session.
     fn enqueue(&self, messages: Vec<Queued>, limit: usize) -> Done;
     fn delivered(&self, client_id: &str, id: u64) -> Done;
+    /// `client_id`'s queued messages after message `after`, in order: at
+    /// most `limit`, each while those before it hold less than `max_bytes`
+    /// (so at least one). Read when messages were left in the store only (the
+    /// session's buffer was full).
+    fn queued(&self, client_id: &str, after: u64, limit: usize, max_bytes: usize) -> QueuePage;
     fn qos2_received(&self, client_id: &str, packet_id: u16) -> Done;
     fn qos2_released(&self, client_id: &str, packet_id: u16) -> Done;
     /// Keeps a retained message (an empty payload clears it).

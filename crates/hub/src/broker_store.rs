@@ -2,7 +2,7 @@
 //! between `roost-bus`'s `Persistence` trait and the store (which owns the
 //! SQL).
 
-use roost_bus::{Done, PersistError, Persistence, QoS, Queued, Restore, Retained};
+use roost_bus::{Done, PersistError, Persistence, QoS, QueuePage, Queued, Restore, Retained};
 use roost_store::{Store, StoredMessage, StoredRetained};
 use std::sync::Arc;
 
@@ -11,12 +11,27 @@ pub(crate) struct BrokerStore(pub Arc<Store>);
 fn done(
     f: impl std::future::Future<Output = Result<(), roost_store::StoreError>> + Send + 'static,
 ) -> Done {
-    Box::pin(async move {
-        f.await.map_err(|e| match e {
-            roost_store::StoreError::Closed => PersistError::Closed,
-            e => PersistError::Write(Box::new(e)),
-        })
-    })
+    Box::pin(async move { f.await.map_err(persist_error) })
+}
+
+fn persist_error(e: roost_store::StoreError) -> PersistError {
+    match e {
+        roost_store::StoreError::Closed => PersistError::Closed,
+        e => PersistError::Write(Box::new(e)),
+    }
+}
+
+fn queued(m: StoredMessage) -> Queued {
+    Queued {
+        client_id: m.client_id,
+        id: m.id as u64,
+        topic: m.topic,
+        payload: m.payload,
+        qos: qos(m.qos),
+        retain: m.retain,
+        expires_ms: m.expires_ms,
+        properties: m.properties,
+    }
 }
 
 /// A QoS as the store keeps it back as the broker's; the store holds only
@@ -67,6 +82,15 @@ impl Persistence for BrokerStore {
     fn delivered(&self, client_id: &str, id: u64) -> Done {
         done(self.0.mqtt_delivered(client_id, id as i64))
     }
+    fn queued(&self, client_id: &str, after: u64, limit: usize, max_bytes: usize) -> QueuePage {
+        let rows = self
+            .0
+            .mqtt_queued(client_id, after as i64, limit, max_bytes);
+        Box::pin(async move {
+            let rows = rows.await.map_err(persist_error)?;
+            Ok(rows.into_iter().map(queued).collect())
+        })
+    }
     fn qos2_received(&self, client_id: &str, packet_id: u16) -> Done {
         done(self.0.mqtt_qos2_received(client_id, packet_id))
     }
@@ -81,6 +105,7 @@ impl Persistence for BrokerStore {
             properties: m.properties,
             expires_ms: m.expires_ms,
             modified_ms: Some(m.modified_ms),
+            owner: m.owner,
         }))
     }
 }
@@ -95,20 +120,7 @@ pub(crate) fn restore(store: &Store) -> Result<Restore, roost_store::StoreError>
             .into_iter()
             .map(|(client, filter, q, no_local, rap)| (client, filter, qos(q), no_local, rap))
             .collect(),
-        queue: s
-            .queue
-            .into_iter()
-            .map(|m| Queued {
-                client_id: m.client_id,
-                id: m.id as u64,
-                topic: m.topic,
-                payload: m.payload,
-                qos: qos(m.qos),
-                retain: m.retain,
-                expires_ms: m.expires_ms,
-                properties: m.properties,
-            })
-            .collect(),
+        queue: s.queue.into_iter().map(queued).collect(),
         qos2_in: s.qos2_in,
         retained: s
             .retained
@@ -121,6 +133,7 @@ pub(crate) fn restore(store: &Store) -> Result<Restore, roost_store::StoreError>
                 expires_ms: r.expires_ms,
                 // Older stores kept no time: count it from this start.
                 modified_ms: r.modified_ms.unwrap_or_else(roost_store::now_ms),
+                owner: r.owner,
             })
             .collect(),
     })

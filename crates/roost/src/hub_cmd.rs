@@ -53,6 +53,27 @@ pub struct HubOpts {
     /// for that client are dropped.
     #[arg(long, env = "ROOST_MQTT_OUTGOING_BUFFER", default_value_t = 10_000)]
     mqtt_outgoing_buffer: usize,
+    /// Bytes of messages waiting to be written to one MQTT client, or kept
+    /// in memory for one offline persistent session; past it, the same as
+    /// --mqtt-outgoing-buffer (a persistent session's QoS 1/2 messages
+    /// stay in the store for its next connection).
+    #[arg(long, env = "ROOST_MQTT_OUTGOING_BUFFER_BYTES", default_value_t = 16 << 20)]
+    mqtt_outgoing_buffer_bytes: usize,
+    /// Retained messages one device (or anonymous client id) may keep; past
+    /// it, its retained publishes are refused (MQTT 5 QoS 1/2: reason 0x97
+    /// quota exceeded; otherwise delivered but not retained).
+    #[arg(long, env = "ROOST_MQTT_RETAINED_PER_DEVICE", default_value_t = 1_000)]
+    mqtt_retained_per_device: usize,
+    /// Bytes (topics, payloads, properties) of one device's retained messages.
+    #[arg(long, env = "ROOST_MQTT_RETAINED_PER_DEVICE_BYTES", default_value_t = 8 << 20)]
+    mqtt_retained_per_device_bytes: usize,
+    /// Retained messages kept in all (the hub's own count too, and are
+    /// never refused).
+    #[arg(long, env = "ROOST_MQTT_RETAINED_TOTAL", default_value_t = 100_000)]
+    mqtt_retained_total: usize,
+    /// Bytes of all retained messages.
+    #[arg(long, env = "ROOST_MQTT_RETAINED_TOTAL_BYTES", default_value_t = 128 << 20)]
+    mqtt_retained_total_bytes: usize,
     /// Seconds a client's buffer may stay full before it is disconnected
     /// as not reading.
     #[arg(long, env = "ROOST_MQTT_SLOW_CLIENT_GRACE_S", default_value_t = 5)]
@@ -372,6 +393,13 @@ async fn serve(opts: HubOpts) -> Result<()> {
         max_packet_bytes: opts.mqtt_max_packet_bytes,
         session_queue_limit: opts.mqtt_session_queue,
         outgoing_buffer: opts.mqtt_outgoing_buffer.max(1),
+        outgoing_buffer_bytes: opts.mqtt_outgoing_buffer_bytes,
+        retained: roost_broker::RetainedLimits {
+            per_device: opts.mqtt_retained_per_device,
+            per_device_bytes: opts.mqtt_retained_per_device_bytes,
+            total: opts.mqtt_retained_total,
+            total_bytes: opts.mqtt_retained_total_bytes,
+        },
         slow_client_grace: Duration::from_secs(opts.mqtt_slow_client_grace_s),
         login: roost_broker::LoginLimits {
             concurrency: opts

@@ -108,7 +108,8 @@ CREATE TABLE IF NOT EXISTS mqtt_retained (
     qos     INTEGER NOT NULL,
     properties BLOB,
     expires_ms INTEGER,
-    modified_ms INTEGER
+    modified_ms INTEGER,
+    owner   TEXT
 );
 CREATE TABLE IF NOT EXISTS shadows (
     thing      TEXT NOT NULL,
@@ -258,6 +259,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("mqtt_retained", "properties", "BLOB"),
     ("mqtt_retained", "expires_ms", "INTEGER"),
     ("mqtt_retained", "modified_ms", "INTEGER"),
+    ("mqtt_retained", "owner", "TEXT"),
 ];
 
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {

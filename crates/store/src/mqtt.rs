@@ -34,6 +34,9 @@ pub struct StoredRetained {
     pub expires_ms: Option<i64>,
     /// When it was stored (wall clock, ms); none in stores made before.
     pub modified_ms: Option<i64>,
+    /// The device (or client id) whose quota it counts against; none: the
+    /// hub's own, or kept before owners were.
+    pub owner: Option<String>,
 }
 
 /// Everything the broker restores at start.
@@ -122,9 +125,13 @@ impl Store {
             for m in &messages {
                 insert.execute(params![m.client_id, m.id, m.topic, m.payload, m.qos, m.retain, m.expires_ms, m.properties])?;
             }
+            // Everything at or below the newest `limit`-th message's id
+            // goes: a walk of `limit` index entries and a range delete,
+            // where `NOT IN (newest limit)` read and compared every row
+            // of the session on every publish.
             let mut trim = conn.prepare_cached(
-                "DELETE FROM mqtt_queue WHERE client_id = ?1 AND id NOT IN
-                 (SELECT id FROM mqtt_queue WHERE client_id = ?1 ORDER BY id DESC LIMIT ?2)",
+                "DELETE FROM mqtt_queue WHERE client_id = ?1 AND id <=
+                 (SELECT id FROM mqtt_queue WHERE client_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
             )?;
             let mut seen = std::collections::HashSet::new();
             for m in &messages {
@@ -134,6 +141,45 @@ impl Store {
             }
             Ok(())
         }))
+    }
+
+    /// `client_id`'s queued messages after `after`, in id order: at most
+    /// `limit`, each while those before it hold less than `max_bytes` of
+    /// topics and payloads (so at least one). Read through the writer, so it sees every write submitted
+    /// before it (a message acknowledged just before is not read again).
+    pub fn mqtt_queued(
+        &self,
+        client_id: &str,
+        after: i64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<StoredMessage>, StoreError>> + Send + 'static {
+        let c = client_id.to_owned();
+        self.submit(move |conn| {
+            let mut st = conn.prepare_cached(
+                "SELECT client_id, id, topic, payload, qos, retain, expires_ms, properties FROM
+                   (SELECT *, SUM(length(topic) + length(payload)) OVER (ORDER BY id) AS upto,
+                           length(topic) + length(payload) AS size
+                    FROM mqtt_queue WHERE client_id = ?1 AND id > ?2)
+                 WHERE upto - size < ?3 OR upto = size
+                 ORDER BY id LIMIT ?4",
+            )?;
+            let rows = st
+                .query_map(params![c, after, max_bytes as i64, limit as i64], |r| {
+                    Ok(StoredMessage {
+                        client_id: r.get(0)?,
+                        id: r.get(1)?,
+                        topic: r.get(2)?,
+                        payload: r.get(3)?,
+                        qos: r.get(4)?,
+                        retain: r.get(5)?,
+                        expires_ms: r.get(6)?,
+                        properties: r.get::<_, Option<Vec<u8>>>(7)?.unwrap_or_default(),
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
     }
 
     /// A queued message was delivered and acknowledged.
@@ -174,10 +220,10 @@ impl Store {
                     .execute(params![m.topic])
             } else {
                 conn.prepare_cached(
-                    "INSERT INTO mqtt_retained (topic, payload, qos, properties, expires_ms, modified_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT(topic) DO UPDATE SET payload = ?2, qos = ?3, properties = ?4, expires_ms = ?5, modified_ms = ?6",
+                    "INSERT INTO mqtt_retained (topic, payload, qos, properties, expires_ms, modified_ms, owner) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT(topic) DO UPDATE SET payload = ?2, qos = ?3, properties = ?4, expires_ms = ?5, modified_ms = ?6, owner = ?7",
                 )?
-                .execute(params![m.topic, m.payload, m.qos, m.properties, m.expires_ms, m.modified_ms])
+                .execute(params![m.topic, m.payload, m.qos, m.properties, m.expires_ms, m.modified_ms, m.owner])
             }
             .map(|_| ())
         }))
@@ -209,7 +255,7 @@ impl Store {
                 .collect::<Result<_, _>>()?;
             let mut st = c.prepare("SELECT client_id, packet_id FROM mqtt_qos2_in")?;
             snap.qos2_in = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
-            let mut st = c.prepare("SELECT topic, payload, qos, properties, expires_ms, modified_ms FROM mqtt_retained")?;
+            let mut st = c.prepare("SELECT topic, payload, qos, properties, expires_ms, modified_ms, owner FROM mqtt_retained")?;
             snap.retained = st
                 .query_map([], |r| {
                     Ok(StoredRetained {
@@ -219,10 +265,73 @@ impl Store {
                         properties: r.get::<_, Option<Vec<u8>>>(3)?.unwrap_or_default(),
                         expires_ms: r.get(4)?,
                         modified_ms: r.get(5)?,
+                        owner: r.get(6)?,
                     })
                 })?
                 .collect::<Result<_, _>>()?;
             Ok(snap)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(client: &str, id: i64, payload: usize) -> StoredMessage {
+        StoredMessage {
+            client_id: client.into(),
+            id,
+            topic: "t".into(),
+            payload: vec![0; payload],
+            qos: 1,
+            retain: false,
+            expires_ms: None,
+            properties: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_queue_keeps_its_newest_and_is_read_in_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        for id in 1..=10 {
+            store
+                .mqtt_enqueue(vec![message("a", id, 99), message("b", id, 1)], 6)
+                .await
+                .unwrap();
+        }
+        let ids = |rows: Vec<StoredMessage>| rows.into_iter().map(|m| m.id).collect::<Vec<_>>();
+        // The newest 6 of each session are kept.
+        assert_eq!(
+            ids(store.mqtt_queued("a", 0, 100, 1 << 20).await.unwrap()),
+            [5, 6, 7, 8, 9, 10]
+        );
+        assert_eq!(
+            ids(store.mqtt_queued("b", 0, 100, 1 << 20).await.unwrap()),
+            [5, 6, 7, 8, 9, 10]
+        );
+        // Pages: after an id, at most `limit`, and rows while those before
+        // them hold less than `max_bytes` (100 bytes each here).
+        assert_eq!(
+            ids(store.mqtt_queued("a", 6, 2, 1 << 20).await.unwrap()),
+            [7, 8]
+        );
+        assert_eq!(
+            ids(store.mqtt_queued("a", 0, 100, 250).await.unwrap()),
+            [5, 6, 7]
+        );
+        assert_eq!(ids(store.mqtt_queued("a", 0, 100, 1).await.unwrap()), [5]);
+        assert!(store
+            .mqtt_queued("a", 10, 100, 1 << 20)
+            .await
+            .unwrap()
+            .is_empty());
+        // A delivered message is not read again.
+        store.mqtt_delivered("a", 7).await.unwrap();
+        assert_eq!(
+            ids(store.mqtt_queued("a", 6, 2, 1 << 20).await.unwrap()),
+            [8, 9]
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! MQTT topic rules: which topic names and filters are valid (MQTT 4.7),
 //! whether a filter matches a topic or lies within another filter, and the
-//! subscription trie that finds every filter matching a topic.
+//! subscription trie that finds every filter matching a topic, and the
+//! topic tree that finds every topic (a retained message's) a filter matches.
 //!
 //! The broker, the manifest checker and the route table all apply these
 //! rules, so they live here, with no dependencies, and a change to them
@@ -11,19 +12,35 @@
 //! from), so publishing costs the depth of the topic, not the number of
 //! subscriptions.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Longest topic or filter accepted (the protocol's UTF-8 string limit).
 pub const MAX_TOPIC_LEN: usize = 65_535;
 
-/// A topic a message is published to: no wildcards, no NUL, not empty.
-pub fn valid_topic_name(t: &str) -> bool {
-    !t.is_empty() && t.len() <= MAX_TOPIC_LEN && !t.contains(['+', '#', '\0'])
+/// Most levels a topic or filter may have. The protocol sets none; the
+/// tries are walked level by level, recursively, so a topic of tens of
+/// thousands of empty levels (`////...`, within the length limit) would
+/// overflow the stack. AWS IoT allows 8 levels; this is far more than any
+/// real topic needs.
+pub const MAX_TOPIC_LEVELS: usize = 128;
+
+fn levels_within_limit(t: &str) -> bool {
+    t.bytes().filter(|&b| b == b'/').count() < MAX_TOPIC_LEVELS
 }
 
-/// A subscription filter: `+` fills a whole level, `#` only the whole last level.
+/// A topic a message is published to: no wildcards, no NUL, not empty, at
+/// most `MAX_TOPIC_LEVELS` levels.
+pub fn valid_topic_name(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= MAX_TOPIC_LEN
+        && !t.contains(['+', '#', '\0'])
+        && levels_within_limit(t)
+}
+
+/// A subscription filter: `+` fills a whole level, `#` only the whole last
+/// level; at most `MAX_TOPIC_LEVELS` levels.
 pub fn valid_filter(f: &str) -> bool {
-    if f.is_empty() || f.len() > MAX_TOPIC_LEN || f.contains('\0') {
+    if f.is_empty() || f.len() > MAX_TOPIC_LEN || f.contains('\0') || !levels_within_limit(f) {
         return false;
     }
     let levels: Vec<&str> = f.split('/').collect();
@@ -220,6 +237,241 @@ impl<V: Clone> Trie<V> {
     }
 }
 
+/// Topic names (retained messages' topics), one node per level, so the
+/// topics a filter matches are found by walking the filter's levels: the
+/// work is the size of the answer and the filter's depth, not the number of
+/// topics held. Children are kept in order, so a walk visits topics in
+/// level order (level by level, each compared as a string) and can go on
+/// after the last topic of an earlier walk.
+#[derive(Debug)]
+pub struct TopicTree<V> {
+    root: TopicNode<V>,
+    len: usize,
+}
+
+#[derive(Debug)]
+struct TopicNode<V> {
+    children: BTreeMap<String, TopicNode<V>>,
+    /// The value of the topic that ends here.
+    value: Option<V>,
+}
+
+impl<V> Default for TopicNode<V> {
+    fn default() -> Self {
+        Self {
+            children: BTreeMap::new(),
+            value: None,
+        }
+    }
+}
+
+impl<V> Default for TopicTree<V> {
+    fn default() -> Self {
+        Self {
+            root: TopicNode::default(),
+            len: 0,
+        }
+    }
+}
+
+impl<V> TopicTree<V> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Sets `topic`'s value (a valid topic name); the old one, if any.
+    pub fn insert(&mut self, topic: &str, value: V) -> Option<V> {
+        let mut node = &mut self.root;
+        for level in topic.split('/') {
+            node = node.children.entry(level.to_owned()).or_default();
+        }
+        let old = node.value.replace(value);
+        if old.is_none() {
+            self.len += 1;
+        }
+        old
+    }
+
+    pub fn get(&self, topic: &str) -> Option<&V> {
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            node = node.children.get(level)?;
+        }
+        node.value.as_ref()
+    }
+
+    /// Removes `topic` (and the levels only it used); its value, if any.
+    pub fn remove(&mut self, topic: &str) -> Option<V> {
+        fn walk<V>(node: &mut TopicNode<V>, levels: &[&str]) -> Option<V> {
+            let Some((first, rest)) = levels.split_first() else {
+                return node.value.take();
+            };
+            let child = node.children.get_mut(*first)?;
+            let old = walk(child, rest);
+            if child.value.is_none() && child.children.is_empty() {
+                node.children.remove(*first);
+            }
+            old
+        }
+        let levels: Vec<&str> = topic.split('/').collect();
+        let old = walk(&mut self.root, &levels);
+        if old.is_some() {
+            self.len -= 1;
+        }
+        old
+    }
+
+    /// Up to `limit` (topic, value) that `filter` (a valid filter) matches,
+    /// in level order, after `after` (the last topic of an earlier walk
+    /// with the same filter) if given. Fewer than `limit`: there are no
+    /// more. Leading wildcards skip `$` topics (MQTT 4.7.2).
+    pub fn matching<'a>(
+        &'a self,
+        filter: &str,
+        after: Option<&str>,
+        limit: usize,
+        out: &mut Vec<(String, &'a V)>,
+    ) {
+        let filter: Vec<&str> = filter.split('/').collect();
+        let after: Option<Vec<&str>> = after.map(|a| a.split('/').collect());
+        let mut path = Vec::new();
+        let mut walk = Walk { limit, out };
+        walk.filter(&self.root, &filter, after.as_deref(), true, &mut path);
+    }
+}
+
+/// One `TopicTree::matching` walk: where it stops and what it found.
+struct Walk<'o, 'a, V> {
+    limit: usize,
+    out: &'o mut Vec<(String, &'a V)>,
+}
+
+impl<'a, V> Walk<'_, 'a, V> {
+    fn full(&self) -> bool {
+        self.out.len() >= self.limit
+    }
+
+    /// Children of `node` in order, skipping those before `after`'s next
+    /// level; each with what is left of `after` below it (none: the whole
+    /// child comes after it).
+    fn children<'n, 'l>(
+        node: &'n TopicNode<V>,
+        after: Option<&'l [&'l str]>,
+    ) -> impl Iterator<Item = (&'n String, &'n TopicNode<V>, Option<&'l [&'l str]>)> {
+        let first = after.and_then(|a| a.first().copied());
+        let range = match first {
+            Some(f) => node
+                .children
+                .range::<str, _>((std::ops::Bound::Included(f), std::ops::Bound::Unbounded)),
+            None => node.children.range::<str, _>(..),
+        };
+        range.map(move |(level, child)| {
+            let below = match (first, after) {
+                (Some(f), Some(a)) if level == f => Some(&a[1..]),
+                _ => None,
+            };
+            (level, child, below)
+        })
+    }
+
+    /// Matches `filter`'s remaining levels below `node`. `after`: the part
+    /// of the resume point below this node (its own topic, a prefix of the
+    /// resume point, was already given).
+    fn filter(
+        &mut self,
+        node: &'a TopicNode<V>,
+        filter: &[&str],
+        after: Option<&[&str]>,
+        first: bool,
+        path: &mut Vec<&'a str>,
+    ) {
+        if self.full() {
+            return;
+        }
+        let Some((level, rest)) = filter.split_first() else {
+            if after.is_none() {
+                self.emit(node, path);
+            }
+            return;
+        };
+        match *level {
+            "#" => {
+                // `a/#` matches `a` itself too (MQTT 4.7.1.2).
+                if !first && after.is_none() {
+                    self.emit(node, path);
+                }
+                self.subtree(node, after, first, path);
+            }
+            "+" => {
+                for (l, child, below) in Self::children(node, after) {
+                    if first && l.starts_with('$') {
+                        continue;
+                    }
+                    path.push(l);
+                    self.filter(child, rest, below, false, path);
+                    path.pop();
+                    if self.full() {
+                        return;
+                    }
+                }
+            }
+            literal => {
+                let below = match after {
+                    None => None,
+                    Some(a) => match a.first() {
+                        Some(f) if *f == literal => Some(&a[1..]),
+                        Some(f) if *f > literal => return,
+                        _ => None,
+                    },
+                };
+                if let Some((l, child)) = node.children.get_key_value(literal) {
+                    path.push(l);
+                    self.filter(child, rest, below, false, path);
+                    path.pop();
+                }
+            }
+        }
+    }
+
+    /// Every topic below `node` (not `node` itself), in order.
+    fn subtree(
+        &mut self,
+        node: &'a TopicNode<V>,
+        after: Option<&[&str]>,
+        first: bool,
+        path: &mut Vec<&'a str>,
+    ) {
+        for (l, child, below) in Self::children(node, after) {
+            if first && l.starts_with('$') {
+                continue;
+            }
+            path.push(l);
+            if below.is_none() {
+                self.emit(child, path);
+            }
+            if !self.full() {
+                self.subtree(child, below, false, path);
+            }
+            path.pop();
+            if self.full() {
+                return;
+            }
+        }
+    }
+
+    fn emit(&mut self, node: &'a TopicNode<V>, path: &[&str]) {
+        if let Some(v) = &node.value {
+            if !self.full() {
+                self.out.push((path.join("/"), v));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,5 +643,86 @@ mod tests {
         assert!(t.remove("a/#", "k"));
         assert!(t.remove("a/+", "k"));
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn the_topic_tree_finds_exactly_the_matching_topics_in_pages() {
+        let topics = [
+            "a", "a/b", "a/b/c", "a/c", "a//b", "a/", "b/b", "$SYS/x", "$SYS", "a-b", "a/b/c/d",
+            "x/y/z", "/", "/a",
+        ];
+        let mut t = TopicTree::default();
+        for (i, topic) in topics.iter().enumerate() {
+            assert!(t.insert(topic, i).is_none());
+        }
+        assert_eq!(t.insert("a/b", 1), Some(1));
+        assert_eq!(t.len(), topics.len());
+        assert_eq!(t.get("a/b/c"), Some(&2));
+        assert_eq!(t.get("a/b/x"), None);
+        for filter in [
+            "#",
+            "a/#",
+            "a/+",
+            "+",
+            "+/+",
+            "a/+/c",
+            "$SYS/#",
+            "$SYS",
+            "+/b",
+            "a//b",
+            "/#",
+            "a/b/c/d/#",
+            "nothing/#",
+            "a/b",
+        ] {
+            let mut want: Vec<&str> = topics
+                .iter()
+                .copied()
+                .filter(|topic| matches(filter, topic))
+                .collect();
+            want.sort_by(|x, y| x.split('/').cmp(y.split('/')));
+            for page in [1, 2, 3, 100] {
+                let mut got: Vec<String> = Vec::new();
+                loop {
+                    let mut out = Vec::new();
+                    t.matching(filter, got.last().map(String::as_str), page, &mut out);
+                    let n = out.len();
+                    got.extend(out.into_iter().map(|(topic, _)| topic));
+                    if n < page {
+                        break;
+                    }
+                }
+                assert_eq!(got, want, "filter {filter}, pages of {page}");
+            }
+        }
+        assert_eq!(t.remove("a/b"), Some(1));
+        assert_eq!(t.remove("a/b"), None);
+        assert_eq!(t.get("a/b/c"), Some(&2));
+        for topic in topics.iter().filter(|x| **x != "a/b") {
+            assert!(t.remove(topic).is_some(), "{topic}");
+        }
+        assert!(t.is_empty());
+        assert!(t.root.children.is_empty(), "no levels are left behind");
+    }
+
+    #[test]
+    fn a_topic_of_too_many_levels_is_refused_before_any_trie_walks_it() {
+        let at = vec!["a"; MAX_TOPIC_LEVELS].join("/");
+        let over = vec![""; MAX_TOPIC_LEVELS + 1].join("/");
+        assert!(valid_topic_name(&at) && valid_filter(&at));
+        assert!(!valid_topic_name(&over) && !valid_filter(&over));
+        // At the limit, both tries walk it (recursively) and drop it.
+        let mut subs = Trie::default();
+        subs.insert(&at, "k", ());
+        let mut out = Vec::new();
+        subs.matching(&at, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(subs.remove(&at, "k"));
+        let mut topics = TopicTree::default();
+        topics.insert(&at, ());
+        let mut out = Vec::new();
+        topics.matching("#", None, 10, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(topics.remove(&at).is_some());
     }
 }

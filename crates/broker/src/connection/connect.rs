@@ -209,10 +209,11 @@ impl Conn {
                     qos2_in: HashSet::new(),
                     backlogged_since: None,
                     last_conn: 0,
+                    backlog: Default::default(),
                 });
             session_present =
                 !c.clean_start && (!session.subscriptions.is_empty() || !session.queue.is_empty());
-            session.conn = Some((self.conn_id, tx));
+            session.conn = Some((self.conn_id, tx.into()));
             session.last_conn = self.conn_id;
             session.persistent = persistent;
             session.device = (!policy.device.name.is_empty()).then(|| policy.device.name.clone());

@@ -51,6 +51,20 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const TOPIC_ALIAS_MAX: u16 = 64;
 /// Outgoing QoS 1/2 messages awaiting acknowledgement per connection.
 const MAX_INFLIGHT: usize = 64;
+/// Retained messages taken at once for a SUBSCRIBE (at QoS 1/2, no more
+/// than the in-flight window has room for): the lock is held for one
+/// chunk, and other work goes on between chunks.
+const RETAINED_CHUNK: usize = 64;
+/// Stored messages read at once when a session's queue is in the store.
+const STORED_PAGE: usize = 256;
+
+/// The retained messages a subscription has still to get: the next chunk
+/// starts after `after`.
+struct RetainedDue {
+    filter: String,
+    qos: crate::QoS,
+    after: Option<String>,
+}
 
 /// An acknowledgement (encoded) that may go out once its publish is durable.
 type PendingAck =
@@ -80,6 +94,14 @@ struct Conn {
     /// Incoming QoS 2 packet ids received and not yet released.
     incoming_qos2: HashSet<u16>,
     pending: VecDeque<Message>,
+    /// Subscriptions whose retained messages are still being sent.
+    retained_due: VecDeque<RetainedDue>,
+    /// While the session's queue is read from the store, the id of the
+    /// last message read (stored messages coming through the channel are
+    /// skipped meanwhile: the store has them, in order).
+    stored_after: Option<u64>,
+    /// The highest stored message id read from the store.
+    loaded_up_to: u64,
     will: Option<Message>,
     peer: SocketAddr,
     cert_device: Option<String>,
@@ -114,6 +136,9 @@ pub(crate) async fn run(
         session_expiry: None,
         incoming_qos2: HashSet::new(),
         pending: VecDeque::new(),
+        retained_due: VecDeque::new(),
+        stored_after: None,
+        loaded_up_to: 0,
         will: None,
         peer,
         cert_device,
@@ -342,6 +367,110 @@ impl Conn {
         self.queue(&p);
     }
 
+    /// Whether this connection takes more messages: its in-flight window
+    /// has room and nothing waits ahead. While it does not, the broker's
+    /// channel fills, and past it the client is slow (see `route`).
+    fn window_open(&self) -> bool {
+        self.inflight.len() + self.released.len() < MAX_INFLIGHT && self.pending.is_empty()
+    }
+
+    /// Whether there is work to do with no packet to wait for: a chunk of
+    /// retained messages, or a page of the stored queue.
+    fn more_to_send(&self) -> bool {
+        self.window_open() && (!self.retained_due.is_empty() || self.stored_after.is_some())
+    }
+
+    /// Sends the next chunk of a subscription's retained messages.
+    fn feed_retained(&mut self) {
+        if !self.window_open() {
+            return;
+        }
+        let Some(due) = self.retained_due.front_mut() else {
+            return;
+        };
+        let room = if due.qos.is_acknowledged() {
+            MAX_INFLIGHT - self.inflight.len() - self.released.len()
+        } else {
+            RETAINED_CHUNK
+        }
+        .min(RETAINED_CHUNK);
+        let (chunk, last) = self.broker.inner.state.lock().retained.chunk(
+            &due.filter,
+            due.after.as_deref(),
+            room,
+            due.qos,
+        );
+        match last {
+            Some(l) => due.after = Some(l),
+            None => {
+                self.retained_due.pop_front();
+            }
+        }
+        for m in chunk {
+            self.deliver(m);
+        }
+    }
+
+    /// A subscription is to get its retained messages (from the first
+    /// again, if it was still getting them).
+    fn send_retained(&mut self, filter: &str, qos: crate::QoS) {
+        self.retained_due.retain(|d| d.filter != filter);
+        self.retained_due.push_back(RetainedDue {
+            filter: filter.to_owned(),
+            qos,
+            after: None,
+        });
+    }
+
+    /// At the start of a connection: if messages for this session were
+    /// left in the store only, its queue is read from the store instead.
+    fn take_backlog(&mut self) {
+        let mut st = self.broker.inner.state.lock();
+        let Some(s) = st.sessions.get_mut(&self.client_id) else {
+            return;
+        };
+        // CONNECT took its queue.
+        s.backlog.bytes = 0;
+        let stored_only = std::mem::take(&mut s.backlog.stored_only);
+        if stored_only && self.persistent && self.broker.inner.persist.is_some() {
+            // The queue's stored messages are read again, in order.
+            self.pending.retain(|m| m.id == 0);
+            self.stored_after = Some(0);
+        }
+    }
+
+    /// Reads the next page of the stored queue into `pending`.
+    async fn load_stored(&mut self) -> Result<(), PersistError> {
+        let (Some(after), Some(p)) = (self.stored_after, self.broker.inner.persist.clone()) else {
+            return Ok(());
+        };
+        let max_bytes = self.broker.inner.config.outgoing_buffer_bytes;
+        let page = p
+            .queued(&self.client_id, after, STORED_PAGE, max_bytes)
+            .await?;
+        self.stored_after = page.last().map(|q| q.id);
+        for q in page {
+            self.loaded_up_to = self.loaded_up_to.max(q.id);
+            self.pending.push_back(Message {
+                topic: q.topic,
+                payload: Bytes::from(q.payload),
+                qos: q.qos,
+                retain: q.retain,
+                properties: crate::decode_properties(&q.properties),
+                from: crate::Publisher::Hub,
+                id: q.id,
+                expires_at: q.expires_ms.map(crate::instant_of_wall_clock),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether a message from the channel is one the store gives (or gave)
+    /// this connection already.
+    fn read_from_store(&self, m: &Message) -> bool {
+        m.id != 0 && (self.stored_after.is_some() || m.id <= self.loaded_up_to)
+    }
+
     fn drain_pending(&mut self) {
         while self.inflight.len() + self.released.len() < MAX_INFLIGHT {
             let Some(m) = self.pending.pop_front() else {
@@ -381,7 +510,13 @@ impl Conn {
                 if let Some(s) = st.sessions.get_mut(&self.client_id) {
                     s.conn = None;
                     for m in unacked.into_iter().rev() {
+                        s.backlog.bytes += crate::weight(&m);
                         s.queue.push_front(m);
+                    }
+                    // The store holds more than was read: the next
+                    // connection goes on reading it.
+                    if self.stored_after.is_some() {
+                        s.backlog.stored_only = true;
                     }
                 }
                 if let Some(expiry) = self.session_expiry {
@@ -396,7 +531,7 @@ impl Conn {
         drop(st);
         if !clean {
             if let Some(w) = self.will.take() {
-                if let Some(d) = route(&self.broker.inner, w) {
+                if let Ok(Some(d)) = route(&self.broker.inner, w, false) {
                     background(d);
                 }
             }

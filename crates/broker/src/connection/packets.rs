@@ -5,7 +5,7 @@
 use super::frame::{read_frame, Frame};
 use super::{Conn, TOPIC_ALIAS_MAX};
 use crate::persist::background;
-use crate::topic::{matches, valid_filter, valid_topic_name};
+use crate::topic::{valid_filter, valid_topic_name};
 use crate::{route, Message, Outbound, Publisher, QoS, SubOptions};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::stream::StreamExt;
@@ -22,6 +22,14 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// Acknowledgements a connection may have waiting for their publishes to
+/// be durable before it stops reading the client.
+const MAX_PENDING_ACKS: usize = 256;
+
+/// How often a connection whose window is shut checks whether the broker
+/// let it go as slow.
+const SLOW_CHECK: Duration = Duration::from_millis(500);
+
 impl Conn {
     /// The packet loop. Returns true when the client disconnected cleanly
     /// (its will is discarded).
@@ -30,6 +38,7 @@ impl Conn {
         mut rx: mpsc::Receiver<Outbound>,
         keep_alive: u16,
     ) -> bool {
+        self.take_backlog();
         self.drain_pending();
         if self.flush().await.is_err() {
             return false;
@@ -38,6 +47,19 @@ impl Conn {
         let idle_limit = (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500));
         let mut last_heard = Instant::now();
         loop {
+            if self.window_open() && self.stored_after.is_some() {
+                if let Err(e) = self.load_stored().await {
+                    tracing::error!(client = %self.client_id, error = %e, "cannot read the session's stored queue; disconnecting");
+                    return false;
+                }
+                self.drain_pending();
+            }
+            self.feed_retained();
+            if self.flush_unless_let_go().await.is_err() {
+                return false;
+            }
+            let window_open = self.window_open();
+            let more_to_send = self.more_to_send();
             let deadline = idle_limit.map(|l| last_heard + l);
             let sleep = async {
                 match deadline {
@@ -46,7 +68,10 @@ impl Conn {
                 }
             };
             tokio::select! {
-                frame = read_frame(&mut self.stream, &mut self.rbuf, &self.broker, self.version, self.broker.inner.config.max_packet_bytes) => {
+                // A client with this many publishes not yet durable is not
+                // read from until some are: what it sends waits in its own
+                // socket, not in the hub's memory.
+                frame = read_frame(&mut self.stream, &mut self.rbuf, &self.broker, self.version, self.broker.inner.config.max_packet_bytes), if self.acks.len() < MAX_PENDING_ACKS => {
                     last_heard = Instant::now();
                     match frame {
                         None => return false,
@@ -81,12 +106,22 @@ impl Conn {
                         return false;
                     }
                 },
-                out = rx.recv() => match out {
-                    Some(Outbound::Deliver(m)) => {
-                        self.deliver(*m);
-                        // Batch whatever else is waiting into one write.
-                        while let Ok(Outbound::Deliver(m)) = rx.try_recv() {
+                // While the window is shut (a client not acknowledging),
+                // messages wait in the channel, which is bounded: past it
+                // the broker counts this client as slow and lets it go.
+                out = rx.recv(), if window_open => match out {
+                    Some(Outbound::Deliver(m, _charge)) => {
+                        if !self.read_from_store(&m) {
                             self.deliver(*m);
+                        }
+                        // Batch whatever else is waiting into one write.
+                        while self.window_open() {
+                            let Ok(Outbound::Deliver(m, _charge)) = rx.try_recv() else {
+                                break;
+                            };
+                            if !self.read_from_store(&m) {
+                                self.deliver(*m);
+                            }
                         }
                     }
                     Some(Outbound::TakenOver) => {
@@ -99,6 +134,16 @@ impl Conn {
                         return false;
                     }
                 },
+                // Retained messages or stored ones to send, nothing to wait for.
+                () = std::future::ready(()), if more_to_send => {}
+                // While the window is shut, the channel is not read, so
+                // whether the broker let go of this slow client is looked
+                // up now and then.
+                _ = tokio::time::sleep(SLOW_CHECK), if !window_open => {
+                    if !self.broker.holds(&self.client_id, self.conn_id) {
+                        return false;
+                    }
+                }
                 _ = sleep => {
                     tracing::info!(client = %self.client_id, "keep-alive expired; disconnecting");
                     self.disconnect_with(ReasonCode::KeepAliveTimeout);
@@ -106,9 +151,30 @@ impl Conn {
                     return false;
                 }
             }
-            if self.flush().await.is_err() {
-                return false;
+        }
+    }
+
+    /// Writes what is buffered, unless the broker lets this connection go
+    /// (as slow) while the client does not read: the write is then given
+    /// up instead of waiting on the socket for ever.
+    async fn flush_unless_let_go(&mut self) -> std::io::Result<()> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let (broker, client, conn) = (self.broker.clone(), self.client_id.clone(), self.conn_id);
+        let let_go = async move {
+            loop {
+                tokio::time::sleep(SLOW_CHECK).await;
+                if !broker.holds(&client, conn) {
+                    return;
+                }
             }
+        };
+        tokio::select! {
+            // Most writes complete at once, and the timer is never started.
+            biased;
+            written = self.flush() => written,
+            () = let_go => Err(std::io::Error::other("let go as a slow client")),
         }
     }
 
@@ -168,6 +234,7 @@ impl Conn {
                 };
                 let mut st = self.broker.inner.state.lock();
                 for f in &u.filters {
+                    self.retained_due.retain(|d| &d.filter != f);
                     let had = st.remove_sub(&self.client_id, f);
                     if let (true, Some(p)) = (self.persistent, &self.broker.inner.persist) {
                         background(p.drop_subscription(&self.client_id, f));
@@ -242,6 +309,10 @@ impl Conn {
             && p.packet_id
                 .is_some_and(|id| self.incoming_qos2.contains(&id));
         let mut durable = None;
+        // Over its retained-message quota: an MQTT 5 QoS 1/2 publish is
+        // refused with "quota exceeded"; any other is delivered, not
+        // retained (see `route`).
+        let mut over_quota = false;
         if allowed && !duplicate_qos2 {
             let mut props = Properties::new();
             if self.version == 5 {
@@ -251,7 +322,8 @@ impl Conn {
                     }
                 }
             }
-            durable = route(
+            let refusable = self.version == 5 && qos.is_acknowledged();
+            let routed = route(
                 &self.broker.inner,
                 Message {
                     topic,
@@ -266,16 +338,22 @@ impl Conn {
                         .get_message_expiry_interval()
                         .map(|s| Instant::now() + Duration::from_secs(s as u64)),
                 },
+                refusable,
             );
+            match routed {
+                Ok(d) => durable = d,
+                Err(_) => over_quota = true,
+            }
         }
-        let refused = !allowed && self.version == 5;
+        let refused = if over_quota {
+            Some(ReasonCode::QuotaExceeded)
+        } else {
+            (!allowed && self.version == 5).then_some(ReasonCode::NotAuthorized)
+        };
         match (qos, p.packet_id) {
             (QoS::AtLeastOnce, Some(id)) => {
-                if refused {
-                    self.ack_after(
-                        &PubAckPacket::new_with_reason(id, ReasonCode::NotAuthorized),
-                        None,
-                    );
+                if let Some(reason) = refused {
+                    self.ack_after(&PubAckPacket::new_with_reason(id, reason), None);
                 } else {
                     // Acknowledged only once it is on disk for every
                     // persistent session it was queued for.
@@ -283,11 +361,8 @@ impl Conn {
                 }
             }
             (QoS::ExactlyOnce, Some(id)) => {
-                if refused {
-                    self.ack_after(
-                        &PubRecPacket::new_with_reason(id, ReasonCode::NotAuthorized),
-                        None,
-                    );
+                if let Some(reason) = refused {
+                    self.ack_after(&PubRecPacket::new_with_reason(id, reason), None);
                 } else {
                     let mut durable = durable;
                     if self.incoming_qos2.insert(id) {
@@ -380,14 +455,7 @@ impl Conn {
                             RetainHandling::DoNotSend => false,
                         };
                     if send_retained {
-                        for (m, _) in st.retained.values() {
-                            if matches(&f.filter, &m.topic) {
-                                let mut m = m.clone();
-                                m.qos = m.qos.min(opts.qos);
-                                m.retain = true;
-                                retained.push(m);
-                            }
-                        }
+                        retained.push((f.filter.clone(), opts.qos));
                     }
                     match opts.qos {
                         QoS::AtMostOnce => SubAckReasonCode::GrantedQoS0,
@@ -405,8 +473,9 @@ impl Conn {
             }
         }
         self.queue(&ack);
-        for m in retained {
-            self.deliver(m);
+        // Sent in chunks by the packet loop, off the broker's lock.
+        for (filter, qos) in retained {
+            self.send_retained(&filter, qos);
         }
         Step::Continue
     }
