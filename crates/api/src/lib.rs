@@ -238,8 +238,9 @@ async fn body_within(
     Ok(buf.freeze())
 }
 
-/// Reads and drops what is left of an oversized body (up to a cap), so the
-/// client, still sending, gets the 413 instead of a broken pipe.
+/// Reads and drops what is left of a body the hub refuses (up to a cap),
+/// so the client, still sending, gets the 413 or 429 instead of a broken
+/// pipe.
 async fn drain(mut body: Body) {
     use http_body_util::BodyExt;
     const CAP: usize = 64 << 20;
@@ -298,7 +299,15 @@ async fn call(
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(limit)
         .min(limit);
-    let hold = st.hub.hold_input(declared)?;
+    let hold = match st.hub.hold_input(declared) {
+        Ok(h) => h,
+        Err(e) => {
+            // Read and drop the body, so the client gets the 429 rather
+            // than a broken pipe while it is still sending.
+            drain(body).await;
+            return Err(e.into());
+        }
+    };
     let input = body_within(body, &parts.headers, limit).await?;
     let caller = match parts.extensions.get::<CallingTask>() {
         Some(CallingTask(t)) => Caller::Task(t.clone()),
@@ -354,7 +363,13 @@ async fn deploy(State(st): State<AppState>, req: Request) -> Result<Response, Ap
         drain(body).await;
         return Err(ApiError::too_large(limit));
     }
-    let mut upload = st.hub.begin_upload()?;
+    let mut upload = match st.hub.begin_upload() {
+        Ok(u) => u,
+        Err(e) => {
+            drain(body).await;
+            return Err(e.into());
+        }
+    };
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
             return Err(ApiError::new(

@@ -72,10 +72,11 @@ fn waiting_sync_inputs_are_bounded_in_bytes() {
         &["sleep.wat", "echo.wat"],
         &["--cpu-slots", "1", "--max-queued-input-mb", "8"],
     );
-    // The one CPU slot is busy for 3 s, so every echo call waits.
+    // The one CPU slot is busy for 8 s (long enough for ten uploads on a
+    // loaded machine), so every echo call waits.
     let busy = {
         let url = format!("{}/v1/tasks/sleep/calls", hub.url);
-        std::thread::spawn(move || http().post(url).body("3000").send().unwrap().status())
+        std::thread::spawn(move || http().post(url).body("8000").send().unwrap().status())
     };
     wait_until("the slot to be taken", Duration::from_secs(10), || {
         hub.task_row("sleep")["running"] == 1

@@ -298,6 +298,21 @@ impl Drop for Permit {
     }
 }
 
+/// Gives back the places (and input bytes) of callers that gave up.
+fn purge_abandoned(st: &mut State) {
+    for q in st.queues.values_mut() {
+        let mut kept = VecDeque::with_capacity(q.waiting.len());
+        for w in q.waiting.drain(..) {
+            if w.tx.is_closed() {
+                st.places.left(&w.demand);
+            } else {
+                kept.push_back(w);
+            }
+        }
+        q.waiting = kept;
+    }
+}
+
 fn release(st: &mut State, task: &TaskName, memory_mb: u32) {
     st.running -= 1;
     st.reserved_mb -= memory_mb as u64;
@@ -410,8 +425,13 @@ impl Scheduler {
         if st.closed {
             return Err(Rejected::Closed);
         }
+        let full =
+            |p: &Places| p.queued_bytes > 0 && p.queued_bytes + bytes > cfg.queued_input_limit;
+        if full(&st.places) {
+            purge_abandoned(&mut st);
+        }
         let p = &mut st.places;
-        if p.queued_bytes > 0 && p.queued_bytes + bytes > cfg.queued_input_limit {
+        if full(p) {
             let retry_after = st.mean_run.max(Duration::from_millis(1)) * 2;
             return Err(Rejected::QueueFull {
                 bound: QueueBound::InputBytes,
@@ -453,18 +473,7 @@ impl Scheduler {
         }
         if bounded && st.places.refuses(cfg, &demand).is_some() {
             // Callers that gave up still hold places; count them out first.
-            let st = &mut *st;
-            for q in st.queues.values_mut() {
-                let mut kept = VecDeque::with_capacity(q.waiting.len());
-                for w in q.waiting.drain(..) {
-                    if w.tx.is_closed() {
-                        st.places.left(&w.demand);
-                    } else {
-                        kept.push_back(w);
-                    }
-                }
-                q.waiting = kept;
-            }
+            purge_abandoned(&mut st);
             if let Some(bound) = st.places.refuses(cfg, &demand) {
                 let per_slot = st.mean_run.max(Duration::from_millis(1));
                 let wait = per_slot * (st.places.queued as u32 / cfg.cpu_slots.max(1) + 1);

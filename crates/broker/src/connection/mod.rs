@@ -8,7 +8,7 @@ mod packets;
 
 use crate::persist::background;
 use crate::policy::Policy;
-use crate::{route, Broker, Message, PersistError};
+use crate::{route, Broker, Message, Outbound, PersistError};
 use bytes::{Bytes, BytesMut};
 use frame::Frame;
 use futures::stream::FuturesOrdered;
@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
 /// A client's byte stream: plain TCP or TLS.
 pub(crate) trait Stream:
     tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send
@@ -46,6 +47,8 @@ impl LoggedIn {
 }
 
 /// Time a client gets to send CONNECT.
+/// How long the last write of an ending connection may take.
+const FINAL_FLUSH: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Topic aliases a v5 client may use towards the broker.
 const TOPIC_ALIAS_MAX: u16 = 64;
@@ -172,12 +175,13 @@ pub(crate) async fn run(
             .stats
             .connects_refused
             .fetch_add(1, Ordering::Relaxed);
-        let _ = conn.flush().await;
+        conn.final_flush().await;
         return;
     };
     conn.logged_in.set();
-    let clean = conn.serve(rx, keep_alive).await;
-    conn.leave(clean).await;
+    let mut rx = rx;
+    let clean = conn.serve(&mut rx, keep_alive).await;
+    conn.leave(clean, &mut rx).await;
 }
 
 impl Conn {
@@ -227,6 +231,17 @@ impl Conn {
             .bytes_out
             .fetch_add(n as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The last write of a connection that is ending (a refusal, a
+    /// DISCONNECT, what was left): given a second, then given up, so a
+    /// peer that stopped reading cannot hold the connection's task, its
+    /// slot and its buffer open forever.
+    async fn final_flush(&mut self) {
+        match tokio::time::timeout(FINAL_FLUSH, self.flush()).await {
+            Ok(Ok(())) => {}
+            _ => self.wbuf = BytesMut::new(),
+        }
     }
 
     /// A stored message reached this persistent session: drop its row.
@@ -488,8 +503,8 @@ impl Conn {
 
     /// Ends the connection: the will goes out unless the client said goodbye,
     /// and a session that is not persistent is forgotten.
-    async fn leave(&mut self, clean: bool) {
-        let _ = self.flush().await;
+    async fn leave(&mut self, clean: bool, rx: &mut mpsc::Receiver<Outbound>) {
+        self.final_flush().await;
         let mut st = self.broker.inner.state.lock();
         let ours = st
             .sessions
@@ -501,12 +516,20 @@ impl Conn {
                 .get(&self.client_id)
                 .is_some_and(|s| s.persistent);
             if persistent {
-                let unacked: Vec<Message> = self
+                // What was in flight, read and waiting, and still in the
+                // channel (not read while the window was shut): all of it
+                // goes back to the session, for its next connection.
+                let mut unacked: Vec<Message> = self
                     .inflight
                     .drain()
                     .map(|(_, m)| m)
                     .chain(self.pending.drain(..))
                     .collect();
+                while let Ok(out) = rx.try_recv() {
+                    if let Outbound::Deliver(m, _charge) = out {
+                        unacked.push(*m);
+                    }
+                }
                 if let Some(s) = st.sessions.get_mut(&self.client_id) {
                     s.conn = None;
                     for m in unacked.into_iter().rev() {

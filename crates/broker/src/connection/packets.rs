@@ -35,12 +35,12 @@ impl Conn {
     /// (its will is discarded).
     pub(super) async fn serve(
         &mut self,
-        mut rx: mpsc::Receiver<Outbound>,
+        rx: &mut mpsc::Receiver<Outbound>,
         keep_alive: u16,
     ) -> bool {
         self.take_backlog();
         self.drain_pending();
-        if self.flush().await.is_err() {
+        if self.flush_unless_let_go().await.is_err() {
             return false;
         }
         // MQTT: the server waits one and a half keep-alive periods.
@@ -78,13 +78,13 @@ impl Conn {
                         Some(Frame::TooLarge) => {
                             tracing::info!(client = %self.client_id, "packet over the size limit; disconnecting");
                             self.disconnect_with(ReasonCode::PacketTooLarge);
-                            let _ = self.flush().await;
+                            self.final_flush().await;
                             return false;
                         }
                         Some(Frame::Malformed(why)) => {
                             tracing::info!(client = %self.client_id, %why, "malformed packet; disconnecting");
                             self.disconnect_with(ReasonCode::MalformedPacket);
-                            let _ = self.flush().await;
+                            self.final_flush().await;
                             return false;
                         }
                         Some(Frame::Packet(p)) => match self.handle(p) {
@@ -92,7 +92,7 @@ impl Conn {
                             Step::Clean => return true,
                             Step::Broken(reason) => {
                                 self.disconnect_with(reason);
-                                let _ = self.flush().await;
+                                self.final_flush().await;
                                 return false;
                             }
                         },
@@ -102,7 +102,7 @@ impl Conn {
                     Ok(bytes) => self.wbuf.put_slice(&bytes),
                     Err(e) => {
                         tracing::error!(client = %self.client_id, error = %e, "a publish could not be made durable; disconnecting so the client sends it again");
-                        let _ = self.flush().await;
+                        self.final_flush().await;
                         return false;
                     }
                 },
@@ -126,7 +126,7 @@ impl Conn {
                     }
                     Some(Outbound::TakenOver) => {
                         self.disconnect_with(ReasonCode::SessionTakenOver);
-                        let _ = self.flush().await;
+                        self.final_flush().await;
                         return false;
                     }
                     None => {
@@ -147,7 +147,7 @@ impl Conn {
                 _ = sleep => {
                     tracing::info!(client = %self.client_id, "keep-alive expired; disconnecting");
                     self.disconnect_with(ReasonCode::KeepAliveTimeout);
-                    let _ = self.flush().await;
+                    self.final_flush().await;
                     return false;
                 }
             }
