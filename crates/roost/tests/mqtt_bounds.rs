@@ -507,3 +507,32 @@ fn a_persistent_session_that_drops_with_its_window_shut_keeps_what_waited_for_it
     assert_eq!(got, 300, "every message the session was given");
     back.write_all(&[0xE0, 0]).unwrap();
 }
+
+#[test]
+fn a_flood_of_qos0_retains_is_read_no_faster_than_the_store_writes_it() {
+    let hub = TestHub::start(&["--allow-anonymous"]);
+    let before = rss_kib(hub.pid());
+    // 400 × 512 KiB retained at QoS 0 to the client's own topic (always
+    // admitted: it replaces its own message), as fast as the socket goes.
+    let mut s = connect(&hub.mqtt, "retainer", true);
+    let payload = vec![b'r'; 512 << 10];
+    let one = publish("mine/state", &payload, 0, true, 0);
+    let mut peak = 0;
+    for i in 0..400 {
+        s.write_all(&one).unwrap();
+        if i % 20 == 0 {
+            peak = peak.max(rss_kib(hub.pid()));
+        }
+    }
+    // A PINGREQ answered means every publish before it was read.
+    s.write_all(&[0xC0, 0]).unwrap();
+    let mut r = Reader::new();
+    assert_eq!(r.next(&mut s).expect("PINGRESP").0, 0xD0);
+    peak = peak.max(rss_kib(hub.pid()));
+    let growth_mib = peak.saturating_sub(before) as f64 / 1024.0;
+    eprintln!("BENCH 400 x 512 KiB QoS 0 retains: RSS peak +{growth_mib:.1} MiB");
+    // Unbounded, the writes waiting for the store held up to 200 MiB (95
+    // measured); now at most 8 MiB of them wait per connection.
+    assert!(growth_mib < 60.0, "RSS grew {growth_mib:.1} MiB");
+    s.write_all(&[0xE0, 0]).unwrap();
+}

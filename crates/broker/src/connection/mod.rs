@@ -91,6 +91,8 @@ struct Conn {
     released: HashMap<u16, u64>,
     /// Acknowledgements waiting for their publish to be durable, in order.
     acks: FuturesOrdered<PendingAck>,
+    /// Bytes of this client's publishes whose store writes are pending.
+    pending_bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     persistent: bool,
     /// MQTT 5 session expiry: how long the session outlives the connection.
     session_expiry: Option<Duration>,
@@ -135,6 +137,7 @@ pub(crate) async fn run(
         inflight: HashMap::new(),
         released: HashMap::new(),
         acks: FuturesOrdered::new(),
+        pending_bytes: Default::default(),
         persistent: false,
         session_expiry: None,
         incoming_qos2: HashSet::new(),
@@ -426,15 +429,28 @@ impl Conn {
         }
     }
 
-    /// A subscription is to get its retained messages (from the first
-    /// again, if it was still getting them).
-    fn send_retained(&mut self, filter: &str, qos: crate::QoS) {
-        self.retained_due.retain(|d| d.filter != filter);
-        self.retained_due.push_back(RetainedDue {
-            filter: filter.to_owned(),
-            qos,
-            after: None,
-        });
+    /// One SUBSCRIBE's subscriptions are to get their retained messages
+    /// (from the first again, if they were still getting them). One pass
+    /// over what is due, however many filters the SUBSCRIBE names.
+    fn send_retained(&mut self, due: Vec<(String, crate::QoS)>) {
+        let mut by_filter: HashMap<String, crate::QoS> = HashMap::with_capacity(due.len());
+        let mut order = Vec::with_capacity(due.len());
+        for (filter, qos) in due {
+            // A filter named twice: its last options win.
+            if by_filter.insert(filter.clone(), qos).is_none() {
+                order.push(filter);
+            }
+        }
+        self.retained_due
+            .retain(|d| !by_filter.contains_key(&d.filter));
+        for filter in order {
+            let qos = by_filter[&filter];
+            self.retained_due.push_back(RetainedDue {
+                filter,
+                qos,
+                after: None,
+            });
+        }
     }
 
     /// At the start of a connection: if messages for this session were

@@ -18,6 +18,7 @@ use mqtt5_protocol::packet::suback::{SubAckPacket, SubAckReasonCode};
 use mqtt5_protocol::packet::unsuback::{UnsubAckPacket, UnsubAckReasonCode};
 use mqtt5_protocol::packet::MqttPacket;
 use mqtt5_protocol::{Packet, Properties, PropertyId, ReasonCode};
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -25,6 +26,11 @@ use tokio::sync::mpsc;
 /// Acknowledgements a connection may have waiting for their publishes to
 /// be durable before it stops reading the client.
 const MAX_PENDING_ACKS: usize = 256;
+
+/// Bytes of publishes a connection may have waiting to be durable before
+/// it stops reading the client (the count bound alone lets 256 large
+/// messages wait).
+const MAX_PENDING_BYTES: usize = 8 << 20;
 
 /// How often a connection whose window is shut checks whether the broker
 /// let it go as slow.
@@ -71,7 +77,7 @@ impl Conn {
                 // A client with this many publishes not yet durable is not
                 // read from until some are: what it sends waits in its own
                 // socket, not in the hub's memory.
-                frame = read_frame(&mut self.stream, &mut self.rbuf, &self.broker, self.version, self.broker.inner.config.max_packet_bytes), if self.acks.len() < MAX_PENDING_ACKS => {
+                frame = read_frame(&mut self.stream, &mut self.rbuf, &self.broker, self.version, self.broker.inner.config.max_packet_bytes), if self.acks.len() < MAX_PENDING_ACKS && self.pending_bytes.load(Ordering::Relaxed) < MAX_PENDING_BYTES => {
                     last_heard = Instant::now();
                     match frame {
                         None => return false,
@@ -232,9 +238,10 @@ impl Conn {
                 } else {
                     UnsubAckPacket::new_v311(u.packet_id)
                 };
+                let gone: HashSet<&String> = u.filters.iter().collect();
+                self.retained_due.retain(|d| !gone.contains(&d.filter));
                 let mut st = self.broker.inner.state.lock();
                 for f in &u.filters {
-                    self.retained_due.retain(|d| &d.filter != f);
                     let had = st.remove_sub(&self.client_id, f);
                     if let (true, Some(p)) = (self.persistent, &self.broker.inner.persist) {
                         background(p.drop_subscription(&self.client_id, f));
@@ -323,6 +330,7 @@ impl Conn {
                 }
             }
             let refusable = self.version == 5 && qos.is_acknowledged();
+            let weight = topic.len() + p.payload.len();
             let routed = route(
                 &self.broker.inner,
                 Message {
@@ -341,7 +349,7 @@ impl Conn {
                 refusable,
             );
             match routed {
-                Ok(d) => durable = d,
+                Ok(d) => durable = d.map(|d| self.charge_pending(d, weight)),
                 Err(_) => over_quota = true,
             }
         }
@@ -392,12 +400,35 @@ impl Conn {
             }
             (QoS::AtMostOnce, _) => {
                 if let Some(d) = durable {
-                    background(d);
+                    // Nothing to acknowledge, but its write is waited for
+                    // with the others: a client flooding QoS 0 retains (or
+                    // messages kept for persistent sessions) is read no
+                    // faster than the store takes them (MAX_PENDING_ACKS),
+                    // instead of queueing writes without bound.
+                    let client = self.client_id.clone();
+                    self.acks.push_back(Box::pin(async move {
+                        if let Err(e) = d.await {
+                            tracing::error!(%client, error = %e, "a QoS 0 message could not be stored");
+                        }
+                        Ok(Bytes::new())
+                    }));
                 }
             }
             _ => return Step::Broken(ReasonCode::ProtocolError),
         }
         Step::Continue
+    }
+
+    /// Counts `bytes` against this connection's pending writes until `d`
+    /// is done (or dropped with the connection).
+    fn charge_pending(&self, d: crate::Done, bytes: usize) -> crate::Done {
+        let pending = self.pending_bytes.clone();
+        pending.fetch_add(bytes, Ordering::Relaxed);
+        Box::pin(async move {
+            let r = d.await;
+            pending.fetch_sub(bytes, Ordering::Relaxed);
+            r
+        })
     }
 
     fn on_subscribe(&mut self, s: mqtt5_protocol::packet::subscribe::SubscribePacket) -> Step {
@@ -474,9 +505,7 @@ impl Conn {
         }
         self.queue(&ack);
         // Sent in chunks by the packet loop, off the broker's lock.
-        for (filter, qos) in retained {
-            self.send_retained(&filter, qos);
-        }
+        self.send_retained(retained);
         Step::Continue
     }
 }
