@@ -512,17 +512,22 @@ impl Hub {
                 .as_deref()
                 .map_or(0, |d| disk_use(Path::new(d)));
             let mut kept = 0;
+            // Newest first: the newest that fit are kept, and once one does
+            // not, it and every older one go (an old small package is not
+            // kept in place of a newer big one).
+            let mut full = false;
             for d in dirs {
                 let path = Path::new(&d);
                 if Some(&d) == rollback_dir.as_ref() || !path.exists() {
                     continue;
                 }
                 let size = disk_use(path);
-                if kept < KEEP_DEPLOYMENTS && used + size <= budget {
+                if !full && kept < KEEP_DEPLOYMENTS && used + size <= budget {
                     used += size;
                     kept += 1;
                     continue;
                 }
+                full = true;
                 if std::fs::remove_dir_all(path).is_ok() {
                     tracing::info!(package = %d, bytes = size, kept_bytes = used, budget, "removed an old deployment's package");
                 }
