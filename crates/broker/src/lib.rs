@@ -674,15 +674,27 @@ impl Broker {
 /// message would have replaced it (MQTT 3.1.1 3.3.1.3).
 pub(crate) fn route(
     inner: &Inner,
+    msg: Message,
+    refusable: bool,
+) -> Result<Option<Done>, RetainedLimit> {
+    route_owned(inner, msg, refusable, None)
+}
+
+/// [`route`], with the retained quota `owner` given rather than looked up
+/// from the publisher's session (a will goes out after its session is
+/// gone, and still counts against its device).
+pub(crate) fn route_owned(
+    inner: &Inner,
     mut msg: Message,
     refusable: bool,
+    owner: Option<String>,
 ) -> Result<Option<Done>, RetainedLimit> {
     let mut writes: Vec<Done> = Vec::new();
     let mut st = inner.state.lock();
     if msg.retain {
         let at = now_ms();
         let properties = encode_properties(&msg.properties);
-        let owner = match &msg.from {
+        let owner = owner.or_else(|| match &msg.from {
             // A device's quota is its own whatever client id it uses.
             Publisher::Client(c) => Some(
                 st.sessions
@@ -691,7 +703,7 @@ pub(crate) fn route(
                     .unwrap_or_else(|| c.clone()),
             ),
             _ => None,
-        };
+        });
         let mut stored = Retained {
             topic: msg.topic.clone(),
             payload: msg.payload.to_vec(),

@@ -536,3 +536,55 @@ fn a_flood_of_qos0_retains_is_read_no_faster_than_the_store_writes_it() {
     assert!(growth_mib < 60.0, "RSS grew {growth_mib:.1} MiB");
     s.write_all(&[0xE0, 0]).unwrap();
 }
+
+/// A 3.1.1 CONNECT as a device, with a retained QoS 0 will.
+fn connect_with_will(
+    addr: &str,
+    client_id: &str,
+    user: &str,
+    pass: &str,
+    will_topic: &str,
+) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // user name, password, will retain, will, clean session
+    let flags = 0x80 | 0x40 | 0x20 | 0x04 | 0x02;
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 60];
+    body.extend(string(client_id));
+    body.extend(string(will_topic));
+    body.extend(string("gone"));
+    body.extend(string(user));
+    body.extend(string(pass));
+    s.write_all(&packet(0x10, &body)).unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!((ack[0], ack[3]), (0x20, 0), "CONNACK refused");
+    s
+}
+
+#[test]
+fn a_will_counts_against_its_devices_retained_quota_whatever_its_client_id() {
+    let hub = TestHub::start(&["--mqtt-retained-per-device", "1"]);
+    let manifest = format!(
+        "[[device]]\nname = \"d1\"\npassword_hash = \"{}\"\npublish = [\"wills/{{device}}/#\"]\nsubscribe = []\n",
+        password_hash("d1-secret")
+    );
+    let pkg = Package::new(&manifest, &[]);
+    hub.deploy(&pkg.manifest());
+    // The device vanishes twice, under two client ids, each time leaving a
+    // retained will: its quota of one holds the first only.
+    for (n, id) in ["first", "second"].iter().enumerate() {
+        let s = connect_with_will(&hub.mqtt, id, "d1", "d1-secret", &format!("wills/d1/{id}"));
+        drop(s);
+        wait_until("the will to go out", Duration::from_secs(10), || {
+            metric(&hub, "roost_mqtt_retained ")
+                + metric(&hub, "roost_mqtt_retained_refused_total{limit=\"device\"} ")
+                > n as u64
+        });
+    }
+    assert_eq!(metric(&hub, "roost_mqtt_retained "), 1);
+    assert_eq!(
+        metric(&hub, "roost_mqtt_retained_refused_total{limit=\"device\"} "),
+        1
+    );
+}

@@ -8,7 +8,7 @@ mod packets;
 
 use crate::persist::background;
 use crate::policy::Policy;
-use crate::{route, Broker, Message, Outbound, PersistError};
+use crate::{route_owned, Broker, Message, Outbound, PersistError};
 use bytes::{Bytes, BytesMut};
 use frame::Frame;
 use futures::stream::FuturesOrdered;
@@ -570,7 +570,14 @@ impl Conn {
         drop(st);
         if !clean {
             if let Some(w) = self.will.take() {
-                if let Ok(Some(d)) = route(&self.broker.inner, w, false) {
+                // Its session may be gone: it counts against the device.
+                let device = &self.policy.device.name;
+                let owner = if device.is_empty() {
+                    self.client_id.clone()
+                } else {
+                    device.clone()
+                };
+                if let Ok(Some(d)) = route_owned(&self.broker.inner, w, false, Some(owner)) {
                     background(d);
                 }
             }
