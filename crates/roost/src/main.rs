@@ -5,6 +5,7 @@
 mod assembly;
 mod bench;
 mod client;
+mod cloud_cmd;
 mod example;
 mod hub_cmd;
 mod owner;
@@ -113,6 +114,9 @@ enum Command {
     /// Measure the hub against baselines measured in the same run (runs the
     /// roost-bench binary; `roost bench --help` lists the figures).
     Bench(bench::BenchArgs),
+    /// Run the control plane that manages a fleet of hubs, or, with a
+    /// subcommand, manage the fleet through it (`roost cloud hubs ...`).
+    Cloud(Box<cloud_cmd::CloudArgs>),
 }
 
 fn main() -> ExitCode {
@@ -137,6 +141,7 @@ fn main() -> ExitCode {
         Command::Shadow(opts) => shadow_cmd::run(opts),
         Command::Passwd => passwd(),
         Command::Bench(opts) => bench::run(opts),
+        Command::Cloud(args) => cloud_cmd::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,197 @@
+//! `roost cloud` as a user meets it: a real control-plane process with its
+//! own data dir, driven through its HTTP API and the `roost cloud` CLI,
+//! killed with SIGKILL and started again.
+
+mod common;
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+struct TestCloud {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    url: String,
+}
+
+impl TestCloud {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = TestCloud {
+            dir,
+            child: None,
+            url: String::new(),
+        };
+        c.launch();
+        c
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("cloud")
+    }
+
+    fn launch(&mut self) {
+        let endpoints = self.data_dir().join("endpoints.json");
+        let _ = std::fs::remove_file(&endpoints);
+        let log = std::fs::File::create(self.dir.path().join("cloud.log")).unwrap();
+        let child = Command::new(roost_bin())
+            .args(["cloud", "--http", "127.0.0.1:0", "--data-dir"])
+            .arg(self.data_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_until("roost cloud to serve", Duration::from_secs(30), || {
+            endpoints.exists()
+        });
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&endpoints).unwrap()).unwrap();
+        self.url = v["url"].as_str().unwrap().to_owned();
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// `roost cloud ARGS` as a client of this cloud (token from its data dir).
+    fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(roost_bin());
+        cmd.arg("cloud").args(args);
+        cmd.env("ROOST_CLOUD", &self.url)
+            .env("ROOST_CLOUD_DATA_DIR", self.data_dir())
+            .env_remove("ROOST_CLOUD_TOKEN");
+        cmd.output().unwrap()
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("admin-token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+}
+
+impl Drop for TestCloud {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn err(out: &Output) -> String {
+    assert!(!out.status.success(), "should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn an_operator_adds_lists_and_removes_hubs_and_the_fleet_survives_kill_9() {
+    let mut cloud = TestCloud::start();
+    assert_eq!(mode(&cloud.data_dir().join("admin-token")), 0o600);
+    let health = http().get(format!("{}/healthz", cloud.url)).send().unwrap();
+    assert_eq!(health.status(), 200);
+    let doc: serde_json::Value = http()
+        .get(format!("{}/openapi.json", cloud.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(doc["paths"]["/v1/hubs"]["post"].is_object());
+
+    let token = ok(&cloud.cli(&["hubs", "add", "shop-1", "--group", "eu"]));
+    assert_eq!(token.trim().len(), 64, "the token alone on stdout: {token}");
+    ok(&cloud.cli(&["hubs", "add", "shop-2", "--group", "eu", "--group", "north"]));
+    let e = err(&cloud.cli(&["hubs", "add", "shop-1"]));
+    assert!(e.contains("already in the fleet"), "{e}");
+    let e = err(&cloud.cli(&["hubs", "add", "bad/name"]));
+    assert!(e.contains("not a valid name"), "{e}");
+    let table = ok(&cloud.cli(&["hubs"]));
+    assert!(
+        table.contains("shop-1") && table.contains("eu,north"),
+        "{table}"
+    );
+
+    // Acknowledged is kept: a SIGKILL and a restart on the same data dir.
+    cloud.kill9();
+    cloud.launch();
+    let v: serde_json::Value = serde_json::from_str(&ok(&cloud.cli(&["hubs", "--json"]))).unwrap();
+    let names: Vec<&str> = v["hubs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["shop-1", "shop-2"]);
+    assert_eq!(v["hubs"][1]["groups"], serde_json::json!(["eu", "north"]));
+
+    ok(&cloud.cli(&["hubs", "remove", "shop-1"]));
+    let e = err(&cloud.cli(&["hubs", "remove", "shop-1"]));
+    assert!(e.contains("no hub named"), "{e}");
+    assert!(!ok(&cloud.cli(&["hubs"])).contains("shop-1"));
+}
+
+#[test]
+fn the_api_refuses_without_the_admin_token_and_unbuilt_options_say_so() {
+    let cloud = TestCloud::start();
+    let r = http().get(format!("{}/v1/hubs", cloud.url)).send().unwrap();
+    assert_eq!(r.status(), 401);
+    let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(v["error"]["code"], "unauthorized");
+    let r = http()
+        .get(format!("{}/v1/hubs", cloud.url))
+        .bearer_auth("not-the-token")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http()
+        .get(format!("{}/v1/hubs", cloud.url))
+        .bearer_auth(cloud.token())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A client without a token is told where one is.
+    let out = Command::new(roost_bin())
+        .args([
+            "cloud",
+            "hubs",
+            "--cloud",
+            &cloud.url,
+            "--data-dir",
+            "/nonexistent",
+        ])
+        .env_remove("ROOST_CLOUD_TOKEN")
+        .output()
+        .unwrap();
+    let e = err(&out);
+    assert!(e.contains("ROOST_CLOUD_TOKEN"), "{e}");
+    // PostgreSQL is not built yet: a clear refusal, not a silent SQLite.
+    let out = Command::new(roost_bin())
+        .args([
+            "cloud",
+            "--database",
+            "postgres://localhost/fleet",
+            "--data-dir",
+        ])
+        .arg(cloud.dir.path().join("other"))
+        .output()
+        .unwrap();
+    let e = err(&out);
+    assert!(e.contains("--database"), "{e}");
+}
