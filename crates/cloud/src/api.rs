@@ -9,7 +9,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -30,6 +30,8 @@ pub fn router(cloud: Cloud) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/openapi.json", get(|| async { Json(openapi()) }))
+        // A hub's first call: its enrolment token is what authorizes it.
+        .route("/v1/enrol", post(enrol))
         .merge(v1)
         .fallback(|| async {
             error(
@@ -159,6 +161,60 @@ async fn add_hub(State(cloud): State<Cloud>, body: axum::body::Bytes) -> Respons
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Enrolment {
+    token: String,
+    /// The hub's ed25519 public key, hex (64 digits).
+    public_key: String,
+}
+
+/// A hub exchanges its one-time token for its place in the fleet: the
+/// cloud records the public key the hub made, whose private half never
+/// leaves the hub.
+async fn enrol(State(cloud): State<Cloud>, body: axum::body::Bytes) -> Response {
+    let e: Enrolment = match serde_json::from_slice(&body) {
+        Ok(e) => e,
+        Err(err) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("the body is not an enrolment ({{\"token\", \"public_key\"}}): {err}"),
+            )
+        }
+    };
+    let key_ok = hex::decode(&e.public_key)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .is_some_and(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).is_ok());
+    if !key_ok {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "public_key is not an ed25519 public key (64 hex digits)",
+        );
+    }
+    match cloud
+        .store
+        .enrol(&token_hash(&e.token), &e.public_key, now_ms())
+    {
+        Ok(Some(hub)) => {
+            tracing::info!(hub = %hub.name, "hub enrolled");
+            Json(json!({"hub": hub.name, "groups": hub.groups})).into_response()
+        }
+        // One answer for unknown, used and expired: a guesser learns nothing.
+        Ok(None) => {
+            tracing::warn!("an enrolment with an unknown, used or expired token was refused");
+            error(
+                StatusCode::UNAUTHORIZED,
+                "enrolment_refused",
+                "the enrolment token is unknown, already used or expired: an operator makes a new one with `roost cloud hubs remove NAME` and `roost cloud hubs add NAME`",
+            )
+        }
+        Err(e) => internal(e),
+    }
+}
+
 async fn list_hubs(State(cloud): State<Cloud>) -> Response {
     match cloud.store.hubs() {
         Ok(hubs) => {
@@ -232,6 +288,14 @@ pub fn openapi() -> serde_json::Value {
                         "401": bad("no or a wrong admin token"),
                         "409": bad("hub_exists")}}
             },
+            "/v1/enrol": {"post": {"summary": "a hub exchanges its one-time enrolment token for its place in the fleet",
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["token", "public_key"], "additionalProperties": false, "properties": {
+                        "token": {"type": "string"}, "public_key": {"type": "string", "description": "ed25519, hex"}}}}}},
+                "responses": {
+                    "200": {"description": "{\"hub\", \"groups\"}"},
+                    "400": bad("bad_request: not an enrolment, or not an ed25519 key"),
+                    "401": bad("enrolment_refused: the token is unknown, used or expired")}}},
             "/v1/hubs/{name}": {"delete": {"summary": "remove a hub: it is refused from then on", "security": [{"admin": []}],
                 "parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
                 "responses": {"204": {"description": "removed"}, "401": bad("no or a wrong admin token"), "404": bad("unknown_hub")}}}
@@ -315,7 +379,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(operations, 5);
+        assert_eq!(operations, 6);
         // And nothing undocumented is served.
         let (status, v) = send(&app, "GET", "/v1/secrets", Some(c.admin_token()), "").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
@@ -386,5 +450,46 @@ mod tests {
             (s, v["error"]["code"].as_str()),
             (StatusCode::NOT_FOUND, Some("unknown_hub"))
         );
+    }
+
+    #[tokio::test]
+    async fn a_hub_enrols_once_with_its_token_and_a_valid_key() {
+        let (_d, c) = cloud();
+        let app = router(c.clone());
+        let (_, v) = send(
+            &app,
+            "POST",
+            "/v1/hubs",
+            Some(c.admin_token()),
+            r#"{"name":"shop-1","groups":["eu"]}"#,
+        )
+        .await;
+        let token = v["enrolment_token"].as_str().unwrap().to_owned();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        let body = |t: &str, k: &str| format!(r#"{{"token":"{t}","public_key":"{k}"}}"#);
+        let good = hex::encode(key.as_bytes());
+        for bad_key in ["", "zz", &"00".repeat(31), &"ab".repeat(33)] {
+            let (s, v) = send(&app, "POST", "/v1/enrol", None, &body(&token, bad_key)).await;
+            assert_eq!(
+                (s, v["error"]["code"].as_str()),
+                (StatusCode::BAD_REQUEST, Some("bad_request")),
+                "{bad_key}"
+            );
+        }
+        let (s, v) = send(&app, "POST", "/v1/enrol", None, &body("forged", &good)).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("enrolment_refused"))
+        );
+        let (s, v) = send(&app, "POST", "/v1/enrol", None, &body(&token, &good)).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(
+            (v["hub"].as_str(), &v["groups"]),
+            (Some("shop-1"), &json!(["eu"]))
+        );
+        assert_eq!(c.store.public_key("shop-1").unwrap(), Some(good.clone()));
+        // Once only: a second hub with the same token is refused.
+        let (s, _) = send(&app, "POST", "/v1/enrol", None, &body(&token, &good)).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
     }
 }

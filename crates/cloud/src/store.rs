@@ -22,6 +22,8 @@ const MIGRATIONS: &[&str] = &[
         expires_ms INTEGER NOT NULL,
         used_ms INTEGER
     );",
+    // 2: the public key a hub enrolled with (ed25519, hex).
+    "ALTER TABLE hubs ADD COLUMN public_key TEXT;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +123,64 @@ impl Store {
             .lock()
             .execute("DELETE FROM hubs WHERE name = ?1", params![name])?
             > 0)
+    }
+
+    /// Enrols the hub a token names with `public_key`: the token is used
+    /// up, and the key recorded, together. None: the token is unknown,
+    /// used or expired.
+    pub fn enrol(
+        &self,
+        token_hash: &str,
+        public_key: &str,
+        now_ms: i64,
+    ) -> Result<Option<HubRecord>, StoreError> {
+        let mut conn = self.conn.lock();
+        let tx = conn.transaction()?;
+        let hub: Option<String> = tx
+            .query_row(
+                "UPDATE enrolment_tokens SET used_ms = ?2
+                 WHERE token_hash = ?1 AND used_ms IS NULL AND expires_ms > ?2
+                 RETURNING hub",
+                params![token_hash, now_ms],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(name) = hub else {
+            return Ok(None);
+        };
+        tx.execute(
+            "UPDATE hubs SET enrolled_ms = ?2, public_key = ?3 WHERE name = ?1",
+            params![name, now_ms, public_key],
+        )?;
+        let record = tx.query_row(
+            "SELECT name, groups, created_ms, enrolled_ms FROM hubs WHERE name = ?1",
+            params![name],
+            |r| {
+                let groups: String = r.get(1)?;
+                Ok(HubRecord {
+                    name: r.get(0)?,
+                    groups: serde_json::from_str(&groups).unwrap_or_default(),
+                    created_ms: r.get(2)?,
+                    enrolled_ms: r.get(3)?,
+                })
+            },
+        )?;
+        tx.commit()?;
+        Ok(Some(record))
+    }
+
+    /// The public key a hub enrolled with, if it has.
+    pub fn public_key(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .lock()
+            .query_row(
+                "SELECT public_key FROM hubs WHERE name = ?1",
+                params![name],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?
+            .flatten())
     }
 
     /// The hub a token enrols, if it is unused and unexpired at `now_ms`;

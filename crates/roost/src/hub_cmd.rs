@@ -208,6 +208,13 @@ pub struct HubOpts {
     /// Deploy the bundled example (tasks `echo` and `greet`) on start.
     #[arg(long)]
     example: bool,
+    /// The control plane of the fleet this hub belongs to (`roost cloud`).
+    #[arg(long, env = "ROOST_CLOUD")]
+    cloud: Option<String>,
+    /// At the first start with --cloud: the one-time enrolment token
+    /// (`roost cloud hubs add NAME` prints it).
+    #[arg(long, env = "ROOST_ENROL", requires = "cloud", hide_env_values = true)]
+    enrol: Option<String>,
     /// Log format: `human` or `json`.
     #[arg(long, env = "ROOST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
@@ -322,6 +329,12 @@ pub(crate) fn init_logs(format: LogFormat) {
 
 pub fn run(opts: HubOpts) -> Result<()> {
     init_logs(opts.log_format);
+    if let Some(cloud) = &opts.cloud {
+        std::fs::create_dir_all(&opts.data_dir)
+            .with_context(|| format!("cannot create the data dir {}", opts.data_dir.display()))?;
+        let c = crate::enrol::credential(&opts.data_dir, cloud, opts.enrol.as_deref())?;
+        tracing::info!(hub = %c.hub, groups = ?c.groups, cloud, "a hub of the fleet (the connection to the cloud comes with issue 11's next part)");
+    }
     if !opts.http.ip().is_loopback() && opts.token.is_none() {
         bail!(
             "--http {} is reachable from other machines; give a --token (and --tls-cert/--tls-key) or bind 127.0.0.1",

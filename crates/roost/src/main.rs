@@ -6,6 +6,7 @@ mod assembly;
 mod bench;
 mod client;
 mod cloud_cmd;
+mod enrol;
 mod example;
 mod hub_cmd;
 mod owner;

@@ -195,3 +195,59 @@ fn the_api_refuses_without_the_admin_token_and_unbuilt_options_say_so() {
     let e = err(&out);
     assert!(e.contains("--database"), "{e}");
 }
+
+/// `roost hub` on a fresh data dir, expected to refuse to start.
+fn hub_refused(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(roost_bin())
+        .args([
+            "hub",
+            "--http",
+            "127.0.0.1:0",
+            "--mqtt",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    err(&out)
+}
+
+#[test]
+fn a_hub_enrols_once_with_its_token_and_keeps_its_key_private() {
+    let cloud = TestCloud::start();
+    let token = ok(&cloud.cli(&["hubs", "add", "shop-1", "--group", "eu"]));
+    let token = token.trim();
+    let mut hub = TestHub::start(&["--cloud", &cloud.url, "--enrol", token]);
+    let cred = hub.data_dir.join("cloud-credential.json");
+    assert_eq!(mode(&cred), 0o600);
+    let c: serde_json::Value = serde_json::from_slice(&std::fs::read(&cred).unwrap()).unwrap();
+    assert_eq!(
+        (c["hub"].as_str(), &c["groups"]),
+        (Some("shop-1"), &serde_json::json!(["eu"]))
+    );
+    assert_eq!(c["public_key"].as_str().unwrap().len(), 64);
+    let v: serde_json::Value = serde_json::from_str(&ok(&cloud.cli(&["hubs", "--json"]))).unwrap();
+    assert_eq!(v["hubs"][0]["enrolled"], true);
+    // It starts again as the same hub, its key unchanged.
+    hub.kill9();
+    hub.launch();
+    let again: serde_json::Value = serde_json::from_slice(&std::fs::read(&cred).unwrap()).unwrap();
+    assert_eq!(again["public_key"], c["public_key"]);
+    // The token worked once: another hub cannot use it.
+    let other = tempfile::tempdir().unwrap();
+    let e = hub_refused(other.path(), &["--cloud", &cloud.url, "--enrol", token]);
+    assert!(
+        e.contains("refused the enrolment") && e.contains("already used"),
+        "{e}"
+    );
+    assert!(!other.path().join("cloud-credential.json").exists());
+    // A hub without a token is told how to get one.
+    let e = hub_refused(other.path(), &["--cloud", &cloud.url]);
+    assert!(
+        e.contains("--enrol") && e.contains("roost cloud hubs add"),
+        "{e}"
+    );
+}
