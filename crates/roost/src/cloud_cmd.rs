@@ -31,10 +31,12 @@ struct ServeOpts {
     /// DATA_DIR/endpoints.json).
     #[arg(long, env = "ROOST_CLOUD_HTTP", default_value = "127.0.0.1:8430")]
     http: SocketAddr,
-    /// Keep the fleet in PostgreSQL (postgres://...) instead of SQLite.
+    /// Keep the fleet in PostgreSQL (postgres://...) instead of SQLite. Not
+    /// built yet: refused with an error.
     #[arg(long, env = "ROOST_CLOUD_DATABASE")]
     database: Option<String>,
-    /// Serve the API over TLS with this certificate (PEM).
+    /// Serve the API over TLS with this certificate (PEM). Not built yet:
+    /// refused with an error (serve on loopback for now).
     #[arg(long, env = "ROOST_CLOUD_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// The TLS certificate's private key (PEM).
