@@ -221,11 +221,7 @@ async fn body_within(
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "the request body was cut off",
-            ));
+            return Err(cut_off());
         };
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
@@ -236,6 +232,15 @@ async fn body_within(
         }
     }
     Ok(buf.freeze())
+}
+
+/// A request whose body ended before it was whole.
+fn cut_off() -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "the request body was cut off",
+    )
 }
 
 /// Reads and drops what is left of a body the hub refuses (up to a cap),
@@ -372,11 +377,7 @@ async fn deploy(State(st): State<AppState>, req: Request) -> Result<Response, Ap
     };
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "the request body was cut off",
-            ));
+            return Err(cut_off());
         };
         if let Ok(data) = frame.into_data() {
             if let Err(e) = upload.write(&data).await {

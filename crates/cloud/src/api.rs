@@ -404,17 +404,14 @@ mod tests {
         let token = v["enrolment_token"].as_str().unwrap();
         assert_eq!(token.len(), 64);
         // The token is kept only as its hash, and works once.
-        assert_eq!(
+        let take = || {
             c.store
-                .take_token(&token_hash(token), now_ms())
+                .enrol(&token_hash(token), "key", now_ms())
                 .unwrap()
-                .as_deref(),
-            Some("shop-1")
-        );
-        assert_eq!(
-            c.store.take_token(&token_hash(token), now_ms()).unwrap(),
-            None
-        );
+                .map(|h| h.name)
+        };
+        assert_eq!(take().as_deref(), Some("shop-1"));
+        assert_eq!(take(), None);
         let (s, v) = send(&app, "POST", "/v1/hubs", t, r#"{"name":"shop-1"}"#).await;
         assert_eq!(
             (s, v["error"]["code"].as_str()),

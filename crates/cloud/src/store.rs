@@ -104,15 +104,7 @@ impl Store {
         let conn = self.conn.lock();
         let mut st =
             conn.prepare("SELECT name, groups, created_ms, enrolled_ms FROM hubs ORDER BY name")?;
-        let rows = st.query_map([], |r| {
-            let groups: String = r.get(1)?;
-            Ok(HubRecord {
-                name: r.get(0)?,
-                groups: serde_json::from_str(&groups).unwrap_or_default(),
-                created_ms: r.get(2)?,
-                enrolled_ms: r.get(3)?,
-            })
-        })?;
+        let rows = st.query_map([], hub_record)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -155,15 +147,7 @@ impl Store {
         let record = tx.query_row(
             "SELECT name, groups, created_ms, enrolled_ms FROM hubs WHERE name = ?1",
             params![name],
-            |r| {
-                let groups: String = r.get(1)?;
-                Ok(HubRecord {
-                    name: r.get(0)?,
-                    groups: serde_json::from_str(&groups).unwrap_or_default(),
-                    created_ms: r.get(2)?,
-                    enrolled_ms: r.get(3)?,
-                })
-            },
+            hub_record,
         )?;
         tx.commit()?;
         Ok(Some(record))
@@ -182,30 +166,17 @@ impl Store {
             .optional()?
             .flatten())
     }
+}
 
-    /// The hub a token enrols, if it is unused and unexpired at `now_ms`;
-    /// the token is used up by asking (one attempt, one answer).
-    pub fn take_token(&self, token_hash: &str, now_ms: i64) -> Result<Option<String>, StoreError> {
-        let mut conn = self.conn.lock();
-        let tx = conn.transaction()?;
-        let hub: Option<String> = tx
-            .query_row(
-                "UPDATE enrolment_tokens SET used_ms = ?2
-                 WHERE token_hash = ?1 AND used_ms IS NULL AND expires_ms > ?2
-                 RETURNING hub",
-                params![token_hash, now_ms],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(h) = &hub {
-            tx.execute(
-                "UPDATE hubs SET enrolled_ms = ?2 WHERE name = ?1",
-                params![h, now_ms],
-            )?;
-        }
-        tx.commit()?;
-        Ok(hub)
-    }
+/// A `hubs` row read as `name, groups, created_ms, enrolled_ms`.
+fn hub_record(r: &rusqlite::Row) -> rusqlite::Result<HubRecord> {
+    let groups: String = r.get(1)?;
+    Ok(HubRecord {
+        name: r.get(0)?,
+        groups: serde_json::from_str(&groups).unwrap_or_default(),
+        created_ms: r.get(2)?,
+        enrolled_ms: r.get(3)?,
+    })
 }
 
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
@@ -270,10 +241,11 @@ mod tests {
             s.add_hub(&hub("a"), "tc", 100),
             Err(StoreError::HubExists(_))
         ));
-        assert_eq!(s.take_token("ta", 50).unwrap().as_deref(), Some("a"));
-        assert_eq!(s.take_token("ta", 51).unwrap(), None, "used");
-        assert_eq!(s.take_token("tb", 100).unwrap(), None, "expired");
-        assert_eq!(s.take_token("forged", 1).unwrap(), None);
+        let take = |t: &str, now| s.enrol(t, "key", now).unwrap().map(|h| h.name);
+        assert_eq!(take("ta", 50).as_deref(), Some("a"));
+        assert_eq!(take("ta", 51), None, "used");
+        assert_eq!(take("tb", 100), None, "expired");
+        assert_eq!(take("forged", 1), None);
         let hubs = s.hubs().unwrap();
         assert_eq!(hubs[0].enrolled_ms, Some(50));
         assert_eq!(hubs[1].enrolled_ms, None);

@@ -292,14 +292,14 @@ impl Hub {
                 id: id.to_string(),
                 task: task.to_owned(),
                 input: input.to_vec(),
-                env: env.clone(),
+                env,
                 max_attempts: self.inner.config.async_attempts,
             })
             .await?;
         drop(input);
         let hub = self.clone();
         let (call_id, task) = (id.clone(), prepared.spec().name.clone());
-        tokio::spawn(async move { hub.run_async(call_id, task, env, Some(ticket), 0).await });
+        tokio::spawn(async move { hub.run_async(call_id, task, Some(ticket), 0).await });
         Ok(id)
     }
 
@@ -314,11 +314,9 @@ impl Hub {
                 "requeued async calls acknowledged before the restart"
             );
         }
+        // Their inputs and environments stay in the store until each is
+        // admitted: starting reads only the queue.
         for call in queued {
-            // The input stays in the store until the call is admitted.
-            let Some(env) = self.inner.store.call_env(&call.id)? else {
-                continue;
-            };
             // Both were valid when the call was stored.
             let Some(id) = CallId::parse(&call.id) else {
                 tracing::error!(call_id = %call.id, "a stored call has an id the hub never hands out; it is left alone");
@@ -337,19 +335,19 @@ impl Hub {
             tokio::spawn(async move {
                 let wait = (call.next_at_ms - roost_store::now_ms()).max(0) as u64;
                 tokio::time::sleep(Duration::from_millis(wait)).await;
-                hub.run_async(id, task, env, None, call.attempts).await
+                hub.run_async(id, task, None, call.attempts).await
             });
         }
         Ok(())
     }
 
     /// One async call from admission to its recorded outcome, retrying with
-    /// exponential backoff until its attempts are used up.
+    /// exponential backoff until its attempts are used up. Its input and
+    /// environment are read from the store each time it is admitted.
     async fn run_async(
         &self,
         id: CallId,
         task: TaskName,
-        env: Vec<(String, String)>,
         mut ticket: Option<Ticket>,
         mut attempts: u32,
     ) {
@@ -382,8 +380,8 @@ impl Hub {
             let Some(prepared) = self.deployed(&task) else {
                 return gone().await;
             };
-            let input = match store.call_input(id.as_str()) {
-                Ok(Some((input, _))) => Bytes::from(input),
+            let (input, env) = match store.call_input(id.as_str()) {
+                Ok(Some((input, env))) => (Bytes::from(input), env),
                 Ok(None) => {
                     tracing::warn!(call_id = %id, "a queued call's row is gone (purged?); it is dropped");
                     return;
@@ -402,16 +400,7 @@ impl Hub {
                 return;
             }
             attempts += 1;
-            let result = run(
-                &self.inner,
-                &prepared,
-                &id,
-                input,
-                env.clone(),
-                0,
-                Mode::Async,
-            )
-            .await;
+            let result = run(&self.inner, &prepared, &id, input, env, 0, Mode::Async).await;
             // The permit is held until the outcome is on disk, so a hub
             // that is idle (drained) has recorded every outcome.
             match result {

@@ -212,12 +212,18 @@ impl Places {
         self.common_used = self.per_share.values().map(|n| n.saturating_sub(own)).sum();
     }
 
+    /// Whether `bytes` more input would pass the bound (one holder alone
+    /// may hold more: the input limits decide what one call may hold).
+    fn input_full(&self, cfg: &SchedulerConfig, bytes: usize) -> bool {
+        self.queued_bytes > 0 && self.queued_bytes + bytes > cfg.queued_input_limit
+    }
+
     /// Which bound, if any, refuses one more call of `d`.
     fn refuses(&self, cfg: &SchedulerConfig, d: &Demand) -> Option<QueueBound> {
         if self.queued >= cfg.queue_limit {
             return Some(QueueBound::Calls);
         }
-        if self.queued_bytes + d.input_bytes > cfg.queued_input_limit && self.queued > 0 {
+        if self.input_full(cfg, d.input_bytes) {
             return Some(QueueBound::InputBytes);
         }
         let mine = self.per_share.get(&d.share).copied().unwrap_or(0);
@@ -425,13 +431,11 @@ impl Scheduler {
         if st.closed {
             return Err(Rejected::Closed);
         }
-        let full =
-            |p: &Places| p.queued_bytes > 0 && p.queued_bytes + bytes > cfg.queued_input_limit;
-        if full(&st.places) {
+        if st.places.input_full(cfg, bytes) {
             purge_abandoned(&mut st);
         }
         let p = &mut st.places;
-        if full(p) {
+        if p.input_full(cfg, bytes) {
             let retry_after = st.mean_run.max(Duration::from_millis(1)) * 2;
             return Err(Rejected::QueueFull {
                 bound: QueueBound::InputBytes,

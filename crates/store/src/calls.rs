@@ -182,17 +182,6 @@ impl Store {
         })
     }
 
-    /// A call's environment alone (its input stays on disk).
-    pub fn call_env(&self, id: &str) -> Result<Option<Vec<(String, String)>>, StoreError> {
-        self.read(|c| {
-            c.query_row("SELECT env FROM calls WHERE id = ?1", params![id], |r| {
-                let env: String = r.get(0)?;
-                Ok(serde_json::from_str(&env).unwrap_or_default())
-            })
-            .optional()
-        })
-    }
-
     pub fn call_output(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.read(|c| {
             c.query_row("SELECT output FROM calls WHERE id = ?1", params![id], |r| {

@@ -165,18 +165,10 @@ impl Store {
                  ORDER BY id LIMIT ?4",
             )?;
             let rows = st
-                .query_map(params![c, after, max_bytes as i64, limit as i64], |r| {
-                    Ok(StoredMessage {
-                        client_id: r.get(0)?,
-                        id: r.get(1)?,
-                        topic: r.get(2)?,
-                        payload: r.get(3)?,
-                        qos: r.get(4)?,
-                        retain: r.get(5)?,
-                        expires_ms: r.get(6)?,
-                        properties: r.get::<_, Option<Vec<u8>>>(7)?.unwrap_or_default(),
-                    })
-                })?
+                .query_map(
+                    params![c, after, max_bytes as i64, limit as i64],
+                    stored_message,
+                )?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
@@ -240,18 +232,7 @@ impl Store {
                 .collect::<Result<_, _>>()?;
             let mut st = c.prepare("SELECT client_id, id, topic, payload, qos, retain, expires_ms, properties FROM mqtt_queue ORDER BY client_id, id")?;
             snap.queue = st
-                .query_map([], |r| {
-                    Ok(StoredMessage {
-                        client_id: r.get(0)?,
-                        id: r.get(1)?,
-                        topic: r.get(2)?,
-                        payload: r.get(3)?,
-                        qos: r.get(4)?,
-                        retain: r.get(5)?,
-                        expires_ms: r.get(6)?,
-                        properties: r.get::<_, Option<Vec<u8>>>(7)?.unwrap_or_default(),
-                    })
-                })?
+                .query_map([], stored_message)?
                 .collect::<Result<_, _>>()?;
             let mut st = c.prepare("SELECT client_id, packet_id FROM mqtt_qos2_in")?;
             snap.qos2_in = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
@@ -272,6 +253,21 @@ impl Store {
             Ok(snap)
         })
     }
+}
+
+/// A `mqtt_queue` row read as `client_id, id, topic, payload, qos, retain,
+/// expires_ms, properties`.
+fn stored_message(r: &rusqlite::Row) -> rusqlite::Result<StoredMessage> {
+    Ok(StoredMessage {
+        client_id: r.get(0)?,
+        id: r.get(1)?,
+        topic: r.get(2)?,
+        payload: r.get(3)?,
+        qos: r.get(4)?,
+        retain: r.get(5)?,
+        expires_ms: r.get(6)?,
+        properties: r.get::<_, Option<Vec<u8>>>(7)?.unwrap_or_default(),
+    })
 }
 
 #[cfg(test)]
