@@ -133,6 +133,8 @@ async fn add_hub(State(cloud): State<Cloud>, body: axum::body::Bytes) -> Respons
         groups,
         created_ms: now,
         enrolled_ms: None,
+        connected_ms: None,
+        last_seen_ms: None,
     };
     let token = random_hex(32);
     let expires_ms = now + ttl.as_millis() as i64;

@@ -6,8 +6,10 @@
 //! hubs' connection and PostgreSQL come next (issue 11).
 
 pub mod api;
+pub mod db;
 pub mod store;
 
+use db::Db;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -39,7 +41,7 @@ impl Cloud {
     pub fn open(data_dir: &Path) -> Result<Self, CloudError> {
         let dir_err = |e| CloudError::DataDir(data_dir.to_owned(), e);
         std::fs::create_dir_all(data_dir).map_err(dir_err)?;
-        let store = Store::open(&data_dir.join("cloud.db"))?;
+        let store = Store::new(Db::open_sqlite(&data_dir.join("cloud.db"))?);
         let admin_token = admin_token(&data_dir.join("admin-token")).map_err(dir_err)?;
         Ok(Cloud {
             store: Arc::new(store),
