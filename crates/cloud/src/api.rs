@@ -338,7 +338,7 @@ mod tests {
 
     fn cloud() -> (tempfile::TempDir, Cloud) {
         let dir = tempfile::tempdir().unwrap();
-        let c = Cloud::open(dir.path()).unwrap();
+        let c = Cloud::open(dir.path(), None).unwrap();
         (dir, c)
     }
 

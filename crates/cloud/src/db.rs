@@ -152,6 +152,15 @@ impl Db {
         })
     }
 
+    /// Connects to a PostgreSQL server and migrates its schema.
+    pub fn open_postgres(url: &str) -> Result<Self, StoreError> {
+        let _ = url;
+        Err(StoreError::Database(
+            "PostgreSQL support is being built (issue 11); leave --database out to use SQLite"
+                .into(),
+        ))
+    }
+
     /// Which database this is, for logs: `sqlite` or `postgres`.
     pub fn kind(&self) -> &'static str {
         match self.backend {
@@ -165,10 +174,13 @@ impl Db {
     }
 
     /// Runs `f` in one transaction: committed if it returns Ok, rolled
-    /// back otherwise. Blocking: call it off the async runtime's workers.
+    /// back otherwise. `f` may run more than once (a database may abort a
+    /// transaction that deadlocked with another replica's, and it is then
+    /// retried), so it must do nothing but through `tx`. Blocking: call it
+    /// off the async runtime's workers.
     pub fn transaction<R>(
         &self,
-        f: impl FnOnce(&mut dyn Tx) -> Result<R, StoreError>,
+        mut f: impl FnMut(&mut dyn Tx) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
         match &self.backend {
             Backend::Sqlite(conn) => {

@@ -37,11 +37,16 @@ pub struct Cloud {
 
 impl Cloud {
     /// Opens the data dir: the database (migrated) and the admin token,
-    /// written (0600) on first start.
-    pub fn open(data_dir: &Path) -> Result<Self, CloudError> {
+    /// written (0600) on first start. `database`: a `postgres://` URL, or
+    /// None for SQLite under the data dir.
+    pub fn open(data_dir: &Path, database: Option<&str>) -> Result<Self, CloudError> {
         let dir_err = |e| CloudError::DataDir(data_dir.to_owned(), e);
         std::fs::create_dir_all(data_dir).map_err(dir_err)?;
-        let store = Store::new(Db::open_sqlite(&data_dir.join("cloud.db"))?);
+        let db = match database {
+            None => Db::open_sqlite(&data_dir.join("cloud.db"))?,
+            Some(url) => Db::open_postgres(url)?,
+        };
+        let store = Store::new(db);
         let admin_token = admin_token(&data_dir.join("admin-token")).map_err(dir_err)?;
         Ok(Cloud {
             store: Arc::new(store),
@@ -116,13 +121,13 @@ mod tests {
     #[test]
     fn the_admin_token_is_made_once_private_and_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Cloud::open(dir.path()).unwrap();
+        let a = Cloud::open(dir.path(), None).unwrap();
         let path = dir.path().join("admin-token");
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(a.admin_token().len(), 64);
         drop(a);
-        let b = Cloud::open(dir.path()).unwrap();
+        let b = Cloud::open(dir.path(), None).unwrap();
         assert_eq!(
             b.admin_token(),
             std::fs::read_to_string(&path).unwrap().trim()

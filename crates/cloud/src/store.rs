@@ -196,10 +196,11 @@ impl Store {
         key: &str,
         make: impl FnOnce() -> String,
     ) -> Result<String, StoreError> {
+        let made = make();
         self.db.transaction(|tx| {
             tx.exec(
                 "INSERT INTO fleet (key, value) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-                &[key.into(), make().into()],
+                &[key.into(), (&made).into()],
             )?;
             one(tx, "SELECT value FROM fleet WHERE key = ?1", &[key.into()])?
                 .ok_or_else(|| StoreError::Schema("the fleet value vanished".into()))?
@@ -412,14 +413,14 @@ impl Store {
 
     /// Stores a package once, however many deployments use it; whether it
     /// was new.
-    pub fn put_package(&self, p: &PackageRecord, bytes: Vec<u8>) -> Result<bool, StoreError> {
+    pub fn put_package(&self, p: &PackageRecord, bytes: &[u8]) -> Result<bool, StoreError> {
         self.db.transaction(|tx| {
             Ok(tx.exec(
                 "INSERT INTO packages (sha256, bytes, size, signature, manifest, created_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
                 &[
                     (&p.sha256).into(),
-                    bytes.into(),
+                    bytes.to_vec().into(),
                     p.size.into(),
                     (&p.signature).into(),
                     (&p.manifest).into(),
@@ -888,7 +889,7 @@ mod tests {
                 manifest: String::new(),
                 created_ms: 1,
             },
-            b"pkg".to_vec(),
+            b"pkg",
         )
         .unwrap();
     }

@@ -216,9 +216,6 @@ fn hubs(args: HubsArgs) -> Result<()> {
 
 fn serve(opts: ServeOpts) -> Result<()> {
     init_logs(opts.log_format);
-    if opts.database.is_some() {
-        bail!("--database (PostgreSQL) is not built yet: this roost keeps the fleet in SQLite under --data-dir; leave --database out");
-    }
     if opts.tls_cert.is_some() {
         bail!("--tls-cert is not built yet for roost cloud: serve it on loopback, or behind a TLS proxy, for now");
     }
@@ -235,12 +232,13 @@ fn serve(opts: ServeOpts) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let cloud = roost_cloud::Cloud::open(&opts.data_dir).with_context(|| {
-            format!(
-                "cannot open the cloud's data dir {}",
-                opts.data_dir.display()
-            )
-        })?;
+        let cloud = roost_cloud::Cloud::open(&opts.data_dir, opts.database.as_deref())
+            .with_context(|| {
+                format!(
+                    "cannot open the cloud's data dir {}",
+                    opts.data_dir.display()
+                )
+            })?;
         let listener = tokio::net::TcpListener::bind(opts.http)
             .await
             .with_context(|| {
