@@ -355,9 +355,42 @@ async fn call_output(
 
 /// Streams the package to the hub's upload file as it arrives (memory stays
 /// flat whatever its size), then deploys it.
-async fn deploy(State(st): State<AppState>, req: Request) -> Result<Response, ApiError> {
+/// `?force=true`: deploy or roll back on a hub the fleet manages.
+#[derive(serde::Deserialize, Default)]
+struct Force {
+    #[serde(default)]
+    force: bool,
+}
+
+/// A hub enrolled in a fleet takes its deployments from the cloud; a
+/// local change is refused unless forced, and the uplink then reports it
+/// to the cloud as drift.
+fn refuse_unless_forced(st: &AppState, force: bool) -> Result<(), ApiError> {
+    match &st.hub.config().managed_by {
+        Some(cloud) if !force => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "managed_by_cloud",
+            format!("this hub takes its deployments from the fleet at {cloud}: deploy with `roost cloud deploy --hub NAME MANIFEST`, or pass --force to change it here (the cloud is told: drift)"),
+        )),
+        Some(_) => {
+            tracing::warn!("a forced local change on a hub the fleet manages; the cloud is told");
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
+async fn deploy(
+    State(st): State<AppState>,
+    Query(force): Query<Force>,
+    req: Request,
+) -> Result<Response, ApiError> {
     use http_body_util::BodyExt;
     let (parts, mut body) = req.into_parts();
+    if let Err(e) = refuse_unless_forced(&st, force.force) {
+        drain(body).await;
+        return Err(e);
+    }
     let limit = st.hub.config().max_package_bytes;
     let declared = parts
         .headers
@@ -391,7 +424,11 @@ async fn deploy(State(st): State<AppState>, req: Request) -> Result<Response, Ap
     Ok(Json(report).into_response())
 }
 
-async fn rollback(State(st): State<AppState>) -> Result<Response, ApiError> {
+async fn rollback(
+    State(st): State<AppState>,
+    Query(force): Query<Force>,
+) -> Result<Response, ApiError> {
+    refuse_unless_forced(&st, force.force)?;
     Ok(Json(st.hub.rollback().await?).into_response())
 }
 

@@ -439,6 +439,7 @@ async fn bench_instantiate(opts: &BenchOpts) -> Result<()> {
             path: code,
         },
         allow: Default::default(),
+        health_check: None,
     };
     let rt = roost_runtime_wasm::WasmRuntime::new(roost_runtime_wasm::WasmConfig {
         cache_dir: dir.path().join("cache"),

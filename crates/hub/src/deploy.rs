@@ -17,8 +17,7 @@ use std::sync::Arc;
 const KEEP_DEPLOYMENTS: usize = 10;
 /// Where packages being uploaded are written, under the data dir.
 pub(crate) const UPLOADS_DIR: &str = "uploads";
-/// The manifest's name inside a package.
-pub const MANIFEST_FILE: &str = "manifest.toml";
+pub use roost_manifest::package::MANIFEST_FILE;
 
 #[derive(Debug, Serialize)]
 pub struct DeployReport {
@@ -55,11 +54,8 @@ type Prepared = (
     Vec<roost_model::SecretSpec>,
 );
 
-/// The package entry that carries `[[secret]]` values from the deploying
-/// shell: read into memory, sealed into the store, never unpacked to disk.
-pub const SECRETS_ENTRY: &str = ".roost-secrets.json";
-/// Largest secrets entry accepted.
-const MAX_SECRETS_BYTES: u64 = 1 << 20;
+pub use roost_manifest::package::SECRETS_ENTRY;
+use roost_manifest::package::{unpack, Bounds};
 
 /// A package being received: written to a file under the data dir as it
 /// arrives, within the size limit, so an upload costs disk rather than
@@ -131,23 +127,48 @@ impl Hub {
     }
 
     /// Validates and applies an uploaded package.
-    pub async fn deploy_upload(
+    pub async fn deploy_upload(&self, upload: PackageUpload) -> Result<DeployReport, DeployError> {
+        self.deploy_upload_with(upload, None).await
+    }
+
+    /// Validates and applies an uploaded package whose `[[secret]]` values
+    /// came apart from it (`secrets`: a JSON object of strings, as the
+    /// package's own secrets entry would hold): how a fleet deployment
+    /// arrives, its package signed and free of secrets.
+    pub async fn deploy_upload_with(
         &self,
         mut upload: PackageUpload,
+        secrets: Option<Vec<u8>>,
     ) -> Result<DeployReport, DeployError> {
         use tokio::io::AsyncWriteExt;
         upload.file.flush().await?;
         let file = std::fs::File::open(&upload.path)?;
-        self.deploy_from(std::io::BufReader::new(file)).await
+        self.deploy_from(std::io::BufReader::new(file), secrets)
+            .await
+    }
+
+    /// The file an upload is being written to, and how many bytes it holds
+    /// (to check a package's hash and signature before it is deployed).
+    pub fn upload_path(upload: &PackageUpload) -> (&Path, u64) {
+        (&upload.path, upload.written)
     }
 
     /// Validates and applies a deployment package (a gzipped tar holding
     /// `manifest.toml` and the files it names).
     pub async fn deploy_package(&self, package: &[u8]) -> Result<DeployReport, DeployError> {
-        self.deploy_from(package).await
+        self.deploy_from(package, None).await
     }
 
-    async fn deploy_from(&self, package: impl Read + Send) -> Result<DeployReport, DeployError> {
+    /// The active deployment's id as it changes.
+    pub fn watch_deployment(&self) -> tokio::sync::watch::Receiver<Option<i64>> {
+        self.inner.active_id.subscribe()
+    }
+
+    async fn deploy_from(
+        &self,
+        package: impl Read + Send,
+        secrets: Option<Vec<u8>>,
+    ) -> Result<DeployReport, DeployError> {
         let _guard = self.inner.deploy_lock.lock().await;
         let id = self.inner.store.next_deployment_id()?;
         let dir = self
@@ -161,7 +182,16 @@ impl Hub {
         }
         std::fs::create_dir_all(&dir)?;
         let result = async {
-            let values = unpack(package, &dir, &self.package_bounds())?;
+            let packed = unpack(package, &dir, &self.package_bounds())
+                .map_err(|e| DeployError::BadPackage(e.0))?;
+            let values = match (secrets, packed) {
+                (Some(_), Some(_)) => {
+                    return Err(DeployError::BadPackage(format!(
+                        "it carries {SECRETS_ENTRY} although its secrets came apart from it"
+                    )))
+                }
+                (given, packed) => given.or(packed),
+            };
             let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).map_err(|_| {
                 DeployError::BadPackage(format!(
                     "it has no {MANIFEST_FILE} (use `roost deploy MANIFEST`)"
@@ -449,6 +479,7 @@ impl Hub {
             identities,
         });
         let old = std::mem::replace(&mut *self.inner.active.write(), new.clone());
+        self.inner.active_id.send_replace(id);
         for name in old.tasks.keys().filter(|n| !new.tasks.contains_key(*n)) {
             // Its waiting calls end now with unknown_task, not minutes later.
             let ended = self.inner.scheduler.remove_task(name);
@@ -567,167 +598,9 @@ fn disk_use(dir: &Path) -> u64 {
     total
 }
 
-/// What a package may unpack to.
-struct Bounds {
-    /// Bytes of file content.
-    bytes: usize,
-    /// Entries, files and folders.
-    entries: usize,
-    /// Path components of the deepest entry.
-    depth: usize,
-}
-
-/// Unpacks regular files and folders only (no links, devices or paths that
-/// leave `dir`), keeping file modes, within `bounds`: bytes, so a
-/// compressed bomb cannot fill the disk, entries and depth, so a small
-/// package of empty or deeply nested folders cannot eat inodes or hold the
-/// deploy lock. Each entry is checked before it is written. The secrets
-/// entry is returned instead of unpacked.
-fn unpack(
-    package: impl Read,
-    dir: &PathBuf,
-    bounds: &Bounds,
-) -> Result<Option<Vec<u8>>, DeployError> {
-    let max_bytes = bounds.bytes;
-    let mut secrets = None;
-    let mut entries = 0usize;
-    let bad =
-        |e: std::io::Error| DeployError::BadPackage(format!("not a gzipped tar archive: {e}"));
-    let gz = flate2::read::GzDecoder::new(package);
-    let mut archive = tar::Archive::new(gz.take(max_bytes as u64 + 1));
-    archive.set_preserve_permissions(true);
-    // No set-id bits, no group write, nothing for others: what a task may
-    // read is opened to it when it is prepared.
-    archive.set_mask(0o7027);
-    archive.set_overwrite(true);
-    let mut total = 0u64;
-    for entry in archive.entries().map_err(bad)? {
-        let mut entry = entry.map_err(bad)?;
-        let kind = entry.header().entry_type();
-        let path = entry.path().map_err(bad)?.into_owned();
-        entries += 1;
-        if entries > bounds.entries {
-            return Err(DeployError::BadPackage(format!(
-                "it holds more than {} entries (files and folders); the hub's limit is --package-max-entries",
-                bounds.entries
-            )));
-        }
-        let depth = path
-            .components()
-            .filter(|c| matches!(c, std::path::Component::Normal(_)))
-            .count();
-        if depth > bounds.depth {
-            return Err(DeployError::BadPackage(format!(
-                "{}... is {depth} levels deep, more than {}; the hub's limit is --package-max-depth",
-                path.iter().take(4).collect::<PathBuf>().display(),
-                bounds.depth
-            )));
-        }
-        if !(kind.is_file() || kind.is_dir()) {
-            return Err(DeployError::BadPackage(format!(
-                "{} is a link or special file; packages may hold only files and folders",
-                path.display()
-            )));
-        }
-        // Compare the path as it would be unpacked (`./x` is `x`), so no
-        // spelling of the secrets entry ever reaches the disk.
-        let normal: PathBuf = path
-            .components()
-            .filter(|c| !matches!(c, std::path::Component::CurDir))
-            .collect();
-        if normal.as_os_str() == SECRETS_ENTRY {
-            if entry.size() > MAX_SECRETS_BYTES {
-                return Err(DeployError::BadPackage(format!(
-                    "{SECRETS_ENTRY} is over {} KiB",
-                    MAX_SECRETS_BYTES >> 10
-                )));
-            }
-            let mut v = Vec::new();
-            entry.read_to_end(&mut v).map_err(bad)?;
-            secrets = Some(v);
-            continue;
-        }
-        total += entry.size();
-        if total > max_bytes as u64 {
-            return Err(DeployError::BadPackage(format!(
-                "it unpacks to more than {} MiB",
-                max_bytes >> 20
-            )));
-        }
-        let unpacked = entry.unpack_in(dir).map_err(bad)?;
-        if !unpacked {
-            return Err(DeployError::BadPackage(format!(
-                "{} points outside the package",
-                path.display()
-            )));
-        }
-    }
-    Ok(secrets)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn package(entries: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
-            Vec::new(),
-            flate2::Compression::fast(),
-        ));
-        for (name, data) in entries {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o600);
-            // Written raw, so `./` spellings reach the hub as sent.
-            h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
-            h.set_cksum();
-            b.append(&h, *data).unwrap();
-        }
-        b.into_inner().unwrap().finish().unwrap()
-    }
-
-    fn bounds() -> Bounds {
-        Bounds {
-            bytes: 1 << 20,
-            entries: 100,
-            depth: 8,
-        }
-    }
-
-    fn folders(names: impl Iterator<Item = String>) -> Vec<u8> {
-        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
-            Vec::new(),
-            flate2::Compression::fast(),
-        ));
-        for name in names {
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(tar::EntryType::Directory);
-            h.set_mode(0o700);
-            h.set_size(0);
-            b.append_data(&mut h, name, std::io::empty()).unwrap();
-        }
-        b.into_inner().unwrap().finish().unwrap()
-    }
-
-    #[test]
-    fn many_or_deep_folders_are_refused_before_they_are_made() {
-        let dir = tempfile::tempdir().unwrap();
-        let many = folders((0..1000).map(|i| format!("d{i}")));
-        let err = unpack(&many[..], &dir.path().to_path_buf(), &bounds()).unwrap_err();
-        assert!(err.to_string().contains("more than 100 entries"), "{err}");
-        assert!(err.to_string().contains("--package-max-entries"), "{err}");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 100);
-        let dir = tempfile::tempdir().unwrap();
-        let deep = folders((1..2000).map(|n| vec!["a"; n].join("/")));
-        let err = unpack(&deep[..], &dir.path().to_path_buf(), &bounds()).unwrap_err();
-        assert!(
-            err.to_string().contains("9 levels deep, more than 8"),
-            "{err}"
-        );
-        assert!(err.to_string().contains("--package-max-depth"), "{err}");
-        let ok = folders((1..=8).map(|n| vec!["a"; n].join("/")));
-        unpack(&ok[..], &dir.path().to_path_buf(), &bounds()).unwrap();
-    }
 
     #[test]
     fn disk_use_counts_empty_folders() {
@@ -738,28 +611,5 @@ mod tests {
         }
         std::fs::write(dir.path().join("f"), vec![1u8; 100_000]).unwrap();
         assert!(disk_use(dir.path()) >= empty + 100_000);
-    }
-
-    #[test]
-    fn the_secrets_entry_is_kept_in_memory_in_any_spelling() {
-        for name in [
-            SECRETS_ENTRY,
-            "./.roost-secrets.json",
-            "././.roost-secrets.json",
-        ] {
-            let dir = tempfile::tempdir().unwrap();
-            let pkg = package(&[("manifest.toml", b"x"), (name, br#"{"db":"hunter2"}"#)]);
-            let secrets = unpack(&pkg[..], &dir.path().to_path_buf(), &bounds()).unwrap();
-            assert_eq!(
-                secrets.as_deref(),
-                Some(&br#"{"db":"hunter2"}"#[..]),
-                "{name}"
-            );
-            assert!(dir.path().join("manifest.toml").exists());
-            assert!(
-                !dir.path().join(SECRETS_ENTRY).exists(),
-                "{name} reached the disk"
-            );
-        }
     }
 }

@@ -11,6 +11,7 @@ mod broker_store;
 mod calls;
 pub mod credentials;
 mod deploy;
+mod health;
 pub mod local;
 pub mod logs;
 pub mod metrics;
@@ -75,6 +76,10 @@ pub struct HubConfig {
     pub api_url: Option<String>,
     /// The certificate tasks should trust for it, when it is served over TLS.
     pub api_ca_bundle: Option<PathBuf>,
+    /// The fleet's control plane this hub is enrolled with: a local
+    /// deploy or rollback is then refused unless forced (and reported to
+    /// the cloud as drift).
+    pub managed_by: Option<String>,
 }
 
 impl HubConfig {
@@ -101,6 +106,7 @@ impl HubConfig {
             shadow_limits: roost_shadows::Limits::default(),
             api_url: None,
             api_ca_bundle: None,
+            managed_by: None,
         }
     }
 }
@@ -198,6 +204,9 @@ pub(crate) struct HubInner {
     /// Derived from `key` once: asked for on every signed request.
     pub owner: credentials::Credential,
     pub shadows: shadows::Shadows,
+    /// The active deployment's id, for whoever watches it change (the
+    /// fleet uplink, to notice a forced local deploy).
+    pub active_id: tokio::sync::watch::Sender<Option<i64>>,
 }
 
 /// What the hub is given rather than builds: the runtimes that run task
@@ -302,6 +311,7 @@ impl Hub {
                 owner: key.owner(),
                 key,
                 shadows: shadows::Shadows::new(),
+                active_id: tokio::sync::watch::channel(None).0,
                 deploy_lock: tokio::sync::Mutex::new(()),
                 uploads,
                 logs,

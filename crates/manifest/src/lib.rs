@@ -14,6 +14,7 @@
 mod allow;
 mod devices;
 mod names;
+pub mod package;
 mod paths;
 mod problem;
 mod resources;

@@ -6,7 +6,7 @@ use crate::names::env_name_ok;
 use crate::paths::inside;
 use crate::problem::{int_in, show, string, Checker};
 use crate::resources::resources;
-use roost_model::{Limits, RuntimeKind, TaskCode, TaskName, TaskSpec};
+use roost_model::{HealthCheck, Limits, RuntimeKind, TaskCode, TaskName, TaskSpec};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -33,6 +33,7 @@ const TASK_KEYS: &[&str] = &[
     "max_workers",
     "code_group",
     "allow",
+    "health_check",
 ];
 
 /// Variables the hub sets itself: each task's own credentials.
@@ -111,6 +112,7 @@ pub(crate) fn task(c: &mut Checker, field: &str, t: &toml::Table, root: &Path) -
     let env = env(c, t, field);
     let resources = resources(c, t, field);
     let allow = grants(c, t, field);
+    let health_check = health_check(c, t, field);
     let code = match runtime {
         Some(RuntimeKind::Wasm) => {
             for k in [
@@ -151,7 +153,51 @@ pub(crate) fn task(c: &mut Checker, field: &str, t: &toml::Table, root: &Path) -
         resources: resources?,
         code: code?,
         allow: allow?,
+        health_check: health_check?,
     })
+}
+
+/// `health_check = { input = "...", timeout_ms = N }`: the call a
+/// deployment must answer once applied.
+fn health_check(c: &mut Checker, t: &toml::Table, field: &str) -> Option<Option<HealthCheck>> {
+    let f = format!("{field}.health_check");
+    let Some(v) = t.get("health_check") else {
+        return Some(None);
+    };
+    let Some(table) = v.as_table() else {
+        c.problem(
+            f,
+            show(v),
+            "write it as health_check = { input = \"...\", timeout_ms = N }",
+        );
+        return None;
+    };
+    let before = c.problems.len();
+    for k in table.keys() {
+        if k != "input" && k != "timeout_ms" {
+            c.problem(
+                format!("{f}.{k}"),
+                String::new(),
+                "unknown field; known fields are input, timeout_ms",
+            );
+        }
+    }
+    let input = string(c, table, &f, "input");
+    let timeout_ms = int_in(
+        c,
+        table,
+        &f,
+        "timeout_ms",
+        HealthCheck::DEFAULT_TIMEOUT_MS,
+        (1, HealthCheck::MAX_TIMEOUT_MS as i64),
+    );
+    if c.problems.len() > before {
+        return None;
+    }
+    Some(Some(HealthCheck {
+        input: input?.to_owned(),
+        timeout_ms: timeout_ms?,
+    }))
 }
 
 fn env(c: &mut Checker, t: &toml::Table, field: &str) -> Option<BTreeMap<String, String>> {

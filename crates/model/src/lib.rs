@@ -300,8 +300,8 @@ mod tests {
 
 pub mod task;
 pub use task::{
-    Access, DeviceSpec, Grants, Resource, RouteDestination, RouteSource, RouteSpec, SecretSpec,
-    TaskCode, TaskSpec,
+    Access, DeviceSpec, Grants, HealthCheck, Resource, RouteDestination, RouteSource, RouteSpec,
+    SecretSpec, TaskCode, TaskSpec,
 };
 
 /// Whom a signed request to the hub's local AWS APIs comes from: the hub

@@ -59,6 +59,25 @@ pub struct TaskSpec {
     /// What the task's credentials may do on the hub's local AWS APIs.
     #[serde(default)]
     pub allow: Grants,
+    /// The call a deployment makes after it is applied; failing it rolls
+    /// the hub back (`health_check = { input = "...", timeout_ms = N }`).
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// A task's health check: this input must get a successful answer within
+/// the timeout.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub input: String,
+    pub timeout_ms: u64,
+}
+
+impl HealthCheck {
+    /// The default timeout when the manifest gives none.
+    pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+    /// The longest a health check may take.
+    pub const MAX_TIMEOUT_MS: u64 = 600_000;
 }
 
 /// A task's rights on the hub's local service overrides (the manifest's
