@@ -1,11 +1,13 @@
-//! The operators' HTTP API: `GET /healthz`, `GET /openapi.json` (open to
-//! all), and under `/v1` (the admin token as `Authorization: Bearer`) the
-//! fleet's hubs: add one (answered with its one-time enrolment token),
-//! list them, remove one. Errors are `{"error": {"code", "message"}}`, as
-//! the hub's own API answers.
+//! The cloud's HTTP API. Open to all: `GET /healthz`, `GET /openapi.json`
+//! and a hub's enrolment (its one-time token authorizes it). Under `/v1`
+//! with the admin token (`Authorization: Bearer`): hubs, packages and
+//! deployments. Under `/v1/hub/...` with a hub's signature: the hub's own
+//! connection, packages and secrets (`hubs.rs`). Errors are
+//! `{"error": {"code", "message"}}`, as the hub's own API answers.
 
+use crate::store::{NewDeployment, Target, DEPLOYMENT_SHADOW};
 use crate::{now_ms, random_hex, token_hash, valid_name, Cloud, HubRecord, StoreError};
-use axum::extract::{Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -17,12 +19,25 @@ use std::time::Duration;
 
 /// The longest an enrolment token may be made to last.
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Deployments listed at most.
+const MAX_LISTED: i64 = 1000;
 
 /// The API, ready to serve.
 pub fn router(cloud: Cloud) -> Router {
+    let max_package = cloud.options.max_package_bytes;
     let v1 = Router::new()
         .route("/v1/hubs", get(list_hubs).post(add_hub))
         .route("/v1/hubs/{name}", delete(remove_hub))
+        .route("/v1/hubs/{name}/shadows/{shadow}", get(hub_shadow))
+        .route(
+            "/v1/packages",
+            post(upload_package).layer(DefaultBodyLimit::max(max_package)),
+        )
+        .route(
+            "/v1/deployments",
+            get(list_deployments).post(create_deployment),
+        )
+        .route("/v1/deployments/{id}", get(show_deployment))
         .route_layer(axum::middleware::from_fn_with_state(
             cloud.clone(),
             authorize,
@@ -32,6 +47,12 @@ pub fn router(cloud: Cloud) -> Router {
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         // A hub's first call: its enrolment token is what authorizes it.
         .route("/v1/enrol", post(enrol))
+        .route(roost_fleet::CONNECT_PATH, get(crate::hubs::connect))
+        .route("/v1/hub/packages/{sha256}", get(crate::hubs::package))
+        .route(
+            "/v1/hub/deployments/{id}/secrets",
+            get(crate::hubs::secrets),
+        )
         .merge(v1)
         .fallback(|| async {
             error(
@@ -43,7 +64,7 @@ pub fn router(cloud: Cloud) -> Router {
         .with_state(cloud)
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (
         status,
         Json(json!({"error": {"code": code, "message": message.into()}})),
@@ -51,9 +72,35 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
         .into_response()
 }
 
-fn internal(e: StoreError) -> Response {
-    tracing::error!(error = %e, "the cloud's store failed");
-    error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+pub(crate) fn internal(e: StoreError) -> Response {
+    match e {
+        StoreError::UnknownHub(n) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_hub",
+            format!("no hub named {n:?} is in the fleet (see `roost cloud hubs`)"),
+        ),
+        StoreError::UnknownPackage(p) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_package",
+            format!("no package {p} is stored: upload it first (POST /v1/packages; `roost cloud deploy` does both)"),
+        ),
+        StoreError::Refused(why) => error(StatusCode::BAD_REQUEST, "bad_request", why),
+        e => {
+            tracing::error!(error = %e, "the cloud's store failed");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        }
+    }
+}
+
+/// A request body read as JSON, or the answer saying what was expected.
+fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8], shape: &str) -> Result<T, Response> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("the body is not {shape}: {e}"),
+        )
+    })
 }
 
 async fn authorize(State(cloud): State<Cloud>, req: Request, next: Next) -> Response {
@@ -91,15 +138,9 @@ struct NewHub {
 }
 
 async fn add_hub(State(cloud): State<Cloud>, body: axum::body::Bytes) -> Response {
-    let new: NewHub = match serde_json::from_slice(&body) {
+    let new: NewHub = match parse_body(&body, "a hub ({\"name\", \"groups\", \"token_ttl_s\"})") {
         Ok(n) => n,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("the body is not a hub ({{\"name\", \"groups\", \"token_ttl_s\"}}): {e}"),
-            )
-        }
+        Err(r) => return r,
     };
     if let Some(bad) = std::iter::once(&new.name)
         .chain(&new.groups)
@@ -136,9 +177,18 @@ async fn add_hub(State(cloud): State<Cloud>, body: axum::body::Bytes) -> Respons
         connected_ms: None,
         last_seen_ms: None,
     };
-    let token = random_hex(32);
+    // The secret, and the pin of the cloud's TLS key when it serves TLS:
+    // the hub trusts only that key from its first connection on.
+    let token = match &cloud.options.tls_pin {
+        Some(pin) => format!("{}.{pin}", random_hex(32)),
+        None => random_hex(32),
+    };
     let expires_ms = now + ttl.as_millis() as i64;
-    match cloud.store.add_hub(&hub, &token_hash(&token), expires_ms) {
+    let (record, hash) = (hub.clone(), token_hash(&token));
+    match cloud
+        .run(move |s| s.add_hub(&record, &hash, expires_ms))
+        .await
+    {
         Ok(()) => {
             tracing::info!(hub = %hub.name, groups = ?hub.groups, "hub added to the fleet");
             (
@@ -175,15 +225,9 @@ struct Enrolment {
 /// cloud records the public key the hub made, whose private half never
 /// leaves the hub.
 async fn enrol(State(cloud): State<Cloud>, body: axum::body::Bytes) -> Response {
-    let e: Enrolment = match serde_json::from_slice(&body) {
+    let e: Enrolment = match parse_body(&body, "an enrolment ({\"token\", \"public_key\"})") {
         Ok(e) => e,
-        Err(err) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("the body is not an enrolment ({{\"token\", \"public_key\"}}): {err}"),
-            )
-        }
+        Err(r) => return r,
     };
     let key_ok = hex::decode(&e.public_key)
         .ok()
@@ -196,13 +240,17 @@ async fn enrol(State(cloud): State<Cloud>, body: axum::body::Bytes) -> Response 
             "public_key is not an ed25519 public key (64 hex digits)",
         );
     }
-    match cloud
-        .store
-        .enrol(&token_hash(&e.token), &e.public_key, now_ms())
-    {
+    let (hash, key) = (token_hash(&e.token), e.public_key);
+    match cloud.run(move |s| s.enrol(&hash, &key, now_ms())).await {
         Ok(Some(hub)) => {
             tracing::info!(hub = %hub.name, "hub enrolled");
-            Json(json!({"hub": hub.name, "groups": hub.groups})).into_response()
+            Json(json!({
+                "hub": hub.name,
+                "groups": hub.groups,
+                "signing_key": cloud.signing_public_key(),
+                "heartbeat_s": cloud.options.heartbeat.as_secs(),
+            }))
+            .into_response()
         }
         // One answer for unknown, used and expired: a guesser learns nothing.
         Ok(None) => {
@@ -218,28 +266,302 @@ async fn enrol(State(cloud): State<Cloud>, body: axum::body::Bytes) -> Response 
 }
 
 async fn list_hubs(State(cloud): State<Cloud>) -> Response {
-    match cloud.store.hubs() {
-        Ok(hubs) => {
-            let hubs: Vec<_> = hubs
-                .into_iter()
-                .map(|h| {
-                    json!({
-                        "name": h.name,
-                        "groups": h.groups,
-                        "created_ms": h.created_ms,
-                        "enrolled": h.enrolled_ms.is_some(),
-                        "enrolled_ms": h.enrolled_ms,
-                    })
-                })
-                .collect();
-            Json(json!({ "hubs": hubs })).into_response()
+    let result = cloud
+        .run(|s| Ok((s.hubs()?, s.deployment_shadows()?)))
+        .await;
+    let (hubs, shadows) = match result {
+        Ok(r) => r,
+        Err(e) => return internal(e),
+    };
+    let shadows: std::collections::HashMap<_, _> = shadows.into_iter().collect();
+    let now = now_ms();
+    // A replica refreshes last_seen once per heartbeat; one that died
+    // leaves connected_ms behind, so a hub not heard from for three
+    // heartbeats is not connected whatever the row says.
+    let stale = 3 * cloud.options.heartbeat.as_millis() as i64 + 10_000;
+    let hubs: Vec<_> = hubs
+        .into_iter()
+        .map(|h| {
+            let doc = shadows.get(&h.name).and_then(|r| r.document.clone());
+            let section = |d: Option<&roost_shadows::Section>| {
+                d.map(|s| serde_json::Value::Object(s.state.clone()))
+                    .unwrap_or(serde_json::Value::Null)
+            };
+            let desired = section(doc.as_ref().and_then(|d| d.desired.as_ref()));
+            let reported = section(doc.as_ref().and_then(|d| d.reported.as_ref()));
+            let connected =
+                h.connected_ms.is_some() && h.last_seen_ms.is_some_and(|t| now - t <= stale);
+            json!({
+                "name": h.name,
+                "groups": h.groups,
+                "created_ms": h.created_ms,
+                "enrolled": h.enrolled_ms.is_some(),
+                "enrolled_ms": h.enrolled_ms,
+                "connected": connected,
+                "last_seen_ms": h.last_seen_ms,
+                "desired": desired["deployment"],
+                "applied": reported["applied"],
+                "status": reported["status"],
+                "reason": reported["reason"],
+                "drift": reported["drift"],
+            })
+        })
+        .collect();
+    Json(json!({ "hubs": hubs })).into_response()
+}
+
+async fn hub_shadow(
+    State(cloud): State<Cloud>,
+    Path((name, shadow)): Path<(String, String)>,
+) -> Response {
+    let Ok(id) = roost_shadows::ShadowId::parse(&name, Some(&shadow)) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "not a hub and shadow name",
+        );
+    };
+    let (n, sh) = (name.clone(), shadow.clone());
+    match cloud.run(move |s| s.shadow(&n, &sh)).await {
+        Ok(rec) => match rec.get(&id, None, (now_ms() / 1000) as u64) {
+            Ok(doc) => Json(doc).into_response(),
+            Err(_) => error(
+                StatusCode::NOT_FOUND,
+                "unknown_shadow",
+                format!("hub {name:?} has no shadow {shadow:?} (a hub's {DEPLOYMENT_SHADOW} exists once a deployment is sent to it)"),
+            ),
+        },
+        Err(e) => internal(e),
+    }
+}
+
+async fn upload_package(State(cloud): State<Cloud>, bytes: axum::body::Bytes) -> Response {
+    let c = cloud.clone();
+    let validated = tokio::task::spawn_blocking(move || {
+        crate::packages::validate(&c, &bytes, now_ms()).map(|v| (v, bytes))
+    })
+    .await;
+    let (v, bytes) = match validated {
+        Ok(Ok(v)) => v,
+        Ok(Err(crate::packages::Refusal::Bad(why))) => {
+            return error(StatusCode::BAD_REQUEST, "bad_package", why)
+        }
+        Ok(Err(crate::packages::Refusal::Invalid(problems))) => {
+            let message = format!(
+                "the manifest has {} problem(s); nothing was stored: {}",
+                problems.len(),
+                problems
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": {"code": "invalid_manifest", "message": message, "problems": problems}})),
+            )
+                .into_response();
+        }
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("validating the package failed: {e}"),
+            )
+        }
+    };
+    let record = v.record.clone();
+    match cloud.run(move |s| s.put_package(&record, &bytes)).await {
+        Ok(new) => {
+            tracing::info!(package = %v.record.sha256, bytes = v.record.size, new, "package stored");
+            (
+                if new {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                },
+                Json(json!({
+                    "sha256": v.record.sha256,
+                    "size": v.record.size,
+                    "signature": v.record.signature,
+                    "tasks": v.tasks,
+                    "secrets": v.secrets,
+                    "new": new,
+                })),
+            )
+                .into_response()
         }
         Err(e) => internal(e),
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeploymentRequest {
+    hub: Option<String>,
+    group: Option<String>,
+    package: String,
+    /// Hubs deployed to at a time (default: all at once).
+    rollout_batch: Option<i64>,
+    /// Stop the rollout once more than this share of its hubs failed.
+    max_failures_pct: Option<i64>,
+    /// The `[[secret]]` values, by name.
+    #[serde(default)]
+    secrets: std::collections::BTreeMap<String, String>,
+}
+
+async fn create_deployment(State(cloud): State<Cloud>, bytes: axum::body::Bytes) -> Response {
+    let req: DeploymentRequest = match parse_body(
+        &bytes,
+        "a deployment ({\"hub\" or \"group\", \"package\", \"rollout_batch\", \"max_failures_pct\", \"secrets\"})",
+    ) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let bad = |why: String| error(StatusCode::BAD_REQUEST, "bad_request", why);
+    let target = match (req.hub, req.group) {
+        (Some(h), None) if valid_name(&h) => Target::Hub(h),
+        (None, Some(g)) if valid_name(&g) => Target::Group(g),
+        (Some(_), Some(_)) | (None, None) => return bad("give exactly one of hub and group".into()),
+        (Some(n), _) | (_, Some(n)) => return bad(format!("{n:?} is not a valid name")),
+    };
+    let batch = req.rollout_batch.unwrap_or(i64::from(u32::MAX));
+    if batch < 1 {
+        return bad("rollout_batch must be at least 1".into());
+    }
+    let pct = req.max_failures_pct.unwrap_or(100);
+    if !(0..=100).contains(&pct) {
+        return bad("max_failures_pct must be 0 to 100".into());
+    }
+    let sha = req.package.clone();
+    let package = match cloud.run(move |s| s.package(&sha)).await {
+        Ok(Some(p)) => p,
+        Ok(None) => return internal(StoreError::UnknownPackage(req.package)),
+        Err(e) => return internal(e),
+    };
+    let declared = crate::packages::secret_names(&package.manifest);
+    let missing: Vec<_> = declared
+        .iter()
+        .filter(|n| !req.secrets.contains_key(*n))
+        .cloned()
+        .collect();
+    let unknown: Vec<_> = req
+        .secrets
+        .keys()
+        .filter(|n| !declared.contains(n))
+        .cloned()
+        .collect();
+    if !missing.is_empty() || !unknown.is_empty() {
+        return bad(format!(
+            "the secrets do not match the manifest's [[secret]]s: missing {missing:?}, unknown {unknown:?} (roost cloud deploy reads each value_env from your shell)"
+        ));
+    }
+    let secrets = (!req.secrets.is_empty())
+        .then(|| cloud.seal(&serde_json::to_vec(&req.secrets).expect("strings serialize")));
+    let new = NewDeployment {
+        target: target.clone(),
+        package: package.sha256.clone(),
+        secrets,
+        rollout_batch: batch,
+        max_failures_pct: pct,
+    };
+    match cloud
+        .run(move |s| {
+            let id = s.create_deployment(&new, now_ms())?;
+            Ok((id, s.deployment(id)?))
+        })
+        .await
+    {
+        Ok((id, Some((_, hubs)))) => {
+            tracing::info!(deployment = id, target = ?target, hubs = hubs.len(), "deployment created");
+            (
+                StatusCode::CREATED,
+                Json(json!({"deployment": id, "hubs": hubs.len(), "package": package.sha256})),
+            )
+                .into_response()
+        }
+        Ok((id, None)) => internal(StoreError::Schema(format!("deployment {id} vanished"))),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<i64>,
+}
+
+fn deployment_json(
+    d: &crate::store::DeploymentRecord,
+    hubs: &[crate::store::HubStatus],
+    with_hubs: bool,
+) -> serde_json::Value {
+    let mut counts = serde_json::Map::new();
+    for h in hubs {
+        let n = counts.get(&h.status).and_then(|v| v.as_u64()).unwrap_or(0);
+        counts.insert(h.status.clone(), (n + 1).into());
+    }
+    let done = hubs
+        .iter()
+        .filter(|h| crate::store::terminal(&h.status))
+        .count();
+    let mut v = json!({
+        "id": d.id,
+        "target": d.target,
+        "package": d.package,
+        "rollout_batch": d.rollout_batch,
+        "max_failures_pct": d.max_failures_pct,
+        "state": d.state,
+        "reason": d.reason,
+        "created_ms": d.created_ms,
+        "total": hubs.len(),
+        "done": done,
+        "counts": counts,
+    });
+    if with_hubs {
+        v["hubs"] = serde_json::to_value(hubs).unwrap_or_default();
+    }
+    v
+}
+
+async fn list_deployments(State(cloud): State<Cloud>, Query(q): Query<ListQuery>) -> Response {
+    let limit = q.limit.unwrap_or(50).clamp(1, MAX_LISTED);
+    let listed = cloud
+        .run(move |s| {
+            let mut out = Vec::new();
+            for d in s.deployments(limit)? {
+                let hubs = s.deployment(d.id)?.map(|(_, h)| h).unwrap_or_default();
+                out.push((d, hubs));
+            }
+            Ok(out)
+        })
+        .await;
+    match listed {
+        Ok(list) => {
+            let list: Vec<_> = list
+                .iter()
+                .map(|(d, h)| deployment_json(d, h, false))
+                .collect();
+            Json(json!({ "deployments": list })).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+async fn show_deployment(State(cloud): State<Cloud>, Path(id): Path<i64>) -> Response {
+    match cloud.run(move |s| s.deployment(id)).await {
+        Ok(Some((d, hubs))) => Json(deployment_json(&d, &hubs, true)).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_deployment",
+            format!("no deployment {id} (see `roost cloud deployments`)"),
+        ),
+        Err(e) => internal(e),
+    }
+}
+
 async fn remove_hub(State(cloud): State<Cloud>, Path(name): Path<String>) -> Response {
-    match cloud.store.remove_hub(&name) {
+    let n = name.clone();
+    match cloud.run(move |s| s.remove_hub(&n)).await {
         Ok(true) => {
             tracing::info!(hub = %name, "hub removed from the fleet");
             StatusCode::NO_CONTENT.into_response()

@@ -1,12 +1,23 @@
-//! The control plane (`roost cloud`): the fleet's registry of hubs and
-//! the operators' HTTP API over it. This first part holds the hubs and
-//! their one-time enrolment tokens in embedded SQLite (`store.rs`,
-//! versioned migrations), guards the API with the admin token it writes
-//! at first start, and serves its own OpenAPI document. Deployments, the
-//! hubs' connection and PostgreSQL come next (issue 11).
+//! The control plane (`roost cloud`): the fleet's registry of hubs, its
+//! packages and deployments, and the hubs' connections.
+//!
+//! - `db.rs`/`store.rs`: the state, in embedded SQLite or PostgreSQL, and
+//!   every rule that changes it (rollouts included), written once.
+//! - `api.rs`: the operators' HTTP API (the admin token) and its OpenAPI
+//!   document.
+//! - `packages.rs`: a package is validated with the hub's own manifest
+//!   code, content addressed and signed with the fleet's key.
+//! - `hubs.rs`: the hubs' side: the WebSocket each hub keeps open, and
+//!   the signed requests by which it fetches its packages and secrets.
+//!
+//! No replica holds state another needs: what a replica knows of a hub
+//! beyond the database is only the socket it holds, and every change
+//! reaches the replica holding the socket as a database event.
 
 pub mod api;
 pub mod db;
+pub mod hubs;
+pub mod packages;
 pub mod store;
 
 use db::Db;
@@ -28,18 +39,55 @@ pub enum CloudError {
     Store(#[from] StoreError),
 }
 
+/// How the cloud serves, beyond its data.
+#[derive(Clone, Debug)]
+pub struct CloudOptions {
+    /// How often a connected hub sends a heartbeat; a hub silent for three
+    /// of them is taken as gone.
+    pub heartbeat: Duration,
+    /// Largest package accepted.
+    pub max_package_bytes: usize,
+    /// The pin (SHA-256 of the public key) of the TLS certificate the
+    /// cloud serves, put in every enrolment token so hubs trust only it.
+    pub tls_pin: Option<String>,
+}
+
+impl Default for CloudOptions {
+    fn default() -> Self {
+        CloudOptions {
+            heartbeat: Duration::from_secs(60),
+            max_package_bytes: 64 << 20,
+            tls_pin: None,
+        }
+    }
+}
+
 /// The running control plane. Cheap to clone.
 #[derive(Clone)]
 pub struct Cloud {
     pub(crate) store: Arc<Store>,
     pub(crate) admin_token: Arc<String>,
+    pub(crate) signing_key: Arc<ed25519_dalek::SigningKey>,
+    pub(crate) secrets_key: Arc<[u8; 32]>,
+    pub(crate) options: Arc<CloudOptions>,
+    pub(crate) sessions: Arc<hubs::Sessions>,
 }
 
 impl Cloud {
-    /// Opens the data dir: the database (migrated) and the admin token,
-    /// written (0600) on first start. `database`: a `postgres://` URL, or
-    /// None for SQLite under the data dir.
+    /// Opens the data dir: the database (migrated), the fleet's keys (made
+    /// on first start, kept in the database so every replica shares them)
+    /// and the admin token, also written to `DATA_DIR/admin-token` (0600)
+    /// for operators. `database`: a `postgres://` URL, or None for SQLite
+    /// under the data dir.
     pub fn open(data_dir: &Path, database: Option<&str>) -> Result<Self, CloudError> {
+        Self::open_with(data_dir, database, CloudOptions::default())
+    }
+
+    pub fn open_with(
+        data_dir: &Path,
+        database: Option<&str>,
+        options: CloudOptions,
+    ) -> Result<Self, CloudError> {
         let dir_err = |e| CloudError::DataDir(data_dir.to_owned(), e);
         std::fs::create_dir_all(data_dir).map_err(dir_err)?;
         let db = match database {
@@ -47,10 +95,28 @@ impl Cloud {
             Some(url) => Db::open_postgres(url)?,
         };
         let store = Store::new(db);
-        let admin_token = admin_token(&data_dir.join("admin-token")).map_err(dir_err)?;
+        let token_file = data_dir.join("admin-token");
+        let on_disk = read_token(&token_file).map_err(dir_err)?;
+        let admin_token = store.fleet_value("admin_token", || {
+            on_disk.clone().unwrap_or_else(|| random_hex(32))
+        })?;
+        if on_disk.as_deref() != Some(admin_token.as_str()) {
+            write_private(&token_file, admin_token.as_bytes()).map_err(dir_err)?;
+        }
+        let signing = store.fleet_value("signing_key", || random_hex(32))?;
+        let signing_key = roost_fleet::signing_key(&signing)
+            .map_err(|e| StoreError::Schema(format!("the fleet's signing key: {e}")))?;
+        let secrets: [u8; 32] = hex::decode(store.fleet_value("secrets_key", || random_hex(32))?)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| StoreError::Schema("the fleet's secrets key is not 32 bytes".into()))?;
         Ok(Cloud {
             store: Arc::new(store),
             admin_token: Arc::new(admin_token),
+            signing_key: Arc::new(signing_key),
+            secrets_key: Arc::new(secrets),
+            options: Arc::new(options),
+            sessions: Arc::new(hubs::Sessions::default()),
         })
     }
 
@@ -58,18 +124,98 @@ impl Cloud {
     pub fn admin_token(&self) -> &str {
         &self.admin_token
     }
+
+    /// The fleet's package-signing public key, hex.
+    pub fn signing_public_key(&self) -> String {
+        roost_fleet::public_hex(&self.signing_key)
+    }
+
+    /// Which database holds the fleet: `sqlite` or `postgres`.
+    pub fn database_kind(&self) -> &'static str {
+        self.store.db.kind()
+    }
+
+    /// Runs a store operation on a blocking thread (a database call may
+    /// wait on disk or the network; the async workers never do).
+    pub(crate) async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| StoreError::Database(format!("a store task failed: {e}")))?
+    }
+
+    /// Resumes every rollout the database holds unfinished (after a
+    /// crash), then keeps stepping them now and then, in case an event was
+    /// missed. Runs until the cloud stops.
+    pub async fn keep_rollouts_moving(self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            let r = self
+                .run(|s| {
+                    for id in s.rolling_out()? {
+                        s.advance(id, now_ms())?;
+                    }
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot step the rollouts; trying again in 30 s");
+            }
+        }
+    }
+
+    /// Seals a deployment's secret values (a JSON object of strings) with
+    /// the fleet's key: nonce, then ciphertext.
+    pub(crate) fn seal(&self, values: &[u8]) -> Vec<u8> {
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        let mut nonce = [0u8; 12];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let ct = chacha20poly1305::ChaCha20Poly1305::new(self.secrets_key.as_ref().into())
+            .encrypt(
+                chacha20poly1305::Nonce::from_slice(&nonce),
+                Payload {
+                    msg: values,
+                    aad: b"roost-deployment-secrets-v1",
+                },
+            )
+            .expect("sealing in memory cannot fail");
+        [nonce.as_slice(), &ct].concat()
+    }
+
+    /// Opens what [`Cloud::seal`] sealed.
+    pub(crate) fn open_sealed(&self, sealed: &[u8]) -> Option<Vec<u8>> {
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        if sealed.len() < 12 {
+            return None;
+        }
+        let (nonce, ct) = sealed.split_at(12);
+        chacha20poly1305::ChaCha20Poly1305::new(self.secrets_key.as_ref().into())
+            .decrypt(
+                chacha20poly1305::Nonce::from_slice(nonce),
+                Payload {
+                    msg: ct,
+                    aad: b"roost-deployment-secrets-v1",
+                },
+            )
+            .ok()
+    }
 }
 
-/// Reads the admin token, or makes one (32 random bytes, hex) in a file
-/// only the cloud's user can read.
-fn admin_token(path: &Path) -> std::io::Result<String> {
+fn read_token(path: &Path) -> std::io::Result<Option<String>> {
     match std::fs::read_to_string(path) {
-        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+        Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_owned())),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
-    let token = random_hex(32);
+}
+
+/// Writes a file only the cloud's user can read, atomically.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -79,10 +225,9 @@ fn admin_token(path: &Path) -> std::io::Result<String> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
-    f.write_all(token.as_bytes())?;
+    f.write_all(bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(token)
+    std::fs::rename(&tmp, path)
 }
 
 pub(crate) fn random_hex(bytes: usize) -> String {
