@@ -592,6 +592,90 @@ mod tests {
         assert!(e.contains("not a PostgreSQL URL"), "{e}");
     }
 
+    /// Two replicas lock two rows in opposite orders: PostgreSQL aborts
+    /// one (deadlock_detected), which is rerun and succeeds.
+    #[test]
+    fn a_deadlocked_transaction_is_rerun() {
+        let Some(pg) = TestDb::new() else { return };
+        let a = std::sync::Arc::new(Db::open_postgres(&pg.url).unwrap());
+        let b = std::sync::Arc::new(Db::open_postgres(&pg.url).unwrap());
+        a.transaction(|tx| {
+            tx.exec(
+                "INSERT INTO fleet (key, value) VALUES ('x', ''), ('y', '')",
+                &[],
+            )
+        })
+        .unwrap();
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let run = |db: std::sync::Arc<Db>, first: &'static str, second: &'static str| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut runs = 0;
+                db.transaction(|tx| {
+                    runs += 1;
+                    tx.lock_row("fleet", "key", first.into())?;
+                    if runs == 1 {
+                        barrier.wait();
+                    }
+                    tx.lock_row("fleet", "key", second.into())?;
+                    tx.exec(
+                        "UPDATE fleet SET value = value || ?1 WHERE key = 'x'",
+                        &[first.into()],
+                    )
+                })
+                .unwrap();
+                runs
+            })
+        };
+        let (ta, tb) = (run(a.clone(), "x", "y"), run(b.clone(), "y", "x"));
+        let runs = ta.join().unwrap() + tb.join().unwrap();
+        assert_eq!(runs, 3, "one of the two ran twice");
+        let v = a
+            .transaction(|tx| {
+                one(tx, "SELECT value FROM fleet WHERE key = 'x'", &[])?
+                    .unwrap()
+                    .text(0)
+            })
+            .unwrap();
+        assert!(v == "xy" || v == "yx", "{v:?}: each committed once");
+    }
+
+    /// A connection that breaks mid-transaction (here: its server process
+    /// is ended) is replaced and the transaction run once more; the
+    /// listener, ended too, reconnects and sends `resync`.
+    #[test]
+    fn a_broken_connection_is_replaced_and_the_listener_resyncs() {
+        let Some(pg) = TestDb::new() else { return };
+        let db = Db::open_postgres(&pg.url).unwrap();
+        let mut events = db.events();
+        let mut runs = 0;
+        let v = db
+            .transaction(|tx| {
+                runs += 1;
+                if runs == 1 {
+                    tx.query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()",
+                        &[],
+                    )?;
+                }
+                one(tx, "SELECT ?1 * 2", &[21.into()])?.unwrap().int(0)
+            })
+            .unwrap();
+        assert_eq!((v, runs), (42, 2));
+        assert_eq!(
+            recv(&mut events, Duration::from_secs(30)).as_deref(),
+            Some("resync")
+        );
+        let mut runs = 0;
+        db.transaction(|tx| {
+            runs += 1;
+            tx.query("SELECT pg_terminate_backend(pg_backend_pid())", &[])?;
+            Ok(())
+        })
+        .unwrap_err();
+        assert_eq!(runs, 2, "a broken connection is retried once, not more");
+    }
+
     /// The deployment a hub's shadow desires.
     fn desired(s: &Store, hub: &str) -> Option<i64> {
         s.shadow(hub, crate::store::DEPLOYMENT_SHADOW)
