@@ -863,11 +863,45 @@ pub(crate) fn advance(tx: &mut dyn Tx, id: i64, now_ms: i64) -> Result<(), Store
 mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, Store) {
+    fn sqlite_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open_sqlite(&dir.path().join("cloud.db")).unwrap();
         (dir, Store::new(db))
     }
+
+    /// Runs each named test (a `fn(&Store)`) twice: `NAME::sqlite` on a
+    /// fresh SQLite file, and `NAME::postgres` on a fresh database of the
+    /// server `ROOST_TEST_POSTGRES` names (with `CI=true` and no server,
+    /// that half fails rather than skips).
+    macro_rules! on_both {
+        ($($name:ident),* $(,)?) => {$(
+            mod $name {
+                #[test]
+                fn sqlite() {
+                    let (_dir, s) = super::sqlite_store();
+                    super::$name(&s);
+                }
+                #[test]
+                fn postgres() {
+                    let Some(db) = crate::db::testpg::TestDb::new() else {
+                        return;
+                    };
+                    let s = super::Store::new(crate::db::Db::open_postgres(&db.url).unwrap());
+                    super::$name(&s);
+                }
+            }
+        )*};
+    }
+
+    on_both!(
+        a_token_works_once_and_not_after_it_expires,
+        a_rollout_goes_batch_by_batch_and_finishes,
+        failures_past_the_bound_stop_the_rollout,
+        a_newer_deployment_supersedes_and_an_older_one_never_goes_back,
+        a_hub_that_joins_a_group_gets_its_current_deployment,
+        a_removed_hub_leaves_its_rollouts_and_is_announced,
+        the_fleet_values_are_made_once,
+    );
 
     fn hub(name: &str, groups: &[&str]) -> HubRecord {
         HubRecord {
@@ -955,9 +989,7 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn a_token_works_once_and_not_after_it_expires() {
-        let (_d, s) = store();
+    fn a_token_works_once_and_not_after_it_expires(s: &Store) {
         s.add_hub(&hub("a", &["eu"]), "ta", 100).unwrap();
         s.add_hub(&hub("b", &["eu"]), "tb", 100).unwrap();
         assert!(matches!(
@@ -978,15 +1010,13 @@ mod tests {
         assert_eq!(s.hubs().unwrap().len(), 1);
     }
 
-    #[test]
-    fn a_rollout_goes_batch_by_batch_and_finishes() {
-        let (_d, s) = store();
+    fn a_rollout_goes_batch_by_batch_and_finishes(s: &Store) {
         for n in ["a", "b", "c"] {
             s.add_hub(&hub(n, &["eu"]), n, 100).unwrap();
         }
-        package(&s, "p1");
-        let id = deploy(&s, Target::Group("eu".into()), "p1", 2, 100);
-        assert_eq!(started(&s, id), 2);
+        package(s, "p1");
+        let id = deploy(s, Target::Group("eu".into()), "p1", 2, 100);
+        assert_eq!(started(s, id), 2);
         // Each released hub's shadow desires the deployment.
         let rec = s.shadow("a", DEPLOYMENT_SHADOW).unwrap();
         assert_eq!(rec.delta().unwrap()["deployment"], id);
@@ -995,32 +1025,30 @@ mod tests {
             s.package_for_hub("c", "p1").unwrap().is_none(),
             "not released to c yet"
         );
-        report(&s, "a", id, "downloading");
-        assert_eq!(started(&s, id), 2);
-        report(&s, "a", id, "succeeded");
-        assert_eq!(started(&s, id), 3);
-        report(&s, "b", id, "succeeded");
-        report(&s, "c", id, "succeeded");
+        report(s, "a", id, "downloading");
+        assert_eq!(started(s, id), 2);
+        report(s, "a", id, "succeeded");
+        assert_eq!(started(s, id), 3);
+        report(s, "b", id, "succeeded");
+        report(s, "c", id, "succeeded");
         let (d, _) = s.deployment(id).unwrap().unwrap();
         assert_eq!(d.state, "done");
         // A final status is not changed again.
-        report(&s, "c", id, "failed");
-        assert_eq!(statuses(&s, id)[2].1, "succeeded");
+        report(s, "c", id, "failed");
+        assert_eq!(statuses(s, id)[2].1, "succeeded");
     }
 
-    #[test]
-    fn failures_past_the_bound_stop_the_rollout() {
-        let (_d, s) = store();
+    fn failures_past_the_bound_stop_the_rollout(s: &Store) {
         for n in ["a", "b", "c", "d"] {
             s.add_hub(&hub(n, &["eu"]), n, 100).unwrap();
         }
-        package(&s, "p1");
-        let id = deploy(&s, Target::Group("eu".into()), "p1", 1, 25);
-        report(&s, "a", id, "succeeded");
-        report(&s, "b", id, "rolled_back");
+        package(s, "p1");
+        let id = deploy(s, Target::Group("eu".into()), "p1", 1, 25);
+        report(s, "a", id, "succeeded");
+        report(s, "b", id, "rolled_back");
         // 1 of 4 is 25 %, not past it: the rollout goes on.
         assert_eq!(s.deployment(id).unwrap().unwrap().0.state, "rolling_out");
-        report(&s, "c", id, "failed");
+        report(s, "c", id, "failed");
         let (d, hubs) = s.deployment(id).unwrap().unwrap();
         assert_eq!(d.state, "stopped");
         assert_eq!(hubs[3].status, "cancelled");
@@ -1028,20 +1056,18 @@ mod tests {
         assert!(s.shadow("d", DEPLOYMENT_SHADOW).unwrap().document.is_none());
     }
 
-    #[test]
-    fn a_newer_deployment_supersedes_and_an_older_one_never_goes_back() {
-        let (_d, s) = store();
+    fn a_newer_deployment_supersedes_and_an_older_one_never_goes_back(s: &Store) {
         s.add_hub(&hub("a", &["eu"]), "a", 100).unwrap();
         s.add_hub(&hub("b", &["eu"]), "b", 100).unwrap();
-        package(&s, "p1");
-        package(&s, "p2");
-        let old = deploy(&s, Target::Group("eu".into()), "p1", 1, 100);
-        let new = deploy(&s, Target::Hub("b".into()), "p2", 1, 100);
+        package(s, "p1");
+        package(s, "p2");
+        let old = deploy(s, Target::Group("eu".into()), "p1", 1, 100);
+        let new = deploy(s, Target::Hub("b".into()), "p2", 1, 100);
         // b gets the new one now; when the old rollout reaches b it is
         // superseded there rather than sent back.
-        report(&s, "a", old, "succeeded");
+        report(s, "a", old, "succeeded");
         assert_eq!(
-            statuses(&s, old),
+            statuses(s, old),
             vec![
                 ("a".into(), "succeeded".into()),
                 ("b".into(), "superseded".into())
@@ -1051,10 +1077,10 @@ mod tests {
         let rec = s.shadow("b", DEPLOYMENT_SHADOW).unwrap();
         assert_eq!(rec.delta().unwrap()["deployment"], new);
         // A newer one to a hub whose older one is in progress ends it.
-        let newest = deploy(&s, Target::Hub("a".into()), "p2", 1, 100);
-        report(&s, "a", newest, "downloading");
-        let third = deploy(&s, Target::Hub("a".into()), "p1", 1, 100);
-        assert_eq!(statuses(&s, newest)[0].1, "superseded");
+        let newest = deploy(s, Target::Hub("a".into()), "p2", 1, 100);
+        report(s, "a", newest, "downloading");
+        let third = deploy(s, Target::Hub("a".into()), "p1", 1, 100);
+        assert_eq!(statuses(s, newest)[0].1, "superseded");
         assert_eq!(s.deployment(newest).unwrap().unwrap().0.state, "done");
         assert_eq!(
             s.shadow("a", DEPLOYMENT_SHADOW).unwrap().delta().unwrap()["deployment"],
@@ -1062,13 +1088,11 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_hub_that_joins_a_group_gets_its_current_deployment() {
-        let (_d, s) = store();
+    fn a_hub_that_joins_a_group_gets_its_current_deployment(s: &Store) {
         s.add_hub(&hub("a", &["eu"]), "a", 100).unwrap();
-        package(&s, "p1");
-        let id = deploy(&s, Target::Group("eu".into()), "p1", 5, 100);
-        report(&s, "a", id, "succeeded");
+        package(s, "p1");
+        let id = deploy(s, Target::Group("eu".into()), "p1", 5, 100);
+        report(s, "a", id, "succeeded");
         assert_eq!(s.deployment(id).unwrap().unwrap().0.state, "done");
         s.add_hub(&hub("late", &["eu", "us"]), "late", 100).unwrap();
         let (d, hubs) = s.deployment(id).unwrap().unwrap();
@@ -1078,16 +1102,14 @@ mod tests {
         assert!(s.package_for_hub("late", "p1").unwrap().is_some());
     }
 
-    #[test]
-    fn a_removed_hub_leaves_its_rollouts_and_is_announced() {
-        let (_d, s) = store();
+    fn a_removed_hub_leaves_its_rollouts_and_is_announced(s: &Store) {
         s.add_hub(&hub("a", &["eu"]), "a", 100).unwrap();
         s.add_hub(&hub("b", &["eu"]), "b", 100).unwrap();
-        package(&s, "p1");
+        package(s, "p1");
         let mut events = s.db.events();
-        let id = deploy(&s, Target::Group("eu".into()), "p1", 1, 100);
-        report(&s, "b", id, "downloading"); // not released to b: ignored
-        assert_eq!(statuses(&s, id)[1].1, "pending");
+        let id = deploy(s, Target::Group("eu".into()), "p1", 1, 100);
+        report(s, "b", id, "downloading"); // not released to b: ignored
+        assert_eq!(statuses(s, id)[1].1, "pending");
         assert!(s.remove_hub("a").unwrap());
         // b is released once a is gone.
         assert!(s.package_for_hub("b", "p1").unwrap().is_some());
@@ -1125,9 +1147,7 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn the_fleet_values_are_made_once() {
-        let (_d, s) = store();
+    fn the_fleet_values_are_made_once(s: &Store) {
         let a = s.fleet_value("k", || "first".into()).unwrap();
         let b = s.fleet_value("k", || "second".into()).unwrap();
         assert_eq!((a.as_str(), b.as_str()), ("first", "first"));
