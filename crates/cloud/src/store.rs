@@ -232,6 +232,7 @@ impl Store {
                 "INSERT INTO enrolment_tokens (token_hash, hub, expires_ms) VALUES (?1, ?2, ?3)",
                 &[token_hash.into(), (&hub.name).into(), expires_ms.into()],
             )?;
+            lock_membership(tx)?;
             // The newest deployment to any of its groups that is not stopped.
             let mut current: Option<i64> = None;
             for g in &hub.groups {
@@ -484,7 +485,9 @@ impl Store {
                     }
                     vec![name.clone()]
                 }
-                Target::Group(g) => tx
+                Target::Group(g) => {
+                    lock_membership(tx)?;
+                    tx
                     .query(&format!("SELECT {HUB_COLUMNS} FROM hubs ORDER BY name"), &[])?
                     .iter()
                     .map(hub_record)
@@ -492,7 +495,8 @@ impl Store {
                     .into_iter()
                     .filter(|h| h.groups.contains(g))
                     .map(|h| h.name)
-                    .collect(),
+                    .collect()
+                }
             };
             let id = one(
                 tx,
@@ -579,6 +583,9 @@ impl Store {
     /// on.
     pub fn report(&self, hub: &str, reported: &Value, now_ms: i64) -> Result<(), StoreError> {
         self.db.transaction(|tx| {
+            if one(tx, "SELECT name FROM hubs WHERE name = ?1", &[hub.into()])?.is_none() {
+                return Err(StoreError::UnknownHub(hub.to_owned()));
+            }
             update_shadow(tx, hub, json!({"state": {"reported": reported}}), now_ms)?;
             let (Some(id), Some(status)) = (reported["deployment"].as_i64(), reported["status"].as_str())
             else {
@@ -624,6 +631,16 @@ impl Store {
             .collect()
         })
     }
+}
+
+/// Serializes who is in which group against deployments to groups, so a
+/// hub added while a group deployment is made is in it either way.
+fn lock_membership(tx: &mut dyn Tx) -> Result<(), StoreError> {
+    tx.exec(
+        "INSERT INTO fleet (key, value) VALUES ('membership', '') ON CONFLICT DO NOTHING",
+        &[],
+    )?;
+    tx.lock_row("fleet", "key", "membership".into())
 }
 
 fn package_record(tx: &mut dyn Tx, sha256: &str) -> Result<Option<PackageRecord>, StoreError> {
@@ -795,7 +812,7 @@ pub(crate) fn advance(tx: &mut dyn Tx, id: i64, now_ms: i64) -> Result<(), Store
             changed = true;
             if desired_deployment(tx, &r.hub)?.is_some_and(|newer| newer > id) {
                 tx.exec(
-                    "UPDATE deployment_hubs SET status = 'superseded', reason = 'the hub already has a newer deployment', started_ms = ?3, updated_ms = ?3
+                    "UPDATE deployment_hubs SET status = 'superseded', reason = 'the hub already has a newer deployment', updated_ms = ?3
                      WHERE deployment = ?1 AND hub = ?2",
                     &[id.into(), (&r.hub).into(), now_ms.into()],
                 )?;
@@ -825,8 +842,7 @@ pub(crate) fn advance(tx: &mut dyn Tx, id: i64, now_ms: i64) -> Result<(), Store
                 .collect::<Result<_, _>>()?;
             for old in older {
                 tx.exec(
-                    "UPDATE deployment_hubs SET status = 'superseded', reason = ?3, updated_ms = ?4,
-                       started_ms = COALESCE(started_ms, ?4)
+                    "UPDATE deployment_hubs SET status = 'superseded', reason = ?3, updated_ms = ?4
                      WHERE deployment = ?1 AND hub = ?2",
                     &[
                         old.into(),
