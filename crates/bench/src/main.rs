@@ -466,6 +466,7 @@ async fn bench_instantiate(opts: &BenchOpts) -> Result<()> {
         instance_slots: 64,
     })?;
     let parts = roost_hub::Parts {
+        extra_metrics: Vec::new(),
         runtimes: vec![std::sync::Arc::new(wasm)],
         logs,
         bus: Box::new(|state: roost_bus::BusState| {

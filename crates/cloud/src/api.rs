@@ -5,6 +5,10 @@
 //! connection, packages and secrets (`hubs.rs`). Errors are
 //! `{"error": {"code", "message"}}`, as the hub's own API answers.
 
+// Handlers return `Result<_, Response>`: the error is the answer itself, and
+// it is built once per failed request, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
 use crate::store::{NewDeployment, Target, DEPLOYMENT_SHADOW};
 use crate::{now_ms, random_hex, token_hash, valid_name, Cloud, HubRecord, StoreError};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};

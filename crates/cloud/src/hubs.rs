@@ -379,7 +379,7 @@ async fn signed_by(
     let key = cloud
         .run(move |s| s.public_key(&name))
         .await
-        .map_err(|e| crate::api::internal(e))?;
+        .map_err(crate::api::internal)?;
     let text = roost_fleet::request_text(method.as_str(), uri.path(), time);
     match key {
         Some(k) if roost_fleet::verify(&k, &text, sig) => Ok(hub.to_owned()),

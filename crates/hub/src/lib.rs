@@ -217,7 +217,13 @@ pub struct Parts {
     pub runtimes: Vec<Arc<dyn Runtime>>,
     pub logs: Arc<LogBook>,
     pub bus: BusFactory,
+    /// Registers metrics of parts built beside the hub (the fleet uplink)
+    /// in the hub's registry, so `/metrics` shows them.
+    pub extra_metrics: Vec<MetricsRegistrar>,
 }
+
+/// Registers a part's metrics in the hub's registry (see `Parts::extra_metrics`).
+pub type MetricsRegistrar = Box<dyn FnOnce(&mut prometheus_client::registry::Registry) + Send>;
 
 /// Makes the hub's message bus from the durable state the hub restored
 /// from its store (called once, at start).
@@ -258,6 +264,7 @@ impl Hub {
             runtimes: given,
             logs,
             bus,
+            extra_metrics,
         } = parts;
         let mut runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::new();
         for r in given {
@@ -289,6 +296,9 @@ impl Hub {
             restore: restored,
         });
         bus.register_metrics(metrics.registry());
+        for register in extra_metrics {
+            register(metrics.registry());
+        }
         let uploads = Arc::new(tokio::sync::Semaphore::new(
             config.max_concurrent_uploads.max(1),
         ));

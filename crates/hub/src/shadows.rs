@@ -335,6 +335,7 @@ mod tests {
     /// A hub with no runtimes and the real broker as its bus.
     fn no_runtimes() -> Parts {
         Parts {
+            extra_metrics: Vec::new(),
             runtimes: Vec::new(),
             logs: Default::default(),
             bus: Box::new(|state: roost_bus::BusState| {

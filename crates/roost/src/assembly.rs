@@ -37,6 +37,7 @@ pub async fn start_hub(
     config: HubConfig,
     options: RuntimeOptions,
     broker: BrokerConfig,
+    extra_metrics: Vec<roost_hub::MetricsRegistrar>,
 ) -> Result<(Hub, Broker)> {
     let data_dir = &config.data_dir;
     // The process runtime's hub id is derived from the data dir's canonical
@@ -57,6 +58,7 @@ pub async fn start_hub(
     let built = Arc::new(OnceLock::new());
     let keep = built.clone();
     let parts = Parts {
+        extra_metrics,
         runtimes: vec![Arc::new(wasm), Arc::new(process)],
         logs,
         bus: Box::new(move |state: roost_bus::BusState| {

@@ -215,6 +215,11 @@ pub struct HubOpts {
     /// (`roost cloud hubs add NAME` prints it).
     #[arg(long, env = "ROOST_ENROL", requires = "cloud", hide_env_values = true)]
     enrol: Option<String>,
+    /// Time a fleet deployment's health check gets (its min_warm workers
+    /// ready and every task's health_check answered) before the hub rolls
+    /// back.
+    #[arg(long, env = "ROOST_CLOUD_HEALTH_DEADLINE_S", default_value_t = 60)]
+    cloud_health_deadline_s: u64,
     /// Log format: `human` or `json`.
     #[arg(long, env = "ROOST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
@@ -329,12 +334,18 @@ pub(crate) fn init_logs(format: LogFormat) {
 
 pub fn run(opts: HubOpts) -> Result<()> {
     init_logs(opts.log_format);
-    if let Some(cloud) = &opts.cloud {
-        std::fs::create_dir_all(&opts.data_dir)
-            .with_context(|| format!("cannot create the data dir {}", opts.data_dir.display()))?;
-        let c = crate::enrol::credential(&opts.data_dir, cloud, opts.enrol.as_deref())?;
-        tracing::info!(hub = %c.hub, groups = ?c.groups, cloud, "a hub of the fleet (the connection to the cloud comes with issue 11's next part)");
-    }
+    // Enrolment (blocking HTTP) happens before the runtime starts.
+    let credential = match &opts.cloud {
+        Some(cloud) => {
+            std::fs::create_dir_all(&opts.data_dir).with_context(|| {
+                format!("cannot create the data dir {}", opts.data_dir.display())
+            })?;
+            let c = roost_uplink::credential(&opts.data_dir, cloud, opts.enrol.as_deref())?;
+            tracing::info!(hub = %c.hub, groups = ?c.groups, cloud, "a hub of the fleet");
+            Some(c)
+        }
+        None => None,
+    };
     if !opts.http.ip().is_loopback() && opts.token.is_none() {
         bail!(
             "--http {} is reachable from other machines; give a --token (and --tls-cert/--tls-key) or bind 127.0.0.1",
@@ -362,11 +373,12 @@ pub fn run(opts: HubOpts) -> Result<()> {
         .enable_all()
         .thread_name("roost")
         .build()?;
-    rt.block_on(serve(opts))
+    rt.block_on(serve(opts, credential))
 }
 
-async fn serve(opts: HubOpts) -> Result<()> {
+async fn serve(opts: HubOpts, credential: Option<roost_uplink::Credential>) -> Result<()> {
     let mut config = HubConfig::new(opts.data_dir.clone());
+    config.managed_by = credential.as_ref().map(|c| c.cloud.clone());
     if let Some(m) = opts.memory_budget_mb {
         config.memory_budget_mb = m;
     }
@@ -469,14 +481,28 @@ async fn serve(opts: HubOpts) -> Result<()> {
     config.shadow_limits.max_depth = opts.shadow_max_depth;
     config.api_url = Some(format!("{scheme}://{}", reachable(addr)));
     config.api_ca_bundle = opts.tls_cert.clone();
-    let (hub, broker) = crate::assembly::start_hub(config, runtimes, broker)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot start the hub with data dir {}",
-                opts.data_dir.display()
-            )
-        })?;
+    let uplink_metrics = roost_uplink::UplinkMetrics::default();
+    let register = uplink_metrics.clone();
+    let (hub, broker) = crate::assembly::start_hub(
+        config,
+        runtimes,
+        broker,
+        vec![Box::new(
+            move |r: &mut prometheus_client::registry::Registry| register.register(r),
+        )],
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "cannot start the hub with data dir {}",
+            opts.data_dir.display()
+        )
+    })?;
+    if let Some(c) = credential {
+        let mut uplink = roost_uplink::UplinkOptions::new(opts.data_dir.clone());
+        uplink.health_deadline = std::time::Duration::from_secs(opts.cloud_health_deadline_s);
+        roost_uplink::start(hub.clone(), c, uplink, uplink_metrics)?;
+    }
     if opts.example {
         let package = crate::example::package(crate::example::FILES)?;
         let report = hub

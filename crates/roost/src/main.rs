@@ -6,7 +6,6 @@ mod assembly;
 mod bench;
 mod client;
 mod cloud_cmd;
-mod enrol;
 mod example;
 mod hub_cmd;
 mod owner;

@@ -3,6 +3,10 @@
 //! one-time token to the cloud, and keeps the answer and the private key
 //! in `DATA_DIR/cloud-credential.json` (0600). Later starts with `--cloud`
 //! read that file.
+//!
+//! When the cloud serves TLS, the token carries the pin of its key and
+//! the enrolment itself is made over TLS pinned to it; the pin is kept in
+//! the credential, so this hub never trusts another key for its cloud.
 
 use anyhow::{bail, Context, Result};
 use rand::RngCore;
@@ -10,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// What a hub keeps of its enrolment.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct Credential {
     /// The cloud it enrolled with.
     pub cloud: String,
@@ -21,12 +25,38 @@ pub struct Credential {
     /// and the private half (hex), which never leaves this file.
     pub public_key: String,
     pub secret_key: String,
+    /// The SHA-256 of the cloud's TLS public key (hex), when it serves TLS.
+    #[serde(default)]
+    pub pin: Option<String>,
+    /// The fleet's package-signing public key (hex): a package is applied
+    /// only with its signature.
+    #[serde(default)]
+    pub signing_key: Option<String>,
 }
 
-const FILE: &str = "cloud-credential.json";
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("cloud", &self.cloud)
+            .field("hub", &self.hub)
+            .field("public_key", &self.public_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credential {
+    /// The hub's signing key.
+    pub fn key(&self) -> Result<ed25519_dalek::SigningKey> {
+        roost_fleet::signing_key(&self.secret_key)
+            .context("the cloud credential's secret_key is damaged; enrol the hub again")
+    }
+}
+
+/// The file a hub's credential is kept in.
+pub const FILE: &str = "cloud-credential.json";
 
 /// The hub's credential for `cloud`: read, or made by enrolling with
-/// `token` when there is none yet.
+/// `token` when there is none yet. Blocking (call it before the runtime).
 pub fn credential(data_dir: &Path, cloud: &str, token: Option<&str>) -> Result<Credential> {
     let path = data_dir.join(FILE);
     if path.exists() {
@@ -48,17 +78,22 @@ pub fn credential(data_dir: &Path, cloud: &str, token: Option<&str>) -> Result<C
     let Some(token) = token else {
         bail!("this hub is not enrolled in the fleet at {cloud}: start it once with --enrol TOKEN (an operator prints one with `roost cloud hubs add NAME`)");
     };
+    let pin = roost_fleet::token_pin(token).map(str::to_owned);
+    if cloud.starts_with("https://") && pin.is_none() {
+        tracing::warn!("the enrolment token carries no pin of the cloud's TLS key: the cloud is trusted by the system's certificate authorities");
+    }
+    if cloud.starts_with("http://") && pin.is_some() {
+        bail!("the enrolment token is for a cloud serving TLS, but --cloud {cloud} is plain http: use https://");
+    }
     let mut secret = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut secret);
+    rand::rngs::OsRng.fill_bytes(&mut secret);
     let key = ed25519_dalek::SigningKey::from_bytes(&secret);
-    let public_key = hex::encode(key.verifying_key().as_bytes());
-    let resp = reqwest::blocking::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .build()?
+    let public_key = roost_fleet::public_hex(&key);
+    let resp = crate::blocking_client(pin.as_deref())?
         .post(format!("{}/v1/enrol", cloud.trim_end_matches('/')))
         .json(&serde_json::json!({"token": token, "public_key": public_key}))
         .send()
-        .with_context(|| format!("cannot reach the cloud at {cloud} to enrol"))?;
+        .with_context(|| format!("cannot reach the cloud at {cloud} to enrol (with a pinned token, the cloud must hold the key it was issued by)"))?;
     let status = resp.status();
     let v: serde_json::Value = resp.json().unwrap_or(serde_json::Value::Null);
     if !status.is_success() {
@@ -73,6 +108,8 @@ pub fn credential(data_dir: &Path, cloud: &str, token: Option<&str>) -> Result<C
         groups: serde_json::from_value(v["groups"].clone()).unwrap_or_default(),
         public_key,
         secret_key: hex::encode(secret),
+        pin,
+        signing_key: v["signing_key"].as_str().map(str::to_owned),
     };
     write_private(&path, &serde_json::to_vec_pretty(&c)?)?;
     tracing::info!(hub = %c.hub, groups = ?c.groups, cloud, "enrolled in the fleet");
@@ -80,7 +117,7 @@ pub fn credential(data_dir: &Path, cloud: &str, token: Option<&str>) -> Result<C
 }
 
 /// Writes a file only this user can read, atomically.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -92,6 +129,5 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
         .open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    std::fs::rename(&tmp, path)
 }
