@@ -254,7 +254,8 @@ async fn serve_connection<T>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
-    let conn = builder.serve_connection(TokioIo::new(io), service);
+    // With upgrades: the cloud serves its hubs' WebSockets through this too.
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
     let mut closing = false;

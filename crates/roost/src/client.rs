@@ -88,7 +88,7 @@ fn check(resp: Response) -> Result<Response> {
 
 /// Secret values go only over TLS, or over loopback to a hub on this
 /// machine.
-fn secrets_may_travel_to(hub: &str) -> bool {
+pub(crate) fn secrets_may_travel_to(hub: &str) -> bool {
     let Ok(u) = reqwest::Url::parse(hub) else {
         return false;
     };
@@ -102,14 +102,18 @@ fn secrets_may_travel_to(hub: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-pub fn deploy(hub: &HubArgs, manifest: Option<&Path>, rollback: bool) -> Result<()> {
+pub fn deploy(hub: &HubArgs, manifest: Option<&Path>, rollback: bool, force: bool) -> Result<()> {
     let c = client(Some(Duration::from_secs(600)))?;
+    let query: &[(&str, &str)] = if force { &[("force", "true")] } else { &[] };
     let resp = if rollback {
-        check(send(c.post(url(hub, "/v1/deployments/rollback")), hub)?)?
+        check(send(
+            c.post(url(hub, "/v1/deployments/rollback")).query(query),
+            hub,
+        )?)?
     } else {
         let manifest = manifest.ok_or_else(|| anyhow!("give the manifest to deploy"))?;
-        let package = crate::pack::pack(manifest)?;
-        if package.secrets && !secrets_may_travel_to(&hub.hub) {
+        let package = crate::pack::pack(manifest, crate::pack::Secrets::InPackage)?;
+        if !package.secrets.is_empty() && !secrets_may_travel_to(&hub.hub) {
             anyhow::bail!(
                 "the manifest has [[secret]]s and {} is plain HTTP to another machine; serve the hub's API with --tls-cert/--tls-key and deploy to its https:// address",
                 hub.hub
@@ -117,6 +121,7 @@ pub fn deploy(hub: &HubArgs, manifest: Option<&Path>, rollback: bool) -> Result<
         }
         check(send(
             c.post(url(hub, "/v1/deployments"))
+                .query(query)
                 .header("content-type", "application/gzip")
                 .body(package.bytes),
             hub,

@@ -54,6 +54,10 @@ enum Command {
         /// Go back to the deployment that was active before the current one.
         #[arg(long, conflicts_with = "manifest")]
         rollback: bool,
+        /// Change a hub the fleet manages (`roost hub --cloud`) here
+        /// anyway; the hub then reports the drift to the cloud.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         hub: HubArgs,
     },
@@ -126,8 +130,9 @@ fn main() -> ExitCode {
         Command::Deploy {
             manifest,
             rollback,
+            force,
             hub,
-        } => client::deploy(&hub, manifest.as_deref(), rollback),
+        } => client::deploy(&hub, manifest.as_deref(), rollback, force),
         Command::Call {
             task,
             asynchronous,

@@ -12,13 +12,23 @@
 use anyhow::{Context, Result};
 use std::path::{Component, Path, PathBuf};
 
-/// A packed deployment; `secrets` says whether it carries secret values.
+/// A packed deployment and the secret values read for it.
 pub struct Packed {
     pub bytes: Vec<u8>,
-    pub secrets: bool,
+    /// Each `[[secret]]`'s value, by name.
+    pub secrets: std::collections::BTreeMap<String, String>,
 }
 
-pub fn pack(manifest: &Path) -> Result<Packed> {
+/// Where the secret values go: into the package, for a hub's own API, or
+/// apart from it, for the cloud (which seals them and never stores them in
+/// a package).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    InPackage,
+    Apart,
+}
+
+pub fn pack(manifest: &Path, where_secrets: Secrets) -> Result<Packed> {
     let text = std::fs::read_to_string(manifest)
         .with_context(|| format!("cannot read the manifest {}", manifest.display()))?;
     let root = manifest
@@ -46,12 +56,11 @@ pub fn pack(manifest: &Path) -> Result<Packed> {
     builder.append_data(&mut header, "manifest.toml", text.as_bytes())?;
 
     // Parse loosely: the hub does the real validation.
-    let mut secrets = false;
+    let mut secrets = std::collections::BTreeMap::new();
     if let Ok(doc) = text.parse::<toml::Table>() {
-        let values = secret_values(&doc)?;
-        if !values.is_empty() {
-            secrets = true;
-            let body = serde_json::to_vec(&values)?;
+        secrets = secret_values(&doc)?;
+        if !secrets.is_empty() && where_secrets == Secrets::InPackage {
+            let body = serde_json::to_vec(&secrets)?;
             let mut header = tar::Header::new_gnu();
             header.set_size(body.len() as u64);
             header.set_mode(0o600);

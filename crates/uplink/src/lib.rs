@@ -194,7 +194,7 @@ fn async_client(pin: Option<&str>) -> Result<reqwest::Client> {
     Ok(b.build()?)
 }
 
-pub(crate) fn blocking_client(pin: Option<&str>) -> Result<reqwest::blocking::Client> {
+pub fn blocking_client(pin: Option<&str>) -> Result<reqwest::blocking::Client> {
     let mut b = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30));
     if pin.is_some() {
         b = b.use_preconfigured_tls((*tls_config(pin)?).clone());
