@@ -588,7 +588,10 @@ pub fn openapi() -> serde_json::Value {
         "openapi": "3.1.0",
         "info": {"title": "roost cloud", "version": env!("CARGO_PKG_VERSION")},
         "components": {
-            "securitySchemes": {"admin": {"type": "http", "scheme": "bearer", "description": "DATA_DIR/admin-token"}},
+            "securitySchemes": {
+                "admin": {"type": "http", "scheme": "bearer", "description": "DATA_DIR/admin-token"},
+                "hub": {"type": "apiKey", "in": "header", "name": "Authorization",
+                    "description": "Roost-Hub NAME:TIME_MS:SIG, SIG the hub's ed25519 signature (hex) of \"roost-request-v1\\nMETHOD\\nPATH\\nTIME_MS\" with its enrolled key, TIME_MS within 5 minutes of the cloud's clock; on the WebSocket, the signed challenge instead"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                     "type": "object", "required": ["code", "message"],
@@ -603,15 +606,17 @@ pub fn openapi() -> serde_json::Value {
             "/healthz": {"get": {"summary": "200 once the cloud serves", "responses": {"200": {"description": "ok"}}}},
             "/openapi.json": {"get": {"summary": "this document", "responses": {"200": {"description": "the document"}}}},
             "/v1/hubs": {
-                "get": {"summary": "the fleet's hubs", "security": [{"admin": []}], "responses": {
-                    "200": {"description": "{\"hubs\": [Hub]}"}, "401": bad("no or a wrong admin token")}},
+                "get": {"summary": "the fleet's hubs: groups, enrolled, connected, last seen, desired and applied deployment, status", "security": [{"admin": []}], "responses": {
+                    "200": {"description": "{\"hubs\": [Hub]}", "content": {"application/json": {"schema": {
+                        "type": "object", "properties": {"hubs": {"type": "array", "items": {"$ref": "#/components/schemas/Hub"}}}}}}},
+                    "401": bad("no or a wrong admin token")}},
                 "post": {"summary": "add a hub; answers its one-time enrolment token", "security": [{"admin": []}],
                     "requestBody": {"required": true, "content": {"application/json": {"schema": {
                         "type": "object", "required": ["name"], "additionalProperties": false, "properties": {
                             "name": {"type": "string"}, "groups": {"type": "array", "items": {"type": "string"}},
                             "token_ttl_s": {"type": "integer", "minimum": 1}}}}}},
                     "responses": {
-                        "201": {"description": "{\"name\", \"groups\", \"enrolment_token\", \"expires_ms\"}"},
+                        "201": {"description": "{\"name\", \"groups\", \"enrolment_token\", \"expires_ms\"}; over TLS the token is SECRET.PIN, PIN the SHA-256 of the cloud's TLS public key"},
                         "400": bad("bad_request: not a hub, a bad name or TTL"),
                         "401": bad("no or a wrong admin token"),
                         "409": bad("hub_exists")}}
@@ -621,14 +626,69 @@ pub fn openapi() -> serde_json::Value {
                     "type": "object", "required": ["token", "public_key"], "additionalProperties": false, "properties": {
                         "token": {"type": "string"}, "public_key": {"type": "string", "description": "ed25519, hex"}}}}}},
                 "responses": {
-                    "200": {"description": "{\"hub\", \"groups\"}"},
+                    "200": {"description": "{\"hub\", \"groups\", \"signing_key\", \"heartbeat_s\"}"},
                     "400": bad("bad_request: not an enrolment, or not an ed25519 key"),
                     "401": bad("enrolment_refused: the token is unknown, used or expired")}}},
             "/v1/hubs/{name}": {"delete": {"summary": "remove a hub: it is refused from then on", "security": [{"admin": []}],
-                "parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
-                "responses": {"204": {"description": "removed"}, "401": bad("no or a wrong admin token"), "404": bad("unknown_hub")}}}
+                "parameters": [path_param("name")],
+                "responses": {"204": {"description": "removed"}, "401": bad("no or a wrong admin token"), "404": bad("unknown_hub")}}},
+            "/v1/hubs/{name}/shadows/{shadow}": {"get": {"summary": "one of a hub's shadows as the cloud holds it (GetThingShadow's document); roost-deployment holds state.desired (deployment, package, signature) and state.reported (deployment, status, reason, applied, drift)",
+                "security": [{"admin": []}],
+                "parameters": [path_param("name"), path_param("shadow")],
+                "responses": {"200": {"description": "the shadow document"}, "400": bad("bad_request: not a hub and shadow name"),
+                    "401": bad("no or a wrong admin token"), "404": bad("unknown_shadow")}}},
+            "/v1/packages": {"post": {"summary": "upload a deployment package (the gzipped tar `roost deploy` builds, without secret values); validated as the hub validates it, stored once by SHA-256 and signed with the fleet's key",
+                "security": [{"admin": []}],
+                "requestBody": {"required": true, "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}},
+                "responses": {
+                    "200": {"description": "already stored: {\"sha256\", \"size\", \"signature\", \"tasks\", \"secrets\", \"new\": false}"},
+                    "201": {"description": "stored: {\"sha256\", \"size\", \"signature\", \"tasks\", \"secrets\", \"new\": true}"},
+                    "400": bad("bad_package (not a package, or one carrying secret values) or invalid_manifest (with every problem in error.problems)"),
+                    "401": bad("no or a wrong admin token"),
+                    "413": {"description": "larger than --max-package-bytes"}}}},
+            "/v1/deployments": {
+                "get": {"summary": "the newest deployments with their per-status counts", "security": [{"admin": []}],
+                    "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
+                    "responses": {"200": {"description": "{\"deployments\": [Deployment without hubs]}"}, "401": bad("no or a wrong admin token")}},
+                "post": {"summary": "deploy a stored package to a hub or a group, through each hub's roost-deployment shadow", "security": [{"admin": []}],
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["package"], "additionalProperties": false, "properties": {
+                            "hub": {"type": "string"}, "group": {"type": "string"}, "package": {"type": "string", "description": "SHA-256, hex"},
+                            "rollout_batch": {"type": "integer", "minimum": 1}, "max_failures_pct": {"type": "integer", "minimum": 0, "maximum": 100},
+                            "secrets": {"type": "object", "additionalProperties": {"type": "string"}}}}}}},
+                    "responses": {
+                        "201": {"description": "{\"deployment\", \"hubs\", \"package\"}"},
+                        "400": bad("bad_request: not exactly one of hub and group, a bad batch or bound, secrets that do not match the manifest"),
+                        "401": bad("no or a wrong admin token"),
+                        "404": bad("unknown_hub or unknown_package")}}
+            },
+            "/v1/deployments/{id}": {"get": {"summary": "one deployment, hub by hub", "security": [{"admin": []}],
+                "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}}],
+                "responses": {"200": {"description": "{\"id\", \"target\", \"package\", \"state\" (rolling_out, done, stopped), \"reason\", \"total\", \"done\", \"counts\", \"hubs\": [{\"hub\", \"status\", \"reason\", \"started_ms\", \"updated_ms\"}]}"},
+                    "400": {"description": "the id is not a number"},
+                    "401": bad("no or a wrong admin token"), "404": bad("unknown_deployment")}}},
+            roost_fleet::CONNECT_PATH: {"get": {"summary": "a hub's WebSocket: the cloud sends a challenge, the hub answers hello signed with its enrolled key, then shadows flow down and reports and heartbeats up (roost-fleet's CloudMsg and HubMsg, JSON text frames)",
+                "security": [{"hub": []}],
+                "responses": {"101": {"description": "switching to the WebSocket"}, "400": {"description": "not a WebSocket request"},
+                    "401": bad("unauthorized"), "426": {"description": "the connection cannot be upgraded"}}}},
+            "/v1/hub/packages/{sha256}": {"get": {"summary": "a package of a deployment sent to the signing hub, and no other",
+                "security": [{"hub": []}],
+                "parameters": [path_param("sha256")],
+                "responses": {"200": {"description": "the package", "content": {"application/gzip": {}}},
+                    "401": bad("unauthorized: unsigned, badly signed, out of the time window, or an unknown or removed hub"),
+                    "404": bad("unknown_package: not in a deployment sent to this hub")}}},
+            "/v1/hub/deployments/{id}/secrets": {"get": {"summary": "the secret values of a deployment sent to the signing hub",
+                "security": [{"hub": []}],
+                "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}}],
+                "responses": {"200": {"description": "{\"values\": {NAME: VALUE} or null}"},
+                    "400": {"description": "the id is not a number"},
+                    "401": bad("unauthorized"), "404": bad("unknown_deployment: not sent to this hub")}}}
         }
     })
+}
+
+fn path_param(name: &str) -> serde_json::Value {
+    json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}})
 }
 
 #[cfg(test)]
@@ -668,46 +728,83 @@ mod tests {
         (dir, c)
     }
 
+    /// The paths the router serves, read from this file and hubs.rs, so a
+    /// route added without its documentation fails the test below.
+    fn served_paths() -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for src in [include_str!("api.rs"), include_str!("hubs.rs")] {
+            let mut rest = src;
+            while let Some(i) = rest.find(".route(") {
+                rest = &rest[i + ".route(".len()..];
+                let arg = rest.trim_start();
+                if let Some(lit) = arg.strip_prefix("\"/") {
+                    out.insert(format!("/{}", &lit[..lit.find('"').unwrap()]));
+                } else if arg.starts_with("roost_fleet::CONNECT_PATH") {
+                    out.insert(roost_fleet::CONNECT_PATH.to_owned());
+                }
+            }
+        }
+        out
+    }
+
     #[tokio::test]
-    async fn every_documented_operation_is_served_and_guarded_as_documented() {
+    async fn every_route_is_documented_and_every_documented_operation_is_served_as_documented() {
         let (_d, c) = cloud();
         let app = router(c.clone());
         let doc = openapi();
+        let documented: std::collections::BTreeSet<String> =
+            doc["paths"].as_object().unwrap().keys().cloned().collect();
+        assert_eq!(
+            served_paths(),
+            documented,
+            "the routes served and the paths documented differ"
+        );
         let mut operations = 0;
         for (path, ops) in doc["paths"].as_object().unwrap() {
-            let concrete = path.replace("{name}", "nobody");
+            let concrete = path
+                .replace("{name}", "nobody")
+                .replace("{shadow}", "roost-deployment")
+                .replace("{id}", "7")
+                .replace("{sha256}", &"0".repeat(64));
             for (method, op) in ops.as_object().unwrap() {
                 operations += 1;
                 let m = method.to_uppercase();
                 let secured = op.get("security").is_some();
                 let (status, _) = send(&app, &m, &concrete, None, "").await;
-                if secured {
+                if secured && path != roost_fleet::CONNECT_PATH {
                     assert_eq!(
                         status,
                         StatusCode::UNAUTHORIZED,
                         "{m} {path} without a token"
                     );
                 }
-                let (status, _) = send(
-                    &app,
-                    &m,
-                    &concrete,
-                    Some(c.admin_token()),
-                    "{\"name\":\"x\"}",
-                )
-                .await;
-                assert!(
-                    status != StatusCode::NOT_FOUND || op["responses"].get("404").is_some(),
-                    "{m} {path} is documented but not served"
-                );
-                assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{m} {path}");
-                assert!(
-                    op["responses"].get(status.as_str()).is_some(),
-                    "{m} {path} answered {status}, which the document does not list"
-                );
+                for body in ["{\"name\":\"x\"}", "not json", ""] {
+                    let (status, _) = send(&app, &m, &concrete, Some(c.admin_token()), body).await;
+                    assert!(
+                        status != StatusCode::NOT_FOUND || op["responses"].get("404").is_some(),
+                        "{m} {path} is documented but not served"
+                    );
+                    assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{m} {path}");
+                    assert!(
+                        op["responses"].get(status.as_str()).is_some(),
+                        "{m} {path} with {body:?} answered {status}, which the document does not list"
+                    );
+                }
+                // Every other method on a documented path is refused.
+                for other in ["GET", "POST", "PUT", "DELETE", "PATCH"] {
+                    if ops.get(other.to_lowercase()).is_none() {
+                        let (status, _) =
+                            send(&app, other, &concrete, Some(c.admin_token()), "").await;
+                        assert!(
+                            status == StatusCode::METHOD_NOT_ALLOWED
+                                || status == StatusCode::NOT_FOUND,
+                            "{other} {path} answered {status} but is not documented"
+                        );
+                    }
+                }
             }
         }
-        assert_eq!(operations, 6);
+        assert_eq!(operations, 14);
         // And nothing undocumented is served.
         let (status, v) = send(&app, "GET", "/v1/secrets", Some(c.admin_token()), "").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
