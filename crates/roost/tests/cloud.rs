@@ -3,85 +3,11 @@
 //! killed with SIGKILL and started again.
 
 mod common;
+use common::fleet::*;
 use common::*;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
-
-struct TestCloud {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    url: String,
-}
-
-impl TestCloud {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c = TestCloud {
-            dir,
-            child: None,
-            url: String::new(),
-        };
-        c.launch();
-        c
-    }
-
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("cloud")
-    }
-
-    fn launch(&mut self) {
-        let endpoints = self.data_dir().join("endpoints.json");
-        let _ = std::fs::remove_file(&endpoints);
-        let log = std::fs::File::create(self.dir.path().join("cloud.log")).unwrap();
-        let child = Command::new(roost_bin())
-            .args(["cloud", "--http", "127.0.0.1:0", "--data-dir"])
-            .arg(self.data_dir())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        wait_until("roost cloud to serve", Duration::from_secs(30), || {
-            endpoints.exists()
-        });
-        let v: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&endpoints).unwrap()).unwrap();
-        self.url = v["url"].as_str().unwrap().to_owned();
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-
-    /// `roost cloud ARGS` as a client of this cloud (token from its data dir).
-    fn cli(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new(roost_bin());
-        cmd.arg("cloud").args(args);
-        cmd.env("ROOST_CLOUD", &self.url)
-            .env("ROOST_CLOUD_DATA_DIR", self.data_dir())
-            .env_remove("ROOST_CLOUD_TOKEN");
-        cmd.output().unwrap()
-    }
-
-    fn token(&self) -> String {
-        std::fs::read_to_string(self.data_dir().join("admin-token"))
-            .unwrap()
-            .trim()
-            .to_owned()
-    }
-}
-
-impl Drop for TestCloud {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 
 fn ok(out: &Output) -> String {
     assert!(
@@ -148,7 +74,7 @@ fn an_operator_adds_lists_and_removes_hubs_and_the_fleet_survives_kill_9() {
 }
 
 #[test]
-fn the_api_refuses_without_the_admin_token_and_unbuilt_options_say_so() {
+fn the_api_refuses_without_the_admin_token_and_an_unreachable_database_says_so() {
     let cloud = TestCloud::start();
     let r = http().get(format!("{}/v1/hubs", cloud.url)).send().unwrap();
     assert_eq!(r.status(), 401);
@@ -181,12 +107,13 @@ fn the_api_refuses_without_the_admin_token_and_unbuilt_options_say_so() {
         .unwrap();
     let e = err(&out);
     assert!(e.contains("ROOST_CLOUD_TOKEN"), "{e}");
-    // PostgreSQL is not built yet: a clear refusal, not a silent SQLite.
+    // A database that cannot be reached is a clear refusal, not a silent
+    // SQLite.
     let out = Command::new(roost_bin())
         .args([
             "cloud",
             "--database",
-            "postgres://localhost/fleet",
+            "postgres://roost@127.0.0.1:1/fleet",
             "--data-dir",
         ])
         .arg(cloud.dir.path().join("other"))

@@ -2,6 +2,8 @@
 //! data dir, and drives it through HTTP and the `roost` CLI.
 #![allow(dead_code)]
 
+pub mod fleet;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
