@@ -12,6 +12,9 @@ pub struct TestCloud {
     pub args: Vec<String>,
     /// The certificate clients pin, when it serves TLS.
     pub cert: Option<PathBuf>,
+    /// The address it bound first: a restart binds it again, so hubs
+    /// find it where they left it.
+    pub http: Option<String>,
 }
 
 impl TestCloud {
@@ -45,6 +48,7 @@ impl TestCloud {
             url: String::new(),
             args: args.iter().map(|s| s.to_string()).collect(),
             cert: None,
+            http: None,
         };
         if c.args.iter().any(|a| a == "--tls-cert") {
             let i = c.args.iter().position(|a| a == "--tls-cert").unwrap();
@@ -75,7 +79,9 @@ impl TestCloud {
             .open(self.log_path())
             .unwrap();
         let child = Command::new(roost_bin())
-            .args(["cloud", "--http", "127.0.0.1:0", "--data-dir"])
+            .args(["cloud", "--http"])
+            .arg(self.http.as_deref().unwrap_or("127.0.0.1:0"))
+            .arg("--data-dir")
             .arg(self.data_dir())
             .args(&self.args)
             .stdin(Stdio::null())
@@ -102,6 +108,7 @@ impl TestCloud {
         let v: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&endpoints).unwrap()).unwrap();
         self.url = v["url"].as_str().unwrap().to_owned();
+        self.http = Some(v["http"].as_str().unwrap().to_owned());
     }
 
     pub fn kill9(&mut self) {
