@@ -308,6 +308,12 @@ async fn run_session(
                 if last_heard.elapsed() > heartbeat * 3 {
                     return Ended::Silent;
                 }
+                // The fallback to the push: once a heartbeat, the shadow is
+                // reread and sent if an event about it was missed (nothing
+                // goes on the wire when it has not changed).
+                if push_shadow(cloud, ws, hub, &mut sent_version).await.is_err() {
+                    return Ended::Closed;
+                }
             }
         }
     }

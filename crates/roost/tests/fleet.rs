@@ -543,3 +543,113 @@ fn kill_9_of_a_hub_mid_check_and_of_the_cloud_mid_rollout_strand_nothing() {
     let d = cloud.wait_deployment(v3, Duration::from_secs(180));
     assert_eq!(d["counts"]["succeeded"], 2, "{d}\n{}", cloud.log_text());
 }
+
+/// Runs SQL on the cloud's SQLite database beside the running cloud (as
+/// a corrupted disk or a hostile operator of the database would).
+fn tamper(cloud: &TestCloud, sql: &str) {
+    let db = cloud.data_dir().join("cloud.db");
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1],timeout=30)\nc.execute(sys.argv[2])\nc.commit()",
+        ])
+        .arg(&db)
+        .arg(sql)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Uploads a package; its SHA-256.
+fn upload(cloud: &TestCloud, pkg: &Package) -> String {
+    let bytes = std::fs::read(pack(pkg)).unwrap();
+    let r = http()
+        .post(format!("{}/v1/packages", cloud.url))
+        .bearer_auth(cloud.token())
+        .header("content-type", "application/gzip")
+        .body(bytes)
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().unwrap());
+    r.json::<serde_json::Value>().unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The package `roost deploy` would send, made with tar (a test client we
+/// did not write): manifest.toml and the module beside it.
+fn pack(pkg: &Package) -> std::path::PathBuf {
+    let out = pkg.path().join("package.tar.gz");
+    let ok = Command::new("tar")
+        .arg("-czf")
+        .arg(&out)
+        .arg("-C")
+        .arg(pkg.path())
+        .args(["manifest.toml", "echo.wat"])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    out
+}
+
+fn deploy_sha(cloud: &TestCloud, hub: &str, sha: &str) -> i64 {
+    let r = http()
+        .post(format!("{}/v1/deployments", cloud.url))
+        .bearer_auth(cloud.token())
+        .json(&serde_json::json!({"hub": hub, "package": sha}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    r.json::<serde_json::Value>().unwrap()["deployment"]
+        .as_i64()
+        .unwrap()
+}
+
+#[test]
+fn a_package_whose_hash_or_signature_does_not_match_is_refused_by_the_hub_before_unpacking() {
+    let cloud = TestCloud::start();
+    let hub = cloud.hub("shop", &[], &[]);
+    let good = echo_package("", &[]);
+    let v1 = cloud.deploy(&good.manifest(), &["--hub", "shop"]);
+    assert_eq!(cloud.wait_hub_done(v1, "shop", LONG).0, "succeeded");
+
+    // A signature that is not the fleet's (a valid-looking one of another
+    // package): refused, nothing fetched.
+    let p2 = echo_package(&task("two", "echo.wat", ""), &[]);
+    let sha2 = upload(&cloud, &p2);
+    let sha1 = cloud.deployment(v1)["package"].as_str().unwrap().to_owned();
+    tamper(
+        &cloud,
+        &format!(
+            "UPDATE packages SET signature = (SELECT signature FROM packages WHERE sha256 = '{sha1}') WHERE sha256 = '{sha2}'"
+        ),
+    );
+    let v2 = deploy_sha(&cloud, "shop", &sha2);
+    let (s, reason) = cloud.wait_hub_done(v2, "shop", LONG);
+    assert_eq!(s, "failed", "{reason}");
+    assert!(reason.contains("signature"), "{reason}");
+    assert_eq!(task_names(&hub), ["echo"]);
+
+    // Bytes that are not the package the deployment names (another
+    // package's, properly signed for that one): refused on the hash.
+    let p3 = echo_package(&task("three", "echo.wat", ""), &[]);
+    let sha3 = upload(&cloud, &p3);
+    tamper(
+        &cloud,
+        &format!(
+            "UPDATE packages SET bytes = (SELECT bytes FROM packages WHERE sha256 = '{sha2}') WHERE sha256 = '{sha3}'"
+        ),
+    );
+    let v3 = deploy_sha(&cloud, "shop", &sha3);
+    let (s, reason) = cloud.wait_hub_done(v3, "shop", LONG);
+    assert_eq!(s, "failed", "{reason}");
+    assert!(reason.contains("hashes to"), "{reason}");
+    assert_eq!(task_names(&hub), ["echo"]);
+    assert!(echo_answers(&hub));
+    assert_eq!(cloud.hub_row("shop")["applied"], v1);
+}

@@ -58,6 +58,7 @@ pub const FILE: &str = "cloud-credential.json";
 /// The hub's credential for `cloud`: read, or made by enrolling with
 /// `token` when there is none yet. Blocking (call it before the runtime).
 pub fn credential(data_dir: &Path, cloud: &str, token: Option<&str>) -> Result<Credential> {
+    refuse_plain_off_loopback(cloud)?;
     let path = data_dir.join(FILE);
     if path.exists() {
         let c: Credential = serde_json::from_slice(&std::fs::read(&path)?)
@@ -116,6 +117,25 @@ pub fn credential(data_dir: &Path, cloud: &str, token: Option<&str>) -> Result<C
     Ok(c)
 }
 
+/// Hub-to-cloud traffic is TLS: plain http only to this machine.
+fn refuse_plain_off_loopback(cloud: &str) -> Result<()> {
+    let url = reqwest::Url::parse(cloud)
+        .with_context(|| format!("--cloud {cloud} is not a URL (https://HOST:PORT)"))?;
+    let host = url.host_str().unwrap_or_default();
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => bail!("--cloud {cloud} is plain http to another machine: the fleet's traffic is TLS, use https:// (the cloud serves it with --tls-cert/--tls-key)"),
+        other => bail!("--cloud must be https:// (or http:// on this machine), not {other}://"),
+    }
+}
+
 /// Writes a file only this user can read, atomically.
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -130,4 +150,54 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_is_only_for_this_machine() {
+        for ok in [
+            "https://cloud.example:8430",
+            "http://127.0.0.1:8430",
+            "http://localhost:8430",
+            "http://[::1]:8430",
+        ] {
+            assert!(refuse_plain_off_loopback(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://10.0.0.5:8430",
+            "http://cloud.example",
+            "ftp://127.0.0.1",
+            "not a url",
+            "",
+        ] {
+            assert!(refuse_plain_off_loopback(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_credential_for_another_cloud_or_a_garbled_one_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = credential(dir.path(), "http://127.0.0.1:1", None).unwrap_err();
+        assert!(format!("{e:#}").contains("--enrol"), "{e:#}");
+        std::fs::write(dir.path().join(FILE), b"{not json").unwrap();
+        let e = credential(dir.path(), "http://127.0.0.1:1", None).unwrap_err();
+        assert!(format!("{e:#}").contains("not a cloud credential"), "{e:#}");
+        let c = Credential {
+            cloud: "http://127.0.0.1:1".into(),
+            hub: "a".into(),
+            groups: vec![],
+            public_key: "00".into(),
+            secret_key: "00".into(),
+            pin: None,
+            signing_key: None,
+        };
+        std::fs::write(dir.path().join(FILE), serde_json::to_vec(&c).unwrap()).unwrap();
+        let e = credential(dir.path(), "http://127.0.0.1:2", None).unwrap_err();
+        assert!(format!("{e:#}").contains("enrolled with"), "{e:#}");
+        let e = c.key().unwrap_err();
+        assert!(!format!("{e:#}").is_empty());
+    }
 }
