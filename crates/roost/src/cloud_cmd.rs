@@ -570,19 +570,23 @@ fn serve(opts: ServeOpts) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let cloud =
-            roost_cloud::Cloud::open_with(&opts.data_dir, opts.database.as_deref(), options)
-                .with_context(|| {
-                    format!(
-                        "cannot open the cloud's state (data dir {}{})",
-                        opts.data_dir.display(),
-                        if opts.database.is_some() {
-                            ", and the --database"
-                        } else {
-                            ""
-                        }
-                    )
-                })?;
+        // Opening runs the blocking database client: off the async workers.
+        let (dir, database) = (opts.data_dir.clone(), opts.database.clone());
+        let cloud = tokio::task::spawn_blocking(move || {
+            roost_cloud::Cloud::open_with(&dir, database.as_deref(), options)
+        })
+        .await?
+        .with_context(|| {
+            format!(
+                "cannot open the cloud's state (data dir {}{})",
+                opts.data_dir.display(),
+                if opts.database.is_some() {
+                    ", and the --database"
+                } else {
+                    ""
+                }
+            )
+        })?;
         let listener = tokio::net::TcpListener::bind(opts.http)
             .await
             .with_context(|| {

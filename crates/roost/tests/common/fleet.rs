@@ -111,6 +111,13 @@ impl TestCloud {
         self.http = Some(v["http"].as_str().unwrap().to_owned());
     }
 
+    /// Starts it again (after `kill9`) on the address it served before,
+    /// where its hubs' credentials point.
+    /// Starts it again on the address it had (as `launch` does).
+    pub fn relaunch(&mut self) {
+        self.launch();
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap();
@@ -305,4 +312,56 @@ pub fn task_names(hub: &TestHub) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// A fresh PostgreSQL database of its own on the server
+/// `ROOST_TEST_POSTGRES` names (`. scripts/postgres.sh` starts one), so
+/// tests never see each other's state; dropped with the value.
+pub struct TestPostgres {
+    admin: String,
+    name: String,
+    /// The `--database` URL of the fresh database.
+    pub url: String,
+}
+
+impl TestPostgres {
+    /// None, with a note, when no server is named outside CI; with
+    /// `CI=true` that is a failure, so CI cannot lose these tests.
+    pub fn new() -> Option<TestPostgres> {
+        let admin = match std::env::var("ROOST_TEST_POSTGRES") {
+            Ok(u) if !u.is_empty() => u,
+            _ => {
+                assert_ne!(
+                    std::env::var("CI").as_deref(),
+                    Ok("true"),
+                    "CI=true but ROOST_TEST_POSTGRES is not set: .ci/run starts a server with scripts/postgres.sh"
+                );
+                eprintln!("note: ROOST_TEST_POSTGRES is not set: skipped; `. scripts/postgres.sh` starts a server and sets it");
+                return None;
+            }
+        };
+        let name = format!("roost_t_{:016x}", rand::random::<u64>());
+        let mut c = postgres::Client::connect(&admin, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect to ROOST_TEST_POSTGRES: {e}"));
+        c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        let (base, query) = match admin.split_once('?') {
+            Some((b, q)) => (b, format!("?{q}")),
+            None => (admin.as_str(), String::new()),
+        };
+        let start = base.find("://").map_or(0, |i| i + 3);
+        let end = base[start..].find('/').map_or(base.len(), |i| start + i);
+        let url = format!("{}/{name}{query}", &base[..end]);
+        Some(TestPostgres { admin, name, url })
+    }
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        if let Ok(mut c) = postgres::Client::connect(&self.admin, postgres::NoTls) {
+            let _ = c.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
 }
