@@ -45,10 +45,13 @@ pub async fn run(hubs: usize, idle_s: u64) -> Result<()> {
     let n = hubs.max(1);
     println!("\n[fleet] roost cloud with {n} simulated hubs (this process), same machine");
 
-    let bare = bare_ws_memory(n).await?;
+    let bare = bare_ws_memory(n, None).await?;
     println!(
-        "  bare WebSocket server (tokio-tungstenite, one task a connection): {:.0} B per connection",
-        bare
+        "  bare WebSocket server (tokio-tungstenite defaults, one task a connection): {bare:.0} B per connection"
+    );
+    let small = bare_ws_memory(n, Some(4096)).await?;
+    println!(
+        "  the same with a 4 KiB read buffer (tungstenite's default is 128 KiB): {small:.0} B per connection"
     );
 
     let sqlite = fleet(None, n).await?;
@@ -58,7 +61,10 @@ pub async fn run(hubs: usize, idle_s: u64) -> Result<()> {
             let db = FreshDb::create(&url).await?;
             let pg = fleet(Some(&db.url), n).await;
             db.drop_later().await;
-            print_fleet("postgres", &pg?, bare, n);
+            match pg {
+                Ok(pg) => print_fleet("postgres", &pg, bare, n),
+                Err(e) => println!("  postgres: not measured: {e:#}"),
+            }
         }
         _ => println!(
             "  (PostgreSQL skipped: ROOST_TEST_POSTGRES is not set; `. scripts/postgres.sh` starts a server and sets it)"
@@ -140,6 +146,10 @@ impl CloudProcess {
     fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.path().join("cloud.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
+        // A panic's message, not its backtrace.
+        if let Some(i) = lines.iter().position(|l| l.contains("panicked at")) {
+            return lines[i..(i + 2).min(lines.len())].join(" ");
+        }
         lines[lines.len().saturating_sub(10)..].join("\n")
     }
 }
@@ -804,8 +814,16 @@ fn print_fleet(db: &str, f: &FleetFigures, bare_per_conn: f64, n: usize) {
 
 /// Serves WebSockets on 127.0.0.1 (the address on stdout), each connection
 /// sent one text frame and then only read, until stdin closes. Run as
-/// `roost-bench bare-ws` by [`bare_ws_memory`], a process of its own.
+/// `roost-bench bare-ws` by [`bare_ws_memory`], a process of its own;
+/// `ROOST_BENCH_WS_READ_BUFFER` sets tungstenite's read buffer.
 pub fn bare_ws_server() -> Result<()> {
+    let mut config = ws_config();
+    if let Some(n) = std::env::var("ROOST_BENCH_WS_READ_BUFFER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.read_buffer_size = n;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -820,7 +838,7 @@ pub fn bare_ws_server() -> Result<()> {
                 tokio::spawn(async move {
                     let _ = tcp.set_nodelay(true);
                     let Ok(mut ws) =
-                        tokio_tungstenite::accept_async_with_config(tcp, Some(ws_config())).await
+                        tokio_tungstenite::accept_async_with_config(tcp, Some(config)).await
                     else {
                         return;
                     };
@@ -850,9 +868,13 @@ pub fn bare_ws_server() -> Result<()> {
 }
 
 /// The bare server's VmRSS growth per connection, `n` connections.
-async fn bare_ws_memory(n: usize) -> Result<f64> {
+async fn bare_ws_memory(n: usize, read_buffer: Option<usize>) -> Result<f64> {
     let me = std::env::current_exe()?;
-    let mut child = tokio::process::Command::new(&me)
+    let mut cmd = tokio::process::Command::new(&me);
+    if let Some(b) = read_buffer {
+        cmd.env("ROOST_BENCH_WS_READ_BUFFER", b.to_string());
+    }
+    let mut child = cmd
         .arg("bare-ws")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
