@@ -10,12 +10,16 @@
 //! - async: durable async calls/s (202 after fsync) vs naive SQLite inserts
 //!   with the same durability settings.
 //! - rss: idle hub RSS and RSS per additional deployed task.
+//! - fleet (`fleet.rs`): `roost cloud` deploying to N simulated hubs vs
+//!   their bare package fetch, its memory per connected hub vs a bare
+//!   WebSocket server, and an idle real hub's bytes per day.
 //!
 //! The hub under test is the `roost` binary, started as a process of its
 //! own, as a user runs it: the load generator never shares its runtime or
 //! its cores' scheduler with the hub, and the figures stay comparable with
 //! those measured when the bench was part of `roost`.
 
+mod fleet;
 mod mqtt;
 // The owner's keys and signing, as `roost shadow` has them: one source.
 #[path = "../../roost/src/owner.rs"]
@@ -59,6 +63,12 @@ struct BenchOpts {
     /// Idle MQTT connections for the memory measurement.
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
+    /// Simulated hubs connected to `roost cloud` for the fleet figures.
+    #[arg(long, default_value_t = 1000)]
+    hubs: usize,
+    /// Seconds the idle hub's traffic is counted for (at a 2 s heartbeat).
+    #[arg(long, default_value_t = 60)]
+    idle_window_s: u64,
     /// Python with awslambdaric, for the process benchmarks.
     #[arg(long, env = "PYTHON", default_value = "python3")]
     python: String,
@@ -95,6 +105,14 @@ enum Which {
     Shadow,
     /// What task identities cost a `/v1` call (needs root).
     Identity,
+    /// The control plane: a deployment to --hubs simulated hubs, memory
+    /// per connected hub, an idle hub's bytes per day (PostgreSQL too when
+    /// ROOST_TEST_POSTGRES is set).
+    Fleet,
+    /// The fleet figure's memory baseline, a bare WebSocket server (run by
+    /// `fleet` itself).
+    #[value(hide = true)]
+    BareWs,
 }
 
 /// The `roost` binary the hubs are started from, when `--roost` names one.
@@ -131,6 +149,9 @@ fn main() -> ExitCode {
 }
 
 fn run(opts: BenchOpts) -> Result<()> {
+    if opts.which == Which::BareWs {
+        return fleet::bare_ws_server();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -176,6 +197,9 @@ fn run(opts: BenchOpts) -> Result<()> {
     }
     if wants(Which::Identity) {
         rt.block_on(bench_identity(&opts))?;
+    }
+    if wants(Which::Fleet) {
+        rt.block_on(fleet::run(opts.hubs, opts.idle_window_s))?;
     }
     Ok(())
 }

@@ -281,7 +281,7 @@ async fn latency_between(
     Ok((samples[n / 2], samples[n * 99 / 100]))
 }
 
-fn rss_kb(pid: u32) -> u64 {
+pub(crate) fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
@@ -305,7 +305,7 @@ async fn idle_memory(b: &Broker, n: usize) -> Result<f64> {
     Ok((after as f64 - before as f64) * 1024.0 / n as f64)
 }
 
-fn raise_fd_limit() {
+pub(crate) fn raise_fd_limit() {
     // SAFETY: get/setrlimit on this process.
     unsafe {
         let mut l = libc::rlimit {
