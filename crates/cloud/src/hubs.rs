@@ -67,8 +67,13 @@ impl Sessions {
 }
 
 pub(crate) async fn connect(State(cloud): State<Cloud>, ws: WebSocketUpgrade) -> Response {
+    // A connected hub is mostly idle: small buffers (tungstenite's default
+    // is 128 KiB to read, per connection), grown when a frame needs it.
     ws.max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(2 * MAX_FRAME_BYTES)
         .on_upgrade(move |socket| session(cloud, socket))
 }
 
@@ -258,8 +263,8 @@ async fn run_session(
         return Ended::Closed;
     }
     let heartbeat = cloud.options.heartbeat.max(Duration::from_secs(1));
-    let mut sent_version = None;
-    if push_shadow(cloud, ws, hub, &mut sent_version)
+    let mut sent_desired = None;
+    if push_shadow(cloud, ws, hub, &mut sent_desired)
         .await
         .is_err()
     {
@@ -299,7 +304,7 @@ async fn run_session(
                     Err(broadcast::error::RecvError::Lagged(_)) => true,
                     Err(broadcast::error::RecvError::Closed) => return Ended::Closed,
                 };
-                if push && push_shadow(cloud, ws, hub, &mut sent_version).await.is_err() {
+                if push && push_shadow(cloud, ws, hub, &mut sent_desired).await.is_err() {
                     return Ended::Closed;
                 }
             }
@@ -311,7 +316,7 @@ async fn run_session(
                 // The fallback to the push: once a heartbeat, the shadow is
                 // reread and sent if an event about it was missed (nothing
                 // goes on the wire when it has not changed).
-                if push_shadow(cloud, ws, hub, &mut sent_version).await.is_err() {
+                if push_shadow(cloud, ws, hub, &mut sent_desired).await.is_err() {
                     return Ended::Closed;
                 }
             }
@@ -319,13 +324,14 @@ async fn run_session(
     }
 }
 
-/// Sends the hub its `roost-deployment` shadow if it changed since it was
-/// last sent.
+/// Sends the hub its `roost-deployment` shadow if its desired state
+/// changed since it was last sent (the hub's own reports, which change the
+/// shadow's version too, are not echoed back).
 async fn push_shadow(
     cloud: &Cloud,
     ws: &mut WebSocket,
     hub: &str,
-    sent_version: &mut Option<u64>,
+    sent: &mut Option<serde_json::Value>,
 ) -> Result<(), axum::Error> {
     let name = hub.to_owned();
     let rec = match cloud.run(move |s| s.shadow(&name, DEPLOYMENT_SHADOW)).await {
@@ -335,7 +341,7 @@ async fn push_shadow(
             return Ok(());
         }
     };
-    if !rec.exists() || *sent_version == Some(rec.version) {
+    if !rec.exists() {
         return Ok(());
     }
     let Ok(id) = roost_shadows::ShadowId::parse(hub, Some(DEPLOYMENT_SHADOW)) else {
@@ -344,7 +350,11 @@ async fn push_shadow(
     let Ok(document) = rec.get(&id, None, (now_ms() / 1000) as u64) else {
         return Ok(());
     };
-    *sent_version = Some(rec.version);
+    let desired = document["state"]["desired"].clone();
+    if sent.as_ref() == Some(&desired) {
+        return Ok(());
+    }
+    *sent = Some(desired);
     send(
         ws,
         &CloudMsg::Shadow {

@@ -604,7 +604,12 @@ impl Store {
             )?;
             if changed > 0 {
                 tx.notify(&format!("deployment:{id}"));
-                advance(tx, id, now_ms)?;
+                // Only a hub finishing frees a place in its batch or counts
+                // against the failure bound: the rollout step (which reads
+                // every row of the deployment) is for those reports alone.
+                if terminal(status) {
+                    advance(tx, id, now_ms)?;
+                }
             }
             Ok(())
         })

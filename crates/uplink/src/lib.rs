@@ -285,6 +285,10 @@ async fn open_socket(link: &Link) -> Result<Socket> {
     };
     let ws_url = format!("{scheme}://{host}:{port}{}", roost_fleet::CONNECT_PATH);
     let mut config = WebSocketConfig::default();
+    // Mostly idle: a small read buffer (the default is 128 KiB), grown
+    // when a frame needs it.
+    config.read_buffer_size = 4096;
+    config.write_buffer_size = 0;
     config.max_message_size = Some(roost_fleet::MAX_FRAME_BYTES);
     config.max_frame_size = Some(roost_fleet::MAX_FRAME_BYTES);
     let (ws, _) = tokio::time::timeout(
