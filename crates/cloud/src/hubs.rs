@@ -13,6 +13,7 @@
 
 use crate::api::error;
 use crate::store::DEPLOYMENT_SHADOW;
+use crate::StoreError;
 use crate::{now_ms, random_hex, Cloud};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
@@ -209,7 +210,16 @@ async fn session(cloud: Cloud, mut ws: WebSocket) {
         heartbeat_s: cloud.options.heartbeat.as_secs().max(1),
         signing_key: cloud.signing_public_key(),
     };
-    let ended = run_session(&cloud, &mut ws, &hub, welcome, &mut events, &mut replaced).await;
+    let ended = run_session(
+        &cloud,
+        &mut ws,
+        &hub,
+        &key,
+        welcome,
+        &mut events,
+        &mut replaced,
+    )
+    .await;
     match &ended {
         Ended::Replaced => {
             let _ = send(
@@ -255,6 +265,7 @@ async fn run_session(
     cloud: &Cloud,
     ws: &mut WebSocket,
     hub: &str,
+    key: &str,
     welcome: CloudMsg,
     events: &mut broadcast::Receiver<String>,
     replaced: &mut oneshot::Receiver<()>,
@@ -284,9 +295,27 @@ async fn run_session(
                     Frame::Other | Frame::Msg(HubMsg::Heartbeat) => {}
                     Frame::Msg(HubMsg::Hello { .. }) => {}
                     Frame::Msg(HubMsg::Report { reported }) => {
-                        let name = hub.to_owned();
-                        if let Err(e) = cloud.run(move |s| s.report(&name, &reported, now_ms())).await {
-                            tracing::warn!(hub, error = %e, "a hub's report was not taken");
+                        let (name, key) = (hub.to_owned(), key.to_owned());
+                        // Taken only from the hub that proved this key: a
+                        // hub removed (and perhaps added again under its
+                        // name) while this session missed the event is out.
+                        let taken = cloud
+                            .run(move |s| {
+                                if s.public_key(&name)?.as_deref() != Some(key.as_str()) {
+                                    return Err(StoreError::UnknownHub(name));
+                                }
+                                s.report(&name, &reported, now_ms())
+                            })
+                            .await;
+                        match taken {
+                            Ok(()) => {}
+                            Err(StoreError::UnknownHub(_)) => return Ended::Removed,
+                            // Unacknowledged: end the session, so the hub
+                            // reconnects and sends its report again.
+                            Err(e) => {
+                                tracing::warn!(hub, error = %e, "a hub's report was not taken; the hub is asked to reconnect and send it again");
+                                return Ended::Closed;
+                            }
                         }
                     }
                 }
@@ -312,6 +341,13 @@ async fn run_session(
             _ = tick.tick() => {
                 if last_heard.elapsed() > heartbeat * 3 {
                     return Ended::Silent;
+                }
+                // A removal whose event was missed ends the session here.
+                let name = hub.to_owned();
+                if let Ok(k) = cloud.run(move |s| s.public_key(&name)).await {
+                    if k.as_deref() != Some(key) {
+                        return Ended::Removed;
+                    }
                 }
                 // The fallback to the push: once a heartbeat, the shadow is
                 // reread and sent if an event about it was missed (nothing

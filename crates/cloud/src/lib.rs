@@ -156,8 +156,11 @@ impl Cloud {
             tick.tick().await;
             let r = self
                 .run(|s| {
+                    // One deployment that cannot step does not hold the others.
                     for id in s.rolling_out()? {
-                        s.advance(id, now_ms())?;
+                        if let Err(e) = s.advance(id, now_ms()) {
+                            tracing::warn!(deployment = id, error = %e, "cannot step a rollout; trying again in 30 s");
+                        }
                     }
                     Ok(())
                 })

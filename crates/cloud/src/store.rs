@@ -586,6 +586,7 @@ impl Store {
             if one(tx, "SELECT name FROM hubs WHERE name = ?1", &[hub.into()])?.is_none() {
                 return Err(StoreError::UnknownHub(hub.to_owned()));
             }
+            let reported = &sanitize_report(reported);
             update_shadow(tx, hub, json!({"state": {"reported": reported}}), now_ms)?;
             let (Some(id), Some(status)) = (reported["deployment"].as_i64(), reported["status"].as_str())
             else {
@@ -636,6 +637,34 @@ impl Store {
             .collect()
         })
     }
+}
+
+/// What a hub's report may put in its shadow: the agent's fields, each
+/// of its type and bounded, so a hostile hub cannot fill the shadow (and
+/// so block the desired state the fleet writes there) or plant other keys.
+fn sanitize_report(reported: &Value) -> Value {
+    let text = |v: &Value, max: usize| -> Value {
+        v.as_str().map_or(Value::Null, |s| {
+            Value::String(s.chars().take(max).collect())
+        })
+    };
+    let int = |v: &Value| v.as_i64().map_or(Value::Null, Value::from);
+    let drift = match &reported["drift"] {
+        Value::Object(d) => json!({
+            "local_deployment": int(d.get("local_deployment").unwrap_or(&Value::Null)),
+            "at_ms": int(d.get("at_ms").unwrap_or(&Value::Null)),
+            "reason": text(d.get("reason").unwrap_or(&Value::Null), 500),
+        }),
+        _ => Value::Null,
+    };
+    json!({
+        "deployment": int(&reported["deployment"]),
+        "status": text(&reported["status"], 32),
+        "reason": text(&reported["reason"], 2000),
+        "applied": int(&reported["applied"]),
+        "local_deployment": int(&reported["local_deployment"]),
+        "drift": drift,
+    })
 }
 
 /// Serializes who is in which group against deployments to groups, so a
@@ -815,6 +844,9 @@ pub(crate) fn advance(tx: &mut dyn Tx, id: i64, now_ms: i64) -> Result<(), Store
                 break;
             }
             changed = true;
+            // Locked before its desired state is read, so a newer
+            // deployment committed meanwhile is seen, never overwritten.
+            tx.lock_row("hubs", "name", (&r.hub).into())?;
             if desired_deployment(tx, &r.hub)?.is_some_and(|newer| newer > id) {
                 tx.exec(
                     "UPDATE deployment_hubs SET status = 'superseded', reason = 'the hub already has a newer deployment', updated_ms = ?3
@@ -824,12 +856,34 @@ pub(crate) fn advance(tx: &mut dyn Tx, id: i64, now_ms: i64) -> Result<(), Store
                 continue;
             }
             slots -= 1;
-            update_shadow(
+            let sent = update_shadow(
                 tx,
                 &r.hub,
                 json!({"state": {"desired": {"deployment": id, "package": d.package, "signature": signature}}}),
                 now_ms,
-            )?;
+            );
+            if let Err(StoreError::Refused(why)) = &sent {
+                // The hub's shadow cannot take it (the shadow logic refused
+                // before anything was written): this hub fails, the
+                // rollout goes on.
+                tx.exec(
+                    "UPDATE deployment_hubs SET status = 'failed', reason = ?3, started_ms = ?4, updated_ms = ?4
+                     WHERE deployment = ?1 AND hub = ?2",
+                    &[
+                        id.into(),
+                        (&r.hub).into(),
+                        format!("not sent: the hub's {DEPLOYMENT_SHADOW} shadow refused it ({why})").into(),
+                        now_ms.into(),
+                    ],
+                )?;
+                // It took no place in the batch; step again to count it
+                // against the bound.
+                slots += 1;
+                work.push(id);
+                seen.remove(&id);
+                continue;
+            }
+            sent?;
             tx.exec(
                 "UPDATE deployment_hubs SET reason = 'sent; waiting for the hub to take it', started_ms = ?3, updated_ms = ?3
                  WHERE deployment = ?1 AND hub = ?2",
@@ -922,7 +976,41 @@ mod tests {
         a_hub_that_joins_a_group_gets_its_current_deployment,
         a_removed_hub_leaves_its_rollouts_and_is_announced,
         the_fleet_values_are_made_once,
+        a_hostile_report_cannot_fill_the_shadow_or_block_the_next_deployment,
     );
+
+    fn a_hostile_report_cannot_fill_the_shadow_or_block_the_next_deployment(s: &Store) {
+        s.add_hub(&hub("a", &["g"]), "ta", 100).unwrap();
+        s.add_hub(&hub("b", &["g"]), "tb", 100).unwrap();
+        package(s, "p1");
+        let id = deploy(s, Target::Group("g".into()), "p1", 1, 100);
+        // Batch 1: one hub was sent it; that one turns hostile.
+        let hostile = s
+            .deployment(id)
+            .unwrap()
+            .unwrap()
+            .1
+            .into_iter()
+            .find(|h| h.started_ms.is_some())
+            .unwrap()
+            .hub;
+        // Huge, and with keys of its own: only the agent's fields, bounded.
+        let blob = "x".repeat(60_000);
+        s.report(
+            &hostile,
+            &json!({"deployment": id, "status": "downloading", "reason": blob,
+                    "junk": blob, "applied": "not a number", "drift": {"reason": blob, "x": 1}}),
+            20,
+        )
+        .unwrap();
+        let doc = s.shadow(&hostile, DEPLOYMENT_SHADOW).unwrap().to_stored();
+        assert!(doc.len() < 8_000, "the shadow holds {} bytes", doc.len());
+        assert!(!doc.contains("junk"));
+        // The fleet can still write the next desired state there.
+        package(s, "p2");
+        let next = deploy(s, Target::Hub(hostile.clone()), "p2", 1, 100);
+        assert_eq!(started(s, next), 1);
+    }
 
     fn hub(name: &str, groups: &[&str]) -> HubRecord {
         HubRecord {

@@ -48,6 +48,10 @@ struct State {
     reported: Value,
     /// A local deployment forced past the fleet (`roost deploy --force`).
     drift: Option<Value>,
+    /// The local deployment the agent itself last put in place (by apply
+    /// or rollback): any other is drift.
+    #[serde(default)]
+    expected_local: Option<i64>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
@@ -68,7 +72,12 @@ enum Stop {
     Superseded,
     /// It failed; the running deployment is unchanged.
     Failed(String),
+    /// The cloud could not be reached or answered 5xx/429: try again.
+    Retry(String),
 }
+
+/// The longest wait between two tries of a fetch the network failed.
+const MAX_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Agent {
     pub fn load(link: Arc<Link>) -> Result<Agent> {
@@ -150,7 +159,10 @@ impl Agent {
     /// A local deployment the agent did not make is drift: reported, and
     /// left alone until the cloud sends a new deployment.
     fn check_drift(&mut self, now: Option<i64>) {
-        let ours = self.state.applied.map(|a| a.local);
+        let ours = self
+            .state
+            .expected_local
+            .or(self.state.applied.map(|a| a.local));
         if now.is_none() || now == ours || self.state.attempt.is_some() {
             return;
         }
@@ -189,12 +201,18 @@ impl Agent {
                 ),
             );
         } else if let Some(local) = active {
-            // The switch happened: it runs the new one, not yet checked.
-            self.state.previous = self.state.applied;
+            // The switch happened: it runs the new one, not yet checked
+            // (killed while applying or while checking). Check it now,
+            // without applying it again, and roll back if it fails.
+            if self.state.applied.map(|a| a.deployment) != Some(attempt.deployment) {
+                self.state.previous = self.state.applied;
+            }
             self.state.applied = Some(Applied {
                 deployment: attempt.deployment,
                 local,
             });
+            self.state.expected_local = Some(local);
+            self.state.attempt = Some(attempt);
             self.report(
                 attempt.deployment,
                 "checking",
@@ -220,14 +238,32 @@ impl Agent {
             "downloading",
             format!("fetching package {}", short(&d.package)),
         );
-        let upload = match self.fetch(&d, desired).await {
-            Ok(u) => u,
-            Err(Stop::Superseded) => return,
-            Err(Stop::Failed(why)) => return self.finish(id, "failed", why),
-        };
-        let secrets = match self.secrets(id).await {
-            Ok(s) => s,
-            Err(why) => return self.finish(id, "failed", why),
+        let mut wait = std::time::Duration::from_secs(1);
+        let (upload, secrets) = loop {
+            let got = match self.fetch(&d, desired).await {
+                Ok(u) => self.secrets(id).await.map(|s| (u, s)),
+                Err(e) => Err(e),
+            };
+            match got {
+                Ok(v) => break v,
+                Err(Stop::Superseded) => return,
+                Err(Stop::Failed(why)) => return self.finish(id, "failed", why),
+                Err(Stop::Retry(why)) => {
+                    // The network, or a cloud restarting: not the
+                    // deployment's fault. Wait and try again, unless a
+                    // newer deployment comes first.
+                    self.report(
+                        id,
+                        "downloading",
+                        format!("{why}; trying again in {} s", wait.as_secs()),
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = newer_than(desired, id) => return,
+                    }
+                    wait = (wait * 2).min(MAX_RETRY);
+                }
+            }
         };
         self.report(
             id,
@@ -240,14 +276,17 @@ impl Agent {
         });
         self.save();
         let result = self.link.hub.deploy_upload_with(upload, secrets).await;
-        self.state.attempt = None;
         match result {
             Ok(report) => {
+                // The attempt stays recorded through the check: a hub
+                // killed while checking checks again at start (and rolls
+                // back if it fails), never applies it twice.
                 self.state.previous = self.state.applied;
                 self.state.applied = Some(Applied {
                     deployment: id,
                     local: report.deployment,
                 });
+                self.state.expected_local = Some(report.deployment);
                 self.save();
                 self.report(
                     id,
@@ -260,6 +299,7 @@ impl Agent {
                 self.check(id, desired).await;
             }
             Err(e) => {
+                self.state.attempt = None;
                 let why =
                     match &e {
                         DeployError::Invalid(problems) => format!(
@@ -275,6 +315,7 @@ impl Agent {
 
     fn finish(&mut self, id: i64, status: &str, why: String) {
         self.state.done = Some(id);
+        self.state.attempt = None;
         match status {
             "succeeded" => self.link.metrics.deployments_applied.inc(),
             _ => self.link.metrics.deployments_failed.inc(),
@@ -296,6 +337,7 @@ impl Agent {
             r = hub.health_check(deadline) => r,
             _ = newer_than(desired, id) => {
                 self.state.done = Some(id);
+                self.state.attempt = None;
                 self.save();
                 return;
             }
@@ -313,6 +355,7 @@ impl Agent {
                 Ok(r) => {
                     self.state.applied = self.state.previous.filter(|p| p.local == r.deployment);
                     self.state.previous = None;
+                    self.state.expected_local = Some(r.deployment);
                     let back = match self.state.applied {
                         Some(a) => format!("fleet deployment {} (local {})", a.deployment, a.local),
                         None => format!("local deployment {}", r.deployment),
@@ -362,21 +405,28 @@ impl Agent {
                 short(&d.package)
             ))
         };
+        let retry =
+            |e: String| Stop::Retry(format!("cannot fetch package {}: {e}", short(&d.package)));
         let mut resp = self
             .link
             .signed_get(&path)
             .send()
             .await
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| retry(format!("{e:#}")))?;
         if !resp.status().is_success() {
             let status = resp.status();
             let body: Value = resp.json().await.unwrap_or(Value::Null);
-            return Err(fail(format!(
+            let why = format!(
                 "{} ({status})",
                 body["error"]["message"]
                     .as_str()
                     .unwrap_or("the cloud refused")
-            )));
+            );
+            return Err(if transient(status) {
+                retry(why)
+            } else {
+                fail(why)
+            });
         }
         let mut upload = self
             .link
@@ -397,7 +447,7 @@ impl Agent {
                         .map_err(|e| fail(e.to_string()))?;
                 }
                 Ok(None) => break,
-                Err(e) => return Err(fail(e.to_string())),
+                Err(e) => return Err(retry(format!("{e:#}"))),
             }
         }
         let got = hex::encode(hash.finalize());
@@ -412,26 +462,37 @@ impl Agent {
     }
 
     /// The deployment's secret values, over the authenticated channel.
-    async fn secrets(&self, id: i64) -> Result<Option<Vec<u8>>, String> {
+    async fn secrets(&self, id: i64) -> Result<Option<Vec<u8>>, Stop> {
         let resp = self
             .link
             .signed_get(&format!("/v1/hub/deployments/{id}/secrets"))
             .send()
             .await
-            .map_err(|e| format!("cannot fetch deployment {id}'s secrets: {e}"))?;
+            .map_err(|e| Stop::Retry(format!("cannot fetch deployment {id}'s secrets: {e:#}")))?;
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
-            return Err(format!(
+            let why = format!(
                 "cannot fetch deployment {id}'s secrets: {} ({status})",
                 body["error"]["message"].as_str().unwrap_or("refused")
-            ));
+            );
+            return Err(if transient(status) {
+                Stop::Retry(why)
+            } else {
+                Stop::Failed(format!("{why}; the running deployment is unchanged"))
+            });
         }
         match &body["values"] {
             Value::Null => Ok(None),
             v => Ok(Some(serde_json::to_vec(v).unwrap_or_default())),
         }
     }
+}
+
+/// An answer worth trying again later: the cloud overloaded, restarting
+/// or its database away. Anything else 4xx is final.
+fn transient(status: reqwest::StatusCode) -> bool {
+    status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS
 }
 
 /// Whether a deployment other than `id` is desired now.
