@@ -13,7 +13,7 @@ use std::process::Command;
 #[command(disable_help_flag = true, disable_version_flag = true)]
 pub struct BenchArgs {
     /// The figures to measure (http, instantiate, throughput, async, rss,
-    /// process, pss, burst, mqtt, shadow, identity; default all) and their
+    /// process, pss, burst, mqtt, shadow, identity, fleet; default all) and their
     /// options: `roost bench --help` lists them.
     #[arg(
         trailing_var_arg = true,
