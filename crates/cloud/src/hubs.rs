@@ -197,8 +197,9 @@ async fn session(cloud: Cloud, mut ws: WebSocket) {
     let mut events = cloud.store.db.events();
     let (session_id, mut replaced) = cloud.sessions.join(&hub);
     let name = hub.clone();
+    let connected_at = now_ms();
     if let Err(e) = cloud
-        .run(move |s| s.set_connected(&name, true, now_ms()))
+        .run(move |s| s.set_connected(&name, true, connected_at))
         .await
     {
         tracing::warn!(error = %e, hub, "cannot record the hub as connected");
@@ -247,7 +248,7 @@ async fn session(cloud: Cloud, mut ws: WebSocket) {
     if cloud.sessions.leave(&hub, session_id) {
         let name = hub.clone();
         let _ = cloud
-            .run(move |s| s.set_connected(&name, false, now_ms()))
+            .run(move |s| s.set_disconnected(&name, connected_at, now_ms()))
             .await;
     }
     tracing::info!(hub, why = ?ended, "hub disconnected");

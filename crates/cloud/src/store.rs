@@ -371,6 +371,24 @@ impl Store {
     }
 
     /// Records that a hub connected to (or left) this replica.
+    /// Marks a hub disconnected, unless a newer session (on any replica)
+    /// has connected it since the one that connected it at `since_ms`.
+    pub fn set_disconnected(
+        &self,
+        name: &str,
+        since_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.db.transaction(|tx| {
+            tx.exec(
+                "UPDATE hubs SET connected_ms = NULL, last_seen_ms = ?3 WHERE name = ?1 AND connected_ms = ?2",
+                &[name.into(), since_ms.into(), now_ms.into()],
+            )?;
+            tx.notify(&format!("hub:{name}"));
+            Ok(())
+        })
+    }
+
     pub fn set_connected(
         &self,
         name: &str,
@@ -836,10 +854,21 @@ pub(crate) fn advance(tx: &mut dyn Tx, id: i64, now_ms: i64) -> Result<(), Store
             .map(|p| p.signature)
             .unwrap_or_default();
         let mut changed = false;
-        for r in rows
+        let mut waiting: Vec<&HubStatus> = rows
             .iter()
             .filter(|r| r.started_ms.is_none() && r.status == "pending")
-        {
+            .collect();
+        if slots > 0 && waiting.len() as i64 > slots {
+            // Connected hubs first: a batch place given to a hub that is
+            // away waits for it to come back.
+            let connected: BTreeSet<String> = tx
+                .query("SELECT name FROM hubs WHERE connected_ms IS NOT NULL", &[])?
+                .iter()
+                .map(|r| r.text(0))
+                .collect::<Result<_, _>>()?;
+            waiting.sort_by_key(|r| !connected.contains(&r.hub));
+        }
+        for r in waiting {
             if slots == 0 {
                 break;
             }
@@ -977,7 +1006,46 @@ mod tests {
         a_removed_hub_leaves_its_rollouts_and_is_announced,
         the_fleet_values_are_made_once,
         a_hostile_report_cannot_fill_the_shadow_or_block_the_next_deployment,
+        a_batch_goes_to_connected_hubs_first_and_a_stale_session_does_not_disconnect,
     );
+
+    fn a_batch_goes_to_connected_hubs_first_and_a_stale_session_does_not_disconnect(s: &Store) {
+        for h in ["a", "b", "c"] {
+            s.add_hub(&hub(h, &["g"]), &format!("t{h}"), 100).unwrap();
+        }
+        s.set_connected("c", true, 5).unwrap();
+        package(s, "p1");
+        let id = deploy(s, Target::Group("g".into()), "p1", 1, 100);
+        let sent: Vec<String> = s
+            .deployment(id)
+            .unwrap()
+            .unwrap()
+            .1
+            .into_iter()
+            .filter(|h| h.started_ms.is_some())
+            .map(|h| h.hub)
+            .collect();
+        assert_eq!(sent, ["c"], "the connected hub takes the batch's place");
+        // c reconnects (another session, at 7); the old one's end at 5
+        // leaves it connected.
+        s.set_connected("c", true, 7).unwrap();
+        s.set_disconnected("c", 5, 8).unwrap();
+        let c = s
+            .hubs()
+            .unwrap()
+            .into_iter()
+            .find(|h| h.name == "c")
+            .unwrap();
+        assert_eq!(c.connected_ms, Some(7));
+        s.set_disconnected("c", 7, 9).unwrap();
+        let c = s
+            .hubs()
+            .unwrap()
+            .into_iter()
+            .find(|h| h.name == "c")
+            .unwrap();
+        assert_eq!(c.connected_ms, None);
+    }
 
     fn a_hostile_report_cannot_fill_the_shadow_or_block_the_next_deployment(s: &Store) {
         s.add_hub(&hub("a", &["g"]), "ta", 100).unwrap();
