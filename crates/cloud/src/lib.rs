@@ -50,6 +50,9 @@ pub struct CloudOptions {
     /// The pin (SHA-256 of the public key) of the TLS certificate the
     /// cloud serves, put in every enrolment token so hubs trust only it.
     pub tls_pin: Option<String>,
+    /// A hub sent a deployment that does not move for this long gives up
+    /// its place in the rollout (`timed_out`); none: it waits for good.
+    pub rollout_hub_timeout: Option<Duration>,
 }
 
 impl Default for CloudOptions {
@@ -58,6 +61,7 @@ impl Default for CloudOptions {
             heartbeat: Duration::from_secs(60),
             max_package_bytes: 64 << 20,
             tls_pin: None,
+            rollout_hub_timeout: Some(Duration::from_secs(1800)),
         }
     }
 }
@@ -151,14 +155,19 @@ impl Cloud {
     /// crash), then keeps stepping them now and then, in case an event was
     /// missed. Runs until the cloud stops.
     pub async fn keep_rollouts_moving(self) {
+        let timeout = self.options.rollout_hub_timeout;
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         loop {
             tick.tick().await;
             let r = self
-                .run(|s| {
+                .run(move |s| {
                     // One deployment that cannot step does not hold the others.
                     for id in s.rolling_out()? {
-                        if let Err(e) = s.advance(id, now_ms()) {
+                        let stepped = match timeout {
+                            Some(t) => s.time_out(id, t.as_millis() as i64, now_ms()).map(|_| ()),
+                            None => s.advance(id, now_ms()),
+                        };
+                        if let Err(e) = stepped {
                             tracing::warn!(deployment = id, error = %e, "cannot step a rollout; trying again in 30 s");
                         }
                     }

@@ -51,7 +51,7 @@ pub const STATUSES: &[&str] = &[
 pub fn terminal(status: &str) -> bool {
     matches!(
         status,
-        "succeeded" | "failed" | "rolled_back" | "superseded" | "cancelled"
+        "succeeded" | "failed" | "rolled_back" | "superseded" | "cancelled" | "timed_out"
     )
 }
 
@@ -577,6 +577,37 @@ impl Store {
         })
     }
 
+    /// Ends the turn of every hub of deployment `id` that was sent it and
+    /// has not moved for `timeout_ms` (away, or stuck): `timed_out`,
+    /// counted as a failure, its batch place given to the next hub. A late
+    /// report from it is still taken. Then the rollout steps.
+    pub fn time_out(&self, id: i64, timeout_ms: i64, now_ms: i64) -> Result<usize, StoreError> {
+        self.db.transaction(|tx| {
+            tx.lock_row("deployments", "id", id.into())?;
+            let n = tx.exec(
+                "UPDATE deployment_hubs SET status = 'timed_out', reason = ?3, updated_ms = ?4
+                 WHERE deployment = ?1 AND started_ms IS NOT NULL AND updated_ms < ?2
+                   AND status IN ('pending', 'downloading', 'applying', 'checking')",
+                &[
+                    id.into(),
+                    (now_ms - timeout_ms).into(),
+                    format!(
+                        "no word from the hub for {} s (--rollout-hub-timeout-s): its place in the rollout went to the next hub; it applies the deployment when it returns",
+                        timeout_ms / 1000
+                    )
+                    .into(),
+                    now_ms.into(),
+                ],
+            )? as usize;
+            if n > 0 {
+                tracing::warn!(deployment = id, hubs = n, "hubs timed out in a rollout");
+                tx.notify(&format!("deployment:{id}"));
+            }
+            advance(tx, id, now_ms)?;
+            Ok(n)
+        })
+    }
+
     /// The ids of deployments still rolling out (resumed at start).
     pub fn rolling_out(&self) -> Result<Vec<i64>, StoreError> {
         self.db.transaction(|tx| {
@@ -821,7 +852,7 @@ pub(crate) fn advance(tx: &mut dyn Tx, id: i64, now_ms: i64) -> Result<(), Store
         let total = rows.len() as i64;
         let failed = rows
             .iter()
-            .filter(|r| matches!(r.status.as_str(), "failed" | "rolled_back"))
+            .filter(|r| matches!(r.status.as_str(), "failed" | "rolled_back" | "timed_out"))
             .count() as i64;
         if total > 0 && failed * 100 > d.max_failures_pct * total {
             let reason = format!(
@@ -1007,7 +1038,38 @@ mod tests {
         the_fleet_values_are_made_once,
         a_hostile_report_cannot_fill_the_shadow_or_block_the_next_deployment,
         a_batch_goes_to_connected_hubs_first_and_a_stale_session_does_not_disconnect,
+        a_hub_silent_past_the_timeout_gives_up_its_place_and_is_still_heard,
     );
+
+    fn a_hub_silent_past_the_timeout_gives_up_its_place_and_is_still_heard(s: &Store) {
+        s.add_hub(&hub("a", &["g"]), "ta", 100).unwrap();
+        s.add_hub(&hub("b", &["g"]), "tb", 100).unwrap();
+        package(s, "p1");
+        let id = deploy(s, Target::Group("g".into()), "p1", 1, 100);
+        let first = s
+            .deployment(id)
+            .unwrap()
+            .unwrap()
+            .1
+            .into_iter()
+            .find(|h| h.started_ms.is_some())
+            .unwrap()
+            .hub;
+        let second = if first == "a" { "b" } else { "a" };
+        // Not yet past the timeout: nothing moves.
+        assert_eq!(s.time_out(id, 1000, 500).unwrap(), 0);
+        assert_eq!(started(s, id), 1);
+        // Past it: the silent hub is timed out, the next one is sent it.
+        assert_eq!(s.time_out(id, 1000, 5000).unwrap(), 1);
+        assert_eq!(started(s, id), 2);
+        report(s, second, id, "succeeded");
+        let d = s.deployment(id).unwrap().unwrap();
+        assert_eq!(d.0.state, "done");
+        // The late hub's success is still recorded.
+        report(s, &first, id, "succeeded");
+        let st = statuses(s, id);
+        assert!(st.iter().all(|(_, x)| x == "succeeded"), "{st:?}");
+    }
 
     fn a_batch_goes_to_connected_hubs_first_and_a_stale_session_does_not_disconnect(s: &Store) {
         for h in ["a", "b", "c"] {

@@ -48,6 +48,16 @@ struct ServeOpts {
     /// for three is taken as gone.
     #[arg(long, env = "ROOST_CLOUD_HEARTBEAT_S", default_value_t = 60)]
     heartbeat_s: u64,
+    /// A hub sent a deployment that reports no progress for this long
+    /// gives up its place in the rollout (status timed_out, counted as a
+    /// failure); it still applies the deployment when it returns. 0: wait
+    /// for it for good.
+    #[arg(
+        long,
+        env = "ROOST_CLOUD_ROLLOUT_HUB_TIMEOUT_S",
+        default_value_t = 1800
+    )]
+    rollout_hub_timeout_s: u64,
     /// Largest package `roost cloud deploy` may upload, in bytes.
     #[arg(long, env = "ROOST_CLOUD_MAX_PACKAGE_BYTES", default_value_t = 64 << 20)]
     max_package_bytes: usize,
@@ -562,6 +572,8 @@ fn serve(opts: ServeOpts) -> Result<()> {
         heartbeat: std::time::Duration::from_secs(opts.heartbeat_s.max(1)),
         max_package_bytes: opts.max_package_bytes,
         tls_pin,
+        rollout_hub_timeout: (opts.rollout_hub_timeout_s > 0)
+            .then(|| std::time::Duration::from_secs(opts.rollout_hub_timeout_s)),
     };
     // The database and the admin token are the cloud's own.
     // SAFETY: umask has no preconditions; set before any thread starts.

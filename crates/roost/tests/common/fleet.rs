@@ -256,7 +256,7 @@ impl TestCloud {
             let (s, r) = self.hub_status(id, hub);
             if matches!(
                 s.as_str(),
-                "succeeded" | "failed" | "rolled_back" | "superseded" | "cancelled"
+                "succeeded" | "failed" | "rolled_back" | "superseded" | "cancelled" | "timed_out"
             ) {
                 return (s, r);
             }
