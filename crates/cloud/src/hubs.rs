@@ -343,18 +343,22 @@ async fn run_session(
                 if last_heard.elapsed() > heartbeat * 3 {
                     return Ended::Silent;
                 }
-                // A removal whose event was missed ends the session here.
-                let name = hub.to_owned();
-                if let Ok(k) = cloud.run(move |s| s.public_key(&name)).await {
-                    if k.as_deref() != Some(key) {
-                        return Ended::Removed;
-                    }
-                }
-                // The fallback to the push: once a heartbeat, the shadow is
-                // reread and sent if an event about it was missed (nothing
+                // One read a heartbeat: a removal whose event was missed
+                // ends the session here, and (the fallback to the push) the
+                // shadow is sent if an event about it was missed (nothing
                 // goes on the wire when it has not changed).
-                if push_shadow(cloud, ws, hub, &mut sent_desired).await.is_err() {
-                    return Ended::Closed;
+                let name = hub.to_owned();
+                match cloud
+                    .run(move |s| Ok((s.public_key(&name)?, s.shadow(&name, DEPLOYMENT_SHADOW)?)))
+                    .await
+                {
+                    Ok((k, _)) if k.as_deref() != Some(key) => return Ended::Removed,
+                    Ok((_, rec)) => {
+                        if send_if_changed(ws, hub, rec, &mut sent_desired).await.is_err() {
+                            return Ended::Closed;
+                        }
+                    }
+                    Err(e) => tracing::warn!(hub, error = %e, "cannot read a hub's key and shadow"),
                 }
             }
         }
@@ -371,13 +375,23 @@ async fn push_shadow(
     sent: &mut Option<serde_json::Value>,
 ) -> Result<(), axum::Error> {
     let name = hub.to_owned();
-    let rec = match cloud.run(move |s| s.shadow(&name, DEPLOYMENT_SHADOW)).await {
-        Ok(r) => r,
+    match cloud.run(move |s| s.shadow(&name, DEPLOYMENT_SHADOW)).await {
+        Ok(rec) => send_if_changed(ws, hub, rec, sent).await,
         Err(e) => {
             tracing::warn!(hub, error = %e, "cannot read a hub's shadow");
-            return Ok(());
+            Ok(())
         }
-    };
+    }
+}
+
+/// Sends `rec` (the hub's `roost-deployment` shadow) unless its desired
+/// state is what was sent last.
+async fn send_if_changed(
+    ws: &mut WebSocket,
+    hub: &str,
+    rec: roost_shadows::ShadowRecord,
+    sent: &mut Option<serde_json::Value>,
+) -> Result<(), axum::Error> {
     if !rec.exists() {
         return Ok(());
     }

@@ -105,7 +105,7 @@ impl Cloud {
             on_disk.clone().unwrap_or_else(|| random_hex(32))
         })?;
         if on_disk.as_deref() != Some(admin_token.as_str()) {
-            write_private(&token_file, admin_token.as_bytes()).map_err(dir_err)?;
+            roost_fleet::write_private(&token_file, admin_token.as_bytes()).map_err(dir_err)?;
         }
         let signing = store.fleet_value("signing_key", || random_hex(32))?;
         let signing_key = roost_fleet::signing_key(&signing)
@@ -224,22 +224,6 @@ fn read_token(path: &Path) -> std::io::Result<Option<String>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
-}
-
-/// Writes a file only the cloud's user can read, atomically.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 pub(crate) fn random_hex(bytes: usize) -> String {

@@ -164,6 +164,24 @@ pub fn token_pin(token: &str) -> Option<&str> {
         .filter(|p| p.len() == 64 && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
+/// Writes a file only this user can read, atomically (a temporary file
+/// made 0600, synced, then renamed over `path`): the hub's credential and
+/// agent state, the cloud's admin token.
+pub fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -96,7 +96,7 @@ impl Agent {
         let path = self.link.options.data_dir.join(STATE_FILE);
         match serde_json::to_vec_pretty(&self.state) {
             Ok(b) => {
-                if let Err(e) = crate::credential::write_private(&path, &b) {
+                if let Err(e) = roost_fleet::write_private(&path, &b) {
                     tracing::error!(error = %e, "cannot write cloud-deployment.json");
                 }
             }

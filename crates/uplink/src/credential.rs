@@ -112,7 +112,7 @@ pub fn credential(data_dir: &Path, cloud: &str, token: Option<&str>) -> Result<C
         pin,
         signing_key: v["signing_key"].as_str().map(str::to_owned),
     };
-    write_private(&path, &serde_json::to_vec_pretty(&c)?)?;
+    roost_fleet::write_private(&path, &serde_json::to_vec_pretty(&c)?)?;
     tracing::info!(hub = %c.hub, groups = ?c.groups, cloud, "enrolled in the fleet");
     Ok(c)
 }
@@ -134,22 +134,6 @@ fn refuse_plain_off_loopback(cloud: &str) -> Result<()> {
         "http" => bail!("--cloud {cloud} is plain http to another machine: the fleet's traffic is TLS, use https:// (the cloud serves it with --tls-cert/--tls-key)"),
         other => bail!("--cloud must be https:// (or http:// on this machine), not {other}://"),
     }
-}
-
-/// Writes a file only this user can read, atomically.
-pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
